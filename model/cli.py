@@ -1,0 +1,94 @@
+"""Model subcommands of `refrain`: embed, convert, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".mp4")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed audio files into per-segment .npy arrays")
+    p.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder (mirrors the input layout)")
+    p.add_argument("--checkpoint", default=None, help="model (default: the shipped one)")
+    p.add_argument("--hop", type=float, default=5.0, help="seconds between segments")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--batch-size", type=int, default=32, help="segments per network call")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("convert", help="convert an official CLEWS checkpoint to Refrain's format")
+    p.add_argument("checkpoint", help="official checkpoint (.ckpt with configuration.yaml beside)")
+    p.add_argument("out", help="output folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("evaluate", help="track- and segment-level retrieval metrics on a manifest")
+    p.add_argument("--manifest", required=True, help="CSV with columns clique,path")
+    p.add_argument("--checkpoint", default=None, help="model (default: the shipped one)")
+    p.add_argument("--reduction", default="bpwr-10", help="track-level reduction")
+    p.add_argument("--query-seconds", default="5,10,20,30", help="segment query lengths ('' for none)")
+    p.add_argument("--hop", type=float, default=5.0, help="seconds between segments")
+    p.add_argument("--queries-per-track", type=int, default=1, help="random segment queries per track")
+    p.add_argument("--seed", type=int, default=0, help="seed of the segment query offsets")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def find_audio(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """Inputs -> (file, path relative to its input root) for every audio file."""
+    found = []
+    for item in inputs:
+        root = Path(item)
+        if root.is_dir():
+            for f in sorted(root.rglob("*")):
+                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS:
+                    found.append((f, f.relative_to(root)))
+        elif root.is_file():
+            found.append((root, Path(root.name)))
+        else:
+            raise FileNotFoundError(f"no such file or folder: {root}")
+    return found
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from model import load_model
+
+    files = find_audio(args.inputs)
+    if not files:
+        raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {args.inputs}")
+    model = load_model(args.checkpoint, device=args.device)
+    out = Path(args.out)
+    zs = model.embed_many(
+        [f for f, _ in files], hop=args.hop, batch_size=args.batch_size, progress=True,
+        errors="skip",
+    )
+    failed = 0
+    for (src, rel), z in zip(files, zs):
+        if z is None:
+            print(f"skipped (cannot decode): {src}", file=sys.stderr)
+            failed += 1
+            continue
+        dst = (out / rel).with_suffix(".npy")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        np.save(dst, z)
+    print(f"wrote {len(files) - failed} embeddings to {out} ({failed} failed)")
+    return 1 if failed else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from model.checkpoint import convert
+
+    out = convert(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.evaluate import run_evaluation
+
+    return run_evaluation(args)

@@ -1,0 +1,1 @@
+"""Refrain's REST service and command line."""
