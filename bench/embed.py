@@ -1,0 +1,132 @@
+"""Embedding throughput: Refrain's `embed_many` against a literal per-file loop.
+
+The literal loop does what the reference inference script does for each file: decode,
+cut shingles at a 5 s hop, one nnAudio CQT per shingle, one network call with all
+the file's shingles. Both run on the same synthetic FLAC files in one process;
+figures are seconds of audio embedded per wall-clock second.
+
+    python bench/embed.py                       # fixture-A model and full DiscogsVI size
+    python bench/embed.py --models A --tracks 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import load_model  # noqa: E402
+from model.audio import load_audio  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.embedder import Embedder  # noqa: E402
+from model.network import CLEWSNet  # noqa: E402
+from model.shingle import cut_shingles  # noqa: E402
+
+FIXTURE_A = Path(__file__).resolve().parents[1] / "tests/data/clews-official-A/checkpoint_best.ckpt"
+
+
+def synth_track(path: Path, seconds: float, seed: int, sr: int = 44100) -> None:
+    """A stereo track of chords, bass and noise, written as FLAC."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    x = np.zeros(n)
+    beat = 60 / rng.uniform(70, 140)
+    roots = rng.integers(40, 52, size=int(seconds / (4 * beat)) + 2)
+    for i, root in enumerate(roots):
+        a, b = int(i * 4 * beat * sr), min(n, int((i + 1) * 4 * beat * sr))
+        for interval in (0, 4, 7, 12):
+            f = 440 * 2 ** ((root + interval - 69) / 12)
+            x[a:b] += np.sin(2 * np.pi * f * t[a:b]) * 0.1
+    x += 0.003 * rng.standard_normal(n)
+    stereo = np.stack([x, 0.8 * x + 0.002 * rng.standard_normal(n)], axis=1)
+    sf.write(path, (0.8 * stereo / np.abs(stereo).max()).astype(np.float32), sr, subtype="PCM_16")
+
+
+def literal_loop(model: Embedder, files: list[Path], hop: float) -> list[np.ndarray]:
+    net = model.net
+    length = int(model.sample_rate * model.config.shingling.len)
+    out = []
+    with torch.inference_mode():
+        for f in files:
+            x = torch.from_numpy(load_audio(f))
+            shingles = cut_shingles(x, length, int(model.sample_rate * hop), length)
+            out.append(net(net.spectrogram(shingles)).numpy())
+    return out
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def make_models(names: list[str]) -> dict[str, Embedder]:
+    models = {}
+    for name in names:
+        if name == "A":
+            models["fixture-A (zdim 128)"] = load_model(FIXTURE_A)
+        elif name == "full":
+            torch.manual_seed(0)
+            net = CLEWSNet(ModelConfig()).eval()  # DiscogsVI sizes, random weights
+            models["DiscogsVI size (zdim 1024)"] = Embedder(net)
+        else:
+            raise SystemExit(f"unknown model {name!r}: expected A or full")
+    return models
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="A,full", help="comma list of A (fixture) and full")
+    p.add_argument("--tracks", type=int, default=32, help="tracks of 2-5 min in the batch workload")
+    p.add_argument("--full-tracks", type=int, default=None, help="override --tracks for 'full'")
+    p.add_argument("--hop", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rng = np.random.default_rng(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="refrain-bench-"))
+    one = tmp / "track4min.flac"
+    synth_track(one, 240.0, args.seed)
+    lengths = rng.uniform(120, 300, size=args.tracks)
+    many = []
+    for i, seconds in enumerate(lengths):
+        many.append(tmp / f"t{i:03d}.flac")
+        synth_track(many[-1], seconds, args.seed + 1 + i)
+
+    print(f"torch {torch.__version__}, {args.threads} threads, hop {args.hop} s")
+    header = (
+        f"{'model':<27} {'workload':<22} {'audio s':>8} {'loop s':>8} {'refrain s':>9} "
+        f"{'loop x/s':>9} {'refrain x/s':>11} {'speedup':>8} {'max|diff|':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, model in make_models(args.models.split(",")).items():
+        n = args.full_tracks if (args.full_tracks and "1024" in name) else args.tracks
+        workloads = [("one 4-min track", [one], 240.0), (f"{n} tracks of 2-5 min", many[:n],
+                     float(lengths[:n].sum()))]
+        model.embed(np.zeros(16000, dtype=np.float32) + 0.01)  # warm up
+        for label, files, seconds in workloads:
+            t_loop, z_loop = timed(lambda: literal_loop(model, files, args.hop))
+            t_ref, z_ref = timed(lambda: model.embed_many(files, hop=args.hop))
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(z_loop, z_ref))
+            print(
+                f"{name:<27} {label:<22} {seconds:8.0f} {t_loop:8.2f} {t_ref:9.2f} "
+                f"{seconds / t_loop:9.1f} {seconds / t_ref:11.1f} {t_loop / t_ref:7.2f}x "
+                f"{diff:10.2e}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
