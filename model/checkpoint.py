@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,8 @@ def read_official(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     path = Path(path)
     allow = [(obj, name) for name, obj in _OFFICIAL_GLOBALS.items()]
     try:
-        with torch.serialization.safe_globals(allow):
+        with torch.serialization.safe_globals(allow), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(

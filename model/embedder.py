@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,4 +196,10 @@ def load_model(path_or_name: str | os.PathLike | None = None, device: str | None
     if path_or_name is None or str(path_or_name) == "default":
         path_or_name = DEFAULT_MODEL
     net, info = load_checkpoint(path_or_name)
+    if info.get("trained") is False:
+        logging.getLogger("refrain").warning(
+            "model %s is an untrained placeholder (%s): its embeddings do not find versions; "
+            "pass an official CLEWS checkpoint or a trained Refrain model",
+            info.get("name", path_or_name), info.get("note", "random weights"),
+        )
     return Embedder(net, info, device=device)
