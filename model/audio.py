@@ -43,6 +43,10 @@ class AudioDecodeError(ValueError):
     """The input is not decodable audio (undecodable, empty, zero-length or non-finite)."""
 
 
+class UnsupportedAudioError(AudioDecodeError):
+    """The data is not audio in any supported format (as opposed to bad or empty audio)."""
+
+
 class AudioTooLongError(AudioDecodeError):
     """The audio lasts longer than `limit_s`.
 
@@ -104,7 +108,7 @@ def audio_duration(source: Source) -> float | None:
         except AudioDecodeError as e:
             if sf_opened:
                 return None
-            raise AudioDecodeError(f"expected {_EXPECTED_FORMATS} audio, got {e}") from e
+            raise UnsupportedAudioError(f"expected {_EXPECTED_FORMATS} audio, got {e}") from e
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
@@ -196,7 +200,7 @@ def _decode(file: BinaryIO, max_duration_s: float | None) -> tuple[np.ndarray, i
     if empty is not None:
         return empty
     causes = "; ".join(str(e) for e in failures)
-    raise AudioDecodeError(
+    raise UnsupportedAudioError(
         f"expected {_EXPECTED_FORMATS} audio, got undecodable data ({causes})"
     ) from failures[-1]
 

@@ -32,8 +32,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hop", type=float, default=5.0, help="seconds between segments")
     p.add_argument("--queries-per-track", type=int, default=1, help="random segment queries per track")
     p.add_argument("--seed", type=int, default=0, help="seed of the segment query offsets")
+    p.add_argument("--segment-reduction", default="min", help="segment-level reduction")
+    p.add_argument("--max-seconds", type=float, default=600.0,
+                   help="seconds of each track evaluated, from its start (0: all)")
+    p.add_argument("--max-tracks", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--per-query", action="store_true", help="include per-query arrays in --json")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -1,0 +1,498 @@
+"""Version retrieval evaluation on a manifest of labelled tracks, as in the CLEWS paper.
+
+Track level: every track is embedded whole and queries all the others (itself excluded);
+a track pair is scored by a segment distance reduction (``bpwr-10``). Segment level: for
+each query length tau, a clip of tau seconds cut at a seeded random offset of every track
+queries the whole embeddings of all the other tracks, scored with ``min``. Both levels
+report MAP, MR1, NAR and top-1/top-10 with 95% confidence intervals.
+
+    from model import load_model
+    from model.evaluate import evaluate, read_manifest
+    results = evaluate(load_model(), read_manifest("test.csv"), query_seconds=(10,))
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from model.audio import AudioDecodeError
+from model.metrics import EvalResult, format_table, retrieval_metrics
+from model.reduce import Reduction, track_distance
+
+if TYPE_CHECKING:
+    from model.embedder import Embedder
+
+__all__ = [
+    "EvalOptions",
+    "Evaluation",
+    "Item",
+    "evaluate",
+    "evaluate_detailed",
+    "read_manifest",
+    "run_evaluation",
+]
+
+MANIFEST_COLUMNS = ("clique", "path")
+_CHUNK_TRACKS = 8  # tracks whose whole audio and query clips go through one embed_many call
+_DECODE_AHEAD = 8  # tracks decoded ahead of the network
+_QUERY_BLOCK = 64  # query tracks scored per distance block
+_CAND_BLOCK = 512  # candidate tracks padded together per distance block
+
+
+@dataclass(frozen=True)
+class Item:
+    """One track of an evaluation set."""
+
+    clique: str  # the work this track is a version of; same clique = relevant
+    path: Path | None = None  # audio file (None when the waveform or embedding is given)
+
+
+def read_manifest(path: str | Path) -> list[Item]:
+    """Read a CSV manifest with a header naming at least the columns ``clique`` and ``path``.
+
+    Other columns are ignored. Relative paths are taken from the manifest's folder. Raises
+    ValueError naming the line for a missing column, an empty field, a missing or repeated file.
+    """
+    path = Path(path)
+    root = path.parent
+    items: list[Item] = []
+    seen: dict[Path, int] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, skipinitialspace=True)
+        header = [name.strip() for name in reader.fieldnames or []]
+        missing = [name for name in MANIFEST_COLUMNS if name not in header]
+        if missing:
+            raise ValueError(
+                f"{path}, line 1: expected a header with columns {','.join(MANIFEST_COLUMNS)}, "
+                f"got {','.join(header) or 'nothing'} (missing {', '.join(missing)})"
+            )
+        reader.fieldnames = header
+        for row in reader:
+            line = reader.line_num
+            clique = (row.get("clique") or "").strip()
+            rel = (row.get("path") or "").strip()
+            if not clique:
+                raise ValueError(f"{path}, line {line}: empty clique")
+            if not rel:
+                raise ValueError(f"{path}, line {line}: empty path")
+            audio = root / rel
+            if not audio.is_file():
+                raise ValueError(f"{path}, line {line}: no such file: {audio}")
+            key = audio.resolve()
+            if key in seen:
+                raise ValueError(
+                    f"{path}, line {line}: {rel} is already listed on line {seen[key]}"
+                )
+            seen[key] = line
+            items.append(Item(clique, audio))
+    if not items:
+        raise ValueError(f"{path}: expected at least one track, got none")
+    return items
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How an evaluation is run; the defaults follow the paper."""
+
+    reduction: str = "bpwr-10"  # track-level segment distance reduction
+    segment_reduction: str = "min"  # reduction of a segment query against a whole track
+    query_seconds: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0)  # segment query lengths
+    hop: float = 5.0  # seconds between segments, for tracks and for queries
+    queries_per_track: int = 1  # segment queries cut from every track, per query length
+    seed: int = 0  # seed of the segment query offsets
+    max_seconds: float | None = 600.0  # tracks are cut to their start (the reference's maxlen)
+    batch_size: int = 32  # segments per network call
+
+    def __post_init__(self) -> None:
+        Reduction.parse(self.reduction)
+        Reduction.parse(self.segment_reduction)
+        taus = tuple(float(t) for t in self.query_seconds)
+        if any(not (math.isfinite(t) and t > 0) for t in taus) or len(set(taus)) != len(taus):
+            raise ValueError(
+                f"expected distinct positive query lengths in seconds, got {self.query_seconds!r}"
+            )
+        object.__setattr__(self, "query_seconds", taus)
+        if not (math.isfinite(self.hop) and self.hop > 0):
+            raise ValueError(f"expected a positive hop in seconds, got {self.hop!r}")
+        for name in ("queries_per_track", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)!r}")
+        if self.seed < 0:
+            raise ValueError(f"expected a non-negative seed, got {self.seed!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"expected a positive max_seconds or None, got {self.max_seconds!r}")
+
+    @property
+    def track_label(self) -> str:
+        return f"track ({self.reduction})"
+
+    def segment_label(self, tau: float) -> str:
+        return f"segment {tau:g} s ({self.segment_reduction})"
+
+
+@dataclass
+class Evaluation:
+    """Everything one evaluation produced."""
+
+    options: EvalOptions
+    results: dict[str, EvalResult]  # one row per level, labelled as in the table
+    per_query: dict[str, dict[str, np.ndarray]]  # per level: arrays over evaluated queries
+    items: list[Item]
+    skipped: list[tuple[int, str]]  # (item index, error) of tracks that could not be decoded
+    model_identity: dict | None = None
+    wall_s: float = 0.0
+    n_tracks: int = field(init=False)  # tracks evaluated
+    n_cliques: int = field(init=False)  # distinct cliques among them
+
+    def __post_init__(self) -> None:
+        dropped = {i for i, _ in self.skipped}
+        kept = [item for i, item in enumerate(self.items) if i not in dropped]
+        self.n_tracks = len(kept)
+        self.n_cliques = len({item.clique for item in kept})
+
+    @property
+    def n_without_relevant(self) -> int:
+        """Queries (of all levels) left without any relevant candidate, hence not scored."""
+        return sum(result.n_skipped for result in self.results.values())
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_tracks} tracks, {self.n_cliques} cliques, {len(self.skipped)} skipped "
+            f"files, {self.n_without_relevant} queries with no relevant candidate"
+        )
+
+    def to_dict(self, per_query: bool = False) -> dict:
+        """Plain JSON-ready dict: settings, counts, results; per-query arrays if asked."""
+        out = {
+            "settings": {"model": self.model_identity, **dataclasses.asdict(self.options)},
+            "counts": {
+                "tracks": self.n_tracks,
+                "cliques": self.n_cliques,
+                "skipped_files": len(self.skipped),
+                "queries_without_relevant": self.n_without_relevant,
+            },
+            "results": {label: result.to_dict() for label, result in self.results.items()},
+            "skipped": [
+                {"index": i, "path": _path_str(self.items[i]), "error": err}
+                for i, err in self.skipped
+            ],
+            "wall_s": self.wall_s,
+        }
+        if per_query:
+            out["tracks"] = [{"clique": it.clique, "path": _path_str(it)} for it in self.items]
+            out["per_query"] = {
+                label: {key: values.tolist() for key, values in arrays.items()}
+                for label, arrays in self.per_query.items()
+            }
+        return out
+
+
+def _path_str(item: Item) -> str | None:
+    return None if item.path is None else str(item.path)
+
+
+def _options(options: EvalOptions | None, overrides: dict) -> EvalOptions:
+    known = {f.name for f in dataclasses.fields(EvalOptions)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown evaluation options {unknown}; expected {sorted(known)}")
+    return dataclasses.replace(options or EvalOptions(), **overrides)
+
+
+def evaluate(
+    model: Embedder | None,
+    items: Sequence[Item],
+    options: EvalOptions | None = None,
+    *,
+    embeddings: Sequence[np.ndarray] | None = None,
+    waveforms: Sequence[np.ndarray | torch.Tensor] | None = None,
+    progress: bool = False,
+    **overrides,
+) -> dict[str, EvalResult]:
+    """Track- and segment-level results, e.g. ``evaluate(model, items, query_seconds=(10,))``.
+
+    Keyword overrides are ``EvalOptions`` fields. See ``evaluate_detailed`` for the arguments.
+    """
+    return evaluate_detailed(
+        model,
+        items,
+        options,
+        embeddings=embeddings,
+        waveforms=waveforms,
+        progress=progress,
+        **overrides,
+    ).results
+
+
+def evaluate_detailed(
+    model: Embedder | None,
+    items: Sequence[Item],
+    options: EvalOptions | None = None,
+    *,
+    embeddings: Sequence[np.ndarray] | None = None,
+    waveforms: Sequence[np.ndarray | torch.Tensor] | None = None,
+    progress: bool = False,
+    **overrides,
+) -> Evaluation:
+    """Run the protocol on `items` with an `Embedder` and return results and per-query data.
+
+    `embeddings` (one (S, D) array per item, at the options' hop) replace the whole-track
+    embedding; `waveforms` (mono at the model's sample rate, one per item) replace decoding.
+    The model may be None when embeddings are given and there are no segment queries.
+    Items that cannot be decoded are left out of both sides and listed in ``skipped``.
+    """
+    start = time.perf_counter()
+    opts = _options(options, overrides)
+    items = list(items)
+    for name, given in (("embeddings", embeddings), ("waveforms", waveforms)):
+        if given is not None and len(given) != len(items):
+            raise ValueError(f"expected {len(items)} {name} (one per item), got {len(given)}")
+    need_audio = embeddings is None or bool(opts.query_seconds)
+    if need_audio and model is None:
+        raise ValueError("a model is needed to embed tracks or segment queries")
+    if need_audio:
+        whole, queries, skipped = _embed_all(model, items, opts, embeddings, waveforms, progress)
+    else:
+        whole, queries, skipped = [np.asarray(z, dtype=np.float32) for z in embeddings], {}, []
+    kept = [i for i in range(len(items)) if whole[i] is not None]
+    labels = np.unique([item.clique for item in items], return_inverse=True)[1]
+    n_cliques = len(np.unique(labels[kept]))
+    if n_cliques == len(kept):
+        raise ValueError(
+            f"expected at least one clique with two or more usable tracks, got {len(kept)} "
+            f"tracks in {n_cliques} cliques"
+        )
+    ids = np.array(kept)
+    cands = [whole[i] for i in kept]
+    device = "cpu" if model is None else model.device
+
+    def score(label: str, qids, qz, reduction: str, offsets=None) -> None:
+        dist = _distances(qz, cands, reduction, device, progress, label)
+        metrics = retrieval_metrics(dist, labels[qids], labels[ids], qids, ids)
+        nearest = ids[np.where(qids[:, None] == ids[None, :], np.inf, dist).argmin(1)]
+        index = metrics["per_query"].pop("index")
+        arrays = {"track": qids[index], "nearest": nearest[index]}
+        if offsets is not None:
+            arrays["offset_s"] = offsets[index]
+        results[label] = EvalResult.from_metrics(metrics)
+        per_query[label] = arrays | metrics["per_query"]
+
+    results, per_query = {}, {}
+    score(opts.track_label, ids, cands, opts.reduction)
+    for tau in opts.query_seconds:
+        qids, offsets, qz = zip(*queries[tau])
+        score(
+            opts.segment_label(tau),
+            np.array(qids),
+            list(qz),
+            opts.segment_reduction,
+            np.array(offsets),
+        )
+    identity = None if model is None else model.identity.to_dict()
+    return Evaluation(
+        options=opts,
+        results=results,
+        per_query=per_query,
+        items=items,
+        skipped=skipped,
+        model_identity=identity,
+        wall_s=time.perf_counter() - start,
+    )
+
+
+# -- embedding -------------------------------------------------------------------------------
+
+
+def _query_draws(opts: EvalOptions, n: int) -> dict[float, np.ndarray]:
+    """Uniform draws in [0, 1) placing each query, (n, queries_per_track) per query length.
+
+    Each length has its own stream seeded by (seed, milliseconds), drawn over all items in
+    manifest order: a track's offsets depend neither on which other lengths are evaluated
+    nor on other tracks failing to decode.
+    """
+    return {
+        tau: np.random.default_rng([opts.seed, round(tau * 1000)]).random(
+            (n, opts.queries_per_track)
+        )
+        for tau in opts.query_seconds
+    }
+
+
+def _decoded(model, items, waveforms, max_samples) -> Iterator[tuple[int, torch.Tensor | str]]:
+    """(index, waveform or error message) for every item, in order, decoded ahead in threads."""
+
+    def load(i: int) -> torch.Tensor | str:
+        source = waveforms[i] if waveforms is not None else items[i].path
+        if source is None:
+            raise ValueError(f"item {i} ({items[i].clique}) has neither a path nor a waveform")
+        try:
+            x = model.waveform(source)
+        except (AudioDecodeError, OSError) as e:
+            return str(e) or type(e).__name__
+        return x[:max_samples] if max_samples is not None else x
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = deque()
+        for i in range(len(items)):
+            pending.append((i, pool.submit(load, i)))
+            if len(pending) > _DECODE_AHEAD:
+                j, future = pending.popleft()
+                yield j, future.result()
+        while pending:
+            j, future = pending.popleft()
+            yield j, future.result()
+
+
+def _embed_all(model, items, opts, embeddings, waveforms, progress):
+    """Whole-track embeddings, segment queries {tau: [(item, offset_s, z)]} and failures."""
+    from tqdm import tqdm
+
+    sr = model.sample_rate
+    max_samples = None if opts.max_seconds is None else round(opts.max_seconds * sr)
+    draws = _query_draws(opts, len(items))
+    whole: list[np.ndarray | None] = [None] * len(items)
+    queries: dict[float, list] = {tau: [] for tau in opts.query_seconds}
+    skipped: list[tuple[int, str]] = []
+    bar = tqdm(total=len(items), desc="embed", unit="track", disable=not progress)
+
+    def flush(chunk: list[tuple[int, torch.Tensor]]) -> None:
+        inputs, slots = [], []  # slots: (tau or None for the whole track, item, offset_s)
+        for i, x in chunk:
+            if embeddings is None:
+                inputs.append(x)
+                slots.append((None, i, 0.0))
+            else:
+                whole[i] = np.asarray(embeddings[i], dtype=np.float32)
+            for tau in opts.query_seconds:
+                length = round(tau * sr)
+                for u in draws[tau][i]:
+                    offset = int(u * (len(x) - length + 1)) if len(x) > length else 0
+                    inputs.append(x[offset : offset + length])
+                    slots.append((tau, i, offset / sr))
+        zs = model.embed_many(inputs, hop=opts.hop, batch_size=opts.batch_size)
+        for (tau, i, offset_s), z in zip(slots, zs):
+            if tau is None:
+                whole[i] = z
+            else:
+                queries[tau].append((i, offset_s, z))
+        bar.update(len(chunk))
+
+    chunk: list[tuple[int, torch.Tensor]] = []
+    for i, x in _decoded(model, items, waveforms, max_samples):
+        if isinstance(x, str):
+            skipped.append((i, x))
+            bar.update(1)
+            continue
+        chunk.append((i, x))
+        if len(chunk) == _CHUNK_TRACKS:
+            flush(chunk)
+            chunk = []
+    if chunk:
+        flush(chunk)
+    bar.close()
+    return whole, queries, skipped
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+
+def _padded(zs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of different segment counts -> (B, S, D) zero-padded and mask (True = pad)."""
+    longest = max(len(z) for z in zs)
+    dim = zs[0].shape[1]
+    out = torch.zeros(len(zs), longest, dim)
+    mask = torch.ones(len(zs), longest, dtype=torch.bool)
+    for b, z in enumerate(zs):
+        out[b, : len(z)] = torch.from_numpy(np.asarray(z, dtype=np.float32))
+        mask[b, : len(z)] = False
+    return out, mask
+
+
+def _distances(queries, cands, reduction: str, device, progress: bool, desc: str) -> np.ndarray:
+    """(Q, C) track distances, computed on `device` in padded blocks to bound memory."""
+    from tqdm import tqdm
+
+    if any(np.ndim(z) != 2 or len(z) == 0 for z in (*queries, *cands)):
+        raise ValueError("expected every embedding as an (S, D) array with S >= 1")
+    dims = {z.shape[1] for z in (*queries, *cands)}
+    if len(dims) > 1:
+        raise ValueError(f"expected embeddings of one dimension, got dimensions {sorted(dims)}")
+    out = np.empty((len(queries), len(cands)), dtype=np.float64)
+    cand_blocks = [
+        tuple(t.to(device) for t in _padded(cands[c : c + _CAND_BLOCK]))
+        for c in range(0, len(cands), _CAND_BLOCK)
+    ]
+    starts = range(0, len(queries), _QUERY_BLOCK)
+    bar = tqdm(starts, desc=f"score {desc}", unit="block", leave=False, disable=not progress)
+    for start in bar:
+        q, qmask = (t.to(device) for t in _padded(queries[start : start + _QUERY_BLOCK]))
+        row = [track_distance(q, c, reduction, qmask, cmask) for c, cmask in cand_blocks]
+        out[start : start + len(q)] = torch.cat(row, dim=1).cpu().numpy()
+    return out
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _parse_seconds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"expected comma-separated query lengths in seconds such as '5,10,20,30', got {text!r}"
+        ) from None
+
+
+def run_evaluation(args: argparse.Namespace) -> int:
+    """`refrain evaluate`: print the table and counts, write JSON if asked.
+
+    Returns 0, or 1 when some files could not be decoded (the results then cover the rest).
+    """
+    from model import load_model
+
+    start = time.perf_counter()
+    items = read_manifest(args.manifest)
+    if args.max_tracks is not None:
+        if args.max_tracks < 1:
+            raise ValueError(f"expected --max-tracks >= 1, got {args.max_tracks}")
+        items = items[: args.max_tracks]
+    options = EvalOptions(
+        reduction=args.reduction,
+        segment_reduction=args.segment_reduction,
+        query_seconds=_parse_seconds(args.query_seconds),
+        hop=args.hop,
+        queries_per_track=args.queries_per_track,
+        seed=args.seed,
+        max_seconds=args.max_seconds or None,
+    )
+    model = load_model(args.checkpoint, device=args.device)
+    ev = evaluate_detailed(model, items, options, progress=True)
+    wall = time.perf_counter() - start
+    for i, err in ev.skipped:
+        print(f"skipped (cannot decode): {items[i].path}: {err}", file=sys.stderr)
+    print(format_table(ev.results))
+    print(ev.summary())
+    print(f"wall time {wall:.1f} s")
+    if args.json:
+        out = ev.to_dict(per_query=args.per_query)
+        out["settings"].update(manifest=str(args.manifest), checkpoint=args.checkpoint)
+        out["wall_s"] = wall
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if ev.skipped else 0

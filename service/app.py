@@ -1,0 +1,143 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors
+from service.metrics import Metrics
+from service.routes import ingest, ops, search, tracks
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger("refrain.service")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(scope, send)
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(scope, send)
+
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        response = errors.error_response(
+            413, "payload_too_large", f"request body exceeds {self.limit} bytes",
+            {"Connection": "close"},
+        )
+        await response(scope, _drain, send)
+
+
+async def _drain() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class MetricsMiddleware:
+    """Request counts and latency by route template, method and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+        t0 = time.perf_counter()
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(path, method, str(status)).inc()
+            self.metrics.latency.labels(path, method).observe(time.perf_counter() - t0)
+
+
+def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
+    """The Refrain API. The model and index load in a background thread at start-up;
+    /readyz answers 503 until they are loaded."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    runtime = Runtime(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load_in_background:
+            loader = threading.Thread(target=_load_quietly, args=(runtime,), daemon=True)
+            loader.start()
+        else:
+            runtime.load()
+        try:
+            yield
+        finally:
+            if load_in_background:
+                loader.join()
+            runtime.close()
+
+    app = FastAPI(
+        title="Refrain", version="0.1.0", lifespan=lifespan,
+        description="Find musical versions of audio clips in a reference catalog.",
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.runtime = runtime
+    errors.install(app)
+    for module in (search, tracks, ingest, ops):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _load_quietly(runtime: Runtime) -> None:
+    try:
+        runtime.load()
+    except Exception:  # reported by /readyz and the log
+        pass

@@ -1,0 +1,182 @@
+"""What a running service holds (model, index, worker, jobs) and the operations routes call."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from index import AddResult, IndexOptions, SegmentIndex, TrackRecord, open_index
+from index.search import QuerySegments, SearchOptions, TrackHit, rank_tracks
+from model.audio import load_audio
+from model.embedder import Embedder, load_model
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.settings import Settings
+from service.worker import InferenceWorker
+
+log = logging.getLogger("refrain.service")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model: Embedder | None = None
+        self.index: SegmentIndex | None = None
+        self.worker: InferenceWorker | None = None
+        self.jobs: Any = None
+        self.load_error: str | None = None
+        self._ready = threading.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model, open the index, start the worker and resume jobs (blocking)."""
+        s = self.settings
+        try:
+            device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = load_model(s.model, device=device)
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+            self.index = open_index(
+                s.index_dir, self.identity(), factory=s.index_factory,
+                options=IndexOptions(vector_dtype=s.vector_dtype),
+            )
+            self.worker = InferenceWorker(
+                self.model, self.metrics, max_batch=s.max_batch,
+                max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
+            )
+            from service.jobs import JobManager
+
+            self.jobs = JobManager(self)
+            self.jobs.start()
+            self.refresh_index_metrics()
+            self._ready.set()
+            self.metrics.ready.set(1)
+            log.info("ready: model %s, %d tracks", self.model.identity.weights_sha256[:12],
+                     len(self.index))
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("failed to start: %s", self.load_error)
+            raise
+
+    def close(self) -> None:
+        self._ready.clear()
+        self.metrics.ready.set(0)
+        if self.jobs is not None:
+            self.jobs.stop()
+        if self.worker is not None:
+            self.worker.close()
+        if self.index is not None:
+            self.index.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            why = f" ({self.load_error})" if self.load_error else " (loading model and index)"
+            raise ApiError(503, "not_ready", f"service is not ready{why}", {"Retry-After": "5"})
+
+    def identity(self) -> dict[str, Any]:
+        assert self.model is not None
+        return {**self.model.identity.to_dict(), "hop_s": self.settings.reference_hop_s}
+
+    def refresh_index_metrics(self) -> None:
+        if self.index is None:
+            return
+        st = self.index.stats()
+        self.metrics.index_tracks.set(st.tracks)
+        self.metrics.index_segments.set(st.segments)
+        self.metrics.index_bytes.set(st.bytes_on_disk)
+
+    # -- audio ---------------------------------------------------------------------------------
+
+    def decode(self, data: bytes, max_s: float, min_s: float = 0.0) -> np.ndarray:
+        """Bytes -> validated 16 kHz mono waveform (typed errors for bad audio)."""
+        assert self.model is not None
+        wave = load_audio(data, sample_rate=self.model.sample_rate, max_duration_s=max_s)
+        seconds = len(wave) / self.model.sample_rate
+        self.metrics.audio_decoded.inc(seconds)
+        if seconds < min_s:
+            raise ApiError(422, "audio_too_short",
+                           f"expected at least {min_s:g} s of audio, got {seconds:.2f} s")
+        rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+        if rms < self.settings.silence_rms:
+            raise ApiError(422, "audio_silent",
+                           f"the audio is silent (RMS {rms:.1e} below {self.settings.silence_rms:g})")
+        return wave
+
+    def embed(self, wave: np.ndarray, hop_s: float) -> tuple[np.ndarray, np.ndarray]:
+        assert self.worker is not None
+        z = self.worker.embed(wave, hop_s)
+        return z, np.arange(len(z), dtype=np.float64) * hop_s
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def add_reference(
+        self, data: bytes, meta: dict[str, Any], replace: bool = False
+    ) -> tuple[AddResult, TrackRecord]:
+        """Decode, embed and store one reference track; idempotent on (track_id, content)."""
+        self.require_ready()
+        assert self.index is not None
+        digest = hashlib.sha256(data).hexdigest()
+        track_id = meta["track_id"]
+        existing = self.index.get_track(track_id)
+        if existing is not None and existing.content_sha256 == digest:
+            return AddResult.UNCHANGED, existing
+        if existing is not None and not replace:
+            raise ApiError(409, "track_exists",
+                           f"track {track_id!r} exists with other content; send replace=true")
+        wave = self.decode(data, self.settings.max_reference_s, min_s=0.5)
+        z, starts = self.embed(wave, self.settings.reference_hop_s)
+        record = TrackRecord(
+            track_id=track_id, title=meta.get("title") or "", artist=meta.get("artist") or "",
+            work_id=meta.get("work_id") or None,
+            duration_s=round(len(wave) / self.model.sample_rate, 3), content_sha256=digest,
+        )
+        result = self.index.add_track(record, z, starts, replace=replace)
+        self.refresh_index_metrics()
+        return result, self.index.get_track(track_id) or record
+
+    def search(
+        self, data: bytes, top_k: int, reduction: str | None, hop_s: float | None
+    ) -> dict[str, Any]:
+        self.require_ready()
+        assert self.model is not None and self.index is not None
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        wave = self.decode(data, self.settings.max_query_s, self.settings.min_query_s)
+        timings["decode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        hop = hop_s or self.settings.query_hop_s
+        z, starts = self.embed(wave, hop)
+        timings["embed"] = time.perf_counter() - t
+        duration = len(wave) / self.model.sample_rate
+        query = QuerySegments(z, starts, self.model.config.shingling.len, duration)
+        opts = SearchOptions(top_k=top_k, k=self.settings.knn_k,
+                             candidates=max(self.settings.candidates, top_k), reduction=reduction)
+        hits = rank_tracks(self.index, query, opts, timings=timings)
+        self.metrics.knn_latency.observe(timings["search"])
+        self.metrics.reduce_latency.observe(timings["reduce"])
+        return {
+            "results": [hit_json(h) for h in hits],
+            "query_duration_s": round(duration, 3),
+            "timings_ms": {k: round(v * 1000, 2) for k, v in timings.items()},
+        }
+
+
+def hit_json(hit: TrackHit) -> dict[str, Any]:
+    t = hit.track
+    return {
+        "track_id": t.track_id, "title": t.title, "artist": t.artist, "work_id": t.work_id,
+        "score": round(hit.score, 6), "distance": hit.distance,
+        "matches": [asdict(m) for m in hit.matches],
+    }

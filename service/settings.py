@@ -1,0 +1,61 @@
+"""Service settings: the one place that reads the environment (prefix `REFRAIN_`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFRAIN_", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="index, jobs and uploads live here")
+    model: str | None = Field(None, description="checkpoint path; None = the shipped default")
+    device: str | None = Field(None, description="cpu or cuda; None = cuda when available")
+    index_factory: str = Field("Flat", description="FAISS factory string for a new index")
+    vector_dtype: str = Field("float32", description="exact segment copy: float32 or float16")
+    reference_hop_s: float = Field(5.0, gt=0, le=20, description="segment hop of references")
+    query_hop_s: float = Field(5.0, gt=0, le=20, description="default segment hop of queries")
+
+    api_keys: str = Field("", description="comma-separated API keys")
+    open_writes: bool = Field(False, description="allow writes without a key (loopback use)")
+    open_reads: bool = Field(True, description="allow searches and reads without a key")
+
+    max_upload_bytes: int = Field(200 << 20, gt=0, description="largest request body")
+    max_query_s: float = Field(120.0, gt=0, description="longest query clip")
+    min_query_s: float = Field(1.0, ge=0, description="shortest query clip")
+    max_reference_s: float = Field(1800.0, gt=0, description="longest reference track")
+    silence_rms: float = Field(1e-4, ge=0, description="audio below this RMS is refused as silent")
+
+    knn_k: int = Field(64, ge=1, le=4096, description="neighbours per query segment")
+    candidates: int = Field(100, ge=1, le=10000, description="tracks re-ranked exactly")
+
+    max_batch: int = Field(32, ge=1, description="segments per network call")
+    max_wait_ms: float = Field(5.0, ge=0, description="wait this long to fill a batch")
+    max_queue: int = Field(64, ge=1, description="pending embedding requests before 503")
+
+    import_root: Path | None = Field(None, description="folders under it may be ingested by path")
+    max_archive_files: int = Field(10000, ge=1)
+    max_archive_bytes: int = Field(8 << 30, gt=0, description="total uncompressed archive size")
+    ingest_workers: int = Field(1, ge=1, le=16)
+
+    @field_validator("vector_dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("float32", "float16"):
+            raise ValueError(f"vector_dtype must be float32 or float16, got {v!r}")
+        return v
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
