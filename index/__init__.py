@@ -1,0 +1,44 @@
+"""The persistent, crash-safe store of reference segments.
+
+    from index import open_index, TrackRecord
+
+    with open_index("catalog.idx", model_identity, factory="IVF1024,Flat") as index:
+        index.add_track(TrackRecord("t1", title="Song"), vectors, starts_s)
+        distances, segment_ids = index.search(query_vectors, k=100)
+        track_ids, starts_s = index.segment_info(segment_ids)
+
+See `index.store` for the durability design and `index.snapshot` for the files on disk.
+"""
+
+from .store import SegmentIndex, open_index
+from .types import (
+    AddResult,
+    CorruptIndexError,
+    IdentityMismatchError,
+    IndexClosedError,
+    IndexLockedError,
+    IndexNotFoundError,
+    IndexOptions,
+    IndexStats,
+    SegmentIndexError,
+    TrackExistsError,
+    TrackNotFoundError,
+    TrackRecord,
+)
+
+__all__ = [
+    "AddResult",
+    "CorruptIndexError",
+    "IdentityMismatchError",
+    "IndexClosedError",
+    "IndexLockedError",
+    "IndexNotFoundError",
+    "IndexOptions",
+    "IndexStats",
+    "SegmentIndex",
+    "SegmentIndexError",
+    "TrackExistsError",
+    "TrackNotFoundError",
+    "TrackRecord",
+    "open_index",
+]

@@ -1,0 +1,137 @@
+"""Opening an index directory: from the snapshot and journal back to the state before a crash.
+
+`recover` loads the snapshot, replays the journal records it does not cover (after cutting a
+torn tail), rebuilds what is derived when it is missing or inconsistent (the ANN index from the
+exact vectors, the SQLite catalog from the snapshot's track list and the journal), and catches
+the catalog up with records it had not reached. See `index.store` for the write protocol this
+relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends import AnnIndex
+from .catalog import Catalog
+from .files import CATALOG_FILE, JOURNAL_FILE, SNAPSHOT_DIR
+from .journal import Journal, Op, Record
+from .snapshot import Manifest, collect_garbage, iter_tracks, load_ann, load_store, read_manifest
+from .types import CorruptIndexError, IndexOptions
+from .vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class State:
+    """Everything an open index holds, consistent as of `seq`."""
+
+    store: VectorStore
+    ann: AnnIndex
+    manifest: Manifest
+    journal: Journal
+    catalog: Catalog
+    seq: int
+
+
+def new_ann(zdim: int, factory: str, options: IndexOptions) -> AnnIndex:
+    return AnnIndex(zdim, factory, options.search_params, options.use_gpu)
+
+
+def apply_record(store: VectorStore, ann: AnnIndex, record: Record) -> None:
+    """Apply one durable journal record to memory (exact vectors and ANN index)."""
+    if record.op in (Op.REPLACE, Op.DELETE):
+        slot = store.remove(record.track_id)
+        if slot is not None:
+            ann.remove_range(slot.first_id, slot.n)
+    if record.op in (Op.ADD, Op.REPLACE):
+        if record.track_id in store.slots:
+            raise CorruptIndexError(
+                f"journal seq {record.seq} adds track {record.track_id!r}, which already exists"
+            )
+        assert record.vectors is not None and record.starts is not None
+        slot = store.add(
+            record.track_id,
+            record.first_segment_id,
+            record.vectors,
+            record.starts,
+            record.meta.get("content_sha256"),
+        )
+        ann.add(record.vectors, slot.ids)
+
+
+def _load_ann(
+    path: Path, manifest: Manifest, store: VectorStore, factory: str, options: IndexOptions
+) -> AnnIndex:
+    snapdir = path / SNAPSHOT_DIR
+    ann = load_ann(snapdir, manifest, store.zdim, factory, options.search_params, options.use_gpu)
+    if ann is not None and ann.ntotal != store.n_segments + len(ann.tombstones):
+        log.warning(
+            "%s: ANN index holds %d vectors for %d segments; rebuilding it",
+            path,
+            ann.ntotal,
+            store.n_segments,
+        )
+        ann = None
+    if ann is None:  # a flat scan is not persisted; anything else is rebuilt from exact copies
+        ann = new_ann(store.zdim, factory, options)
+        for ids, vectors in store.batches():
+            ann.add(vectors, ids)
+    return ann
+
+
+def _rebuild_catalog(
+    path: Path, catalog: Catalog, manifest: Manifest, records: list[Record], why: str
+) -> None:
+    log.warning("%s: rebuilding the catalog from the snapshot and journal (%s)", path, why)
+    rows = (
+        (line["track"], line["first_segment_id"])
+        for line in iter_tracks(path / SNAPSHOT_DIR, manifest)
+    )
+    catalog.rebuild(rows, manifest.seq)
+    for record in records:
+        catalog.apply(record)
+
+
+def recover(path: Path, zdim: int, factory: str, dtype: np.dtype, options: IndexOptions) -> State:
+    snapdir = path / SNAPSHOT_DIR
+    manifest = read_manifest(snapdir)
+    collect_garbage(snapdir, manifest)
+    store = VectorStore(zdim, dtype)
+    load_store(snapdir, manifest, store)
+    ann = _load_ann(path, manifest, store, factory, options)
+
+    journal = Journal(path / JOURNAL_FILE, zdim)
+    catalog = None
+    try:
+        records = [r for r in journal.replay() if r.seq > manifest.seq]
+        if records and records[0].seq != manifest.seq + 1:
+            raise CorruptIndexError(
+                f"{journal.path} starts at seq {records[0].seq}, "
+                f"the snapshot covers up to {manifest.seq}"
+            )
+        if journal.n_records and not records:
+            journal.reset()  # all covered by the snapshot: a crash came before truncation
+        seq = records[-1].seq if records else manifest.seq
+        for record in records:
+            apply_record(store, ann, record)
+
+        catalog, reset = Catalog.open_or_reset(path / CATALOG_FILE)
+        applied = catalog.applied_seq()
+        if reset or not manifest.seq <= applied <= seq:
+            _rebuild_catalog(path, catalog, manifest, records, "it is missing or out of step")
+        else:
+            for record in records:
+                catalog.apply(record)  # skips those already applied
+        if catalog.count() != len(store):
+            _rebuild_catalog(path, catalog, manifest, records, "its track count differs")
+    except BaseException:
+        journal.close()
+        if catalog is not None:
+            catalog.close()
+        raise
+    return State(store, ann, manifest, journal, catalog, seq)

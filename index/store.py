@@ -1,0 +1,425 @@
+"""`SegmentIndex`: the persistent, crash-safe store of reference segments.
+
+Source of truth: the latest snapshot plus the journal. Everything else is derived from them.
+
+- A write (add, replace, delete) becomes one journal record with the next sequence number
+  (`seq`) and is fsynced before anything else happens; a replace is one record, so it is
+  atomic. Only then is it applied to memory (exact vectors, ANN index) and to the SQLite
+  catalog, whose transaction also stores `applied_seq`. The method returns after all three.
+- A crash before the fsync completes leaves at most a torn tail record, which the next open
+  detects (length, CRC) and truncates: the write never happened and was never acknowledged.
+  A crash after it is repaired at open: the record is replayed into memory, and into the
+  catalog if `seq > applied_seq` (the catalog never runs ahead of the durable journal).
+- A snapshot writes new files under fresh names, fsyncs them, then atomically replaces
+  `snapshot/MANIFEST.json`, which records the `seq` it covers, and only then truncates the
+  journal. Replay skips records with `seq <=` that value, so a crash between the manifest and
+  the truncation applies nothing twice.
+- The catalog is rebuilt from the snapshot's track list and the journal when it is missing,
+  unreadable, behind the snapshot, ahead of the journal or disagrees with the vector store.
+- Snapshots happen on `snapshot()`, after `snapshot_every_records` records or
+  `snapshot_every_bytes` journal bytes, and once an untrained IVF/PQ index has enough vectors.
+
+Concurrency: an exclusive `flock` keeps other processes out; inside the process a mutex
+serialises writers and snapshots, and a readers-writer lock lets searches run concurrently with
+each other and with the slow parts of a write (the fsync) or of a snapshot (file writing,
+training), excluding them only while memory is being changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+from .backends import make_factory_index
+from .files import (
+    INDEX_FILE,
+    SNAPSHOT_DIR,
+    WriterLock,
+    check_identity,
+    create_index_file,
+    dir_size,
+    fsync_dir,
+    is_fresh_directory,
+    read_index_file,
+    validate_identity,
+)
+from .journal import Op, Record
+from .recovery import apply_record, recover
+from .rwlock import RWLock
+from .snapshot import collect_garbage, load_chunk, write_snapshot
+from .types import (
+    AddResult,
+    IndexClosedError,
+    IndexNotFoundError,
+    IndexOptions,
+    IndexStats,
+    SegmentIndexError,
+    TrackExistsError,
+    TrackNotFoundError,
+    TrackRecord,
+)
+from .validate import check_k, check_queries, check_segments, check_track
+
+log = logging.getLogger(__name__)
+
+VECTOR_DTYPES = ("float32", "float16")
+
+
+def open_index(
+    path: str | Path,
+    identity: dict[str, Any],
+    factory: str | None = None,
+    create: bool = True,
+    options: IndexOptions | None = None,
+) -> SegmentIndex:
+    """Open (or create) the index at `path` for reading and writing.
+
+    `identity` describes the embedding model (it must hold `zdim`); an index built by another
+    model raises `IdentityMismatchError`. `factory` is a FAISS factory string ("Flat",
+    "IVF1024,Flat", "HNSW32", "IVF1024,PQ16", ...), fixed at creation: None means "Flat" for a
+    new index and the stored one otherwise. Only one process may have an index open.
+    """
+    options = options or IndexOptions()
+    identity = validate_identity(identity)
+    path = Path(path)
+    if not (path / INDEX_FILE).exists():
+        if not create:
+            raise IndexNotFoundError(f"no index at {path} (and create=False)")
+        if path.exists() and not path.is_dir():
+            raise IndexNotFoundError(f"{path} is a file, not an index directory")
+        if path.is_dir() and not is_fresh_directory(path):
+            raise IndexNotFoundError(
+                f"{path} is not empty and holds no {INDEX_FILE}: "
+                "refusing to create an index inside it"
+            )
+        if (options.vector_dtype or "float32") not in VECTOR_DTYPES:
+            raise ValueError(
+                f"vector_dtype must be one of {VECTOR_DTYPES}, got {options.vector_dtype!r}"
+            )
+        make_factory_index(identity["zdim"], factory or "Flat")  # raises if invalid
+        if not path.is_dir():
+            path.mkdir(parents=True)
+            fsync_dir(path.parent)
+    lock = WriterLock(path)
+    try:
+        if (path / INDEX_FILE).exists():
+            info = read_index_file(path)
+            check_identity(path, info["identity"], identity)
+            for name, wanted in (("factory", factory), ("vector_dtype", options.vector_dtype)):
+                if wanted is not None and wanted != info[name]:
+                    raise ValueError(
+                        f"index at {path} was created with {name}={info[name]!r}, "
+                        f"got {wanted!r}; pass None to use the stored value"
+                    )
+        else:
+            info = create_index_file(
+                path, identity, factory or "Flat", options.vector_dtype or "float32"
+            )
+        return SegmentIndex(path, info, options, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+class SegmentIndex:
+    """Reference segments with their tracks; see the module docstring. Use `open_index`."""
+
+    def __init__(
+        self, path: Path, info: dict[str, Any], options: IndexOptions, lock: WriterLock
+    ) -> None:
+        self.path = path
+        self.identity: dict[str, Any] = info["identity"]
+        self.zdim: int = info["zdim"]
+        self.factory: str = info["factory"]
+        self.options = options
+        self._lock = lock
+        self._rw = RWLock()
+        self._writer = threading.Lock()
+        self._closed = False
+        self._failed: str | None = None
+        self._snapdir = path / SNAPSHOT_DIR
+        state = recover(path, self.zdim, self.factory, np.dtype(info["vector_dtype"]), options)
+        self._store = state.store
+        self._ann = state.ann
+        self._manifest = state.manifest
+        self._journal = state.journal
+        self._catalog = state.catalog
+        self._seq = state.seq
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise IndexClosedError(f"index at {self.path} is closed")
+        if self._failed:
+            raise IndexClosedError(
+                f"index at {self.path} refuses writes after a failure "
+                f"({self._failed}); reopen it to recover"
+            )
+
+    def _commit(self, record: Record) -> None:
+        try:
+            self._journal.append(record)
+        except OSError as e:
+            self._failed = f"journal write failed: {e}"
+            raise SegmentIndexError(f"could not write {self._journal.path}: {e}") from e
+        self._seq = record.seq
+        with self._rw.write():
+            try:
+                apply_record(self._store, self._ann, record)
+                self._catalog.apply(record)
+            except Exception as e:  # memory or catalog may now lag the journal
+                self._failed = f"applying journal seq {record.seq} failed: {e}"
+                raise SegmentIndexError(
+                    f"the write of {record.track_id!r} is durable in the journal but applying "
+                    f"it failed ({e}); reopen the index to complete it"
+                ) from e
+
+    def add_track(
+        self,
+        track: TrackRecord,
+        vectors: np.ndarray,
+        starts_s: np.ndarray,
+        *,
+        replace: bool = False,
+    ) -> AddResult:
+        """Store `track` with its segment `vectors` (n, zdim) starting at `starts_s` (n,).
+
+        The same track id with the same `content_sha256` is UNCHANGED (nothing written); with
+        other content it raises `TrackExistsError`, unless `replace` is set. Durable on return.
+        """
+        return self._write_track(track, vectors, starts_s, replace, must_exist=False)
+
+    def replace_track(
+        self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray
+    ) -> AddResult:
+        """Replace an existing track (`TrackNotFoundError` if absent); UNCHANGED if identical."""
+        return self._write_track(track, vectors, starts_s, True, must_exist=True)
+
+    def _write_track(
+        self,
+        track: TrackRecord,
+        vectors: np.ndarray,
+        starts_s: np.ndarray,
+        replace: bool,
+        must_exist: bool,
+    ) -> AddResult:
+        check_track(track)
+        stored, starts = check_segments(vectors, starts_s, self.zdim, self._store.dtype)
+        with self._writer:
+            self._check_writable()
+            existing = self._store.get(track.track_id)
+            op = Op.ADD
+            if existing is None and must_exist:
+                raise TrackNotFoundError(f"no track {track.track_id!r} to replace")
+            if existing is not None:
+                if track.content_sha256 and existing.content_sha256 == track.content_sha256:
+                    return AddResult.UNCHANGED
+                if not replace:
+                    raise TrackExistsError(
+                        f"track {track.track_id!r} is already stored with content_sha256 "
+                        f"{existing.content_sha256!r}, got {track.content_sha256!r}; "
+                        "pass replace=True to replace it"
+                    )
+                op = Op.REPLACE
+            meta = dataclasses.replace(track, n_segments=len(starts), added_at=time.time())
+            self._commit(
+                Record(
+                    self._seq + 1,
+                    op,
+                    track.track_id,
+                    meta.to_json(),
+                    self._store.next_segment_id,
+                    starts,
+                    stored,
+                )
+            )
+            self._auto_snapshot()
+        return AddResult.REPLACED if op is Op.REPLACE else AddResult.ADDED
+
+    def delete_track(self, track_id: str) -> bool:
+        """Remove a track and its segments; False if there was none. Durable on return."""
+        with self._writer:
+            self._check_writable()
+            if track_id not in self._store.slots:
+                return False
+            self._commit(Record(self._seq + 1, Op.DELETE, track_id, {"track_id": track_id}))
+            self._auto_snapshot()
+        return True
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """Write a snapshot now (compacting if worthwhile) and truncate the journal."""
+        with self._writer:
+            self._check_writable()
+            self._snapshot()
+
+    def _auto_snapshot(self) -> None:
+        o = self.options
+        due = (
+            self._journal.n_records >= o.snapshot_every_records
+            or self._journal.size_bytes >= o.snapshot_every_bytes
+            or (not self._ann.trained and self._store.n_segments >= self._ann.min_train)
+        )
+        if not due:
+            return
+        try:
+            self._snapshot()
+        except Exception:  # the write itself is durable; the next write tries again
+            log.exception("%s: automatic snapshot failed", self.path)
+
+    def _snapshot(self) -> None:
+        store, ann = self._store, self._ann
+        compact = (
+            store.chunk_dead_fraction() > self.options.compact_dead_fraction
+            or len(store.chunks) > 32
+        )
+        rebuild = ann.wants_rebuild(store.n_segments, self.options.compact_dead_fraction)
+        if self._seq == self._manifest.seq and not compact and not rebuild:
+            return
+        if rebuild:  # searches go on meanwhile: writers are excluded, so the store is stable
+            ann = ann.rebuild(
+                store.batches, lambda n: store.sample(n, self.options.train_seed), store.n_segments
+            )
+        manifest, moved = write_snapshot(
+            self._snapdir, self._manifest, self._seq, store, self._catalog.dump(), ann, compact
+        )
+        # committed: swap in what was built, then drop what the manifest no longer names
+        chunk = None
+        if moved:
+            chunk = load_chunk(self._snapdir, manifest.generation, self.zdim, store.dtype)
+        with self._rw.write():
+            self._ann = ann
+            if chunk is not None:
+                store.move_to_chunk(chunk, moved)
+            store.drop_dead_chunks()
+            self._manifest = manifest
+        try:
+            self._journal.reset()
+        except OSError as e:  # harmless: replay skips records the snapshot covers
+            log.warning("%s: could not truncate the journal: %s", self.path, e)
+        collect_garbage(self._snapdir, manifest)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise IndexClosedError(f"index at {self.path} is closed")
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __contains__(self, track_id: object) -> bool:
+        return track_id in self._store.slots
+
+    @property
+    def n_segments(self) -> int:
+        return self._store.n_segments
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` nearest stored segments of each query: (nsqeuc distances, segment ids).
+
+        Both are (q, k), ascending by distance; missing neighbours have id -1 and distance inf.
+        """
+        q = check_queries(queries, self.zdim)
+        k = check_k(k)
+        with self._rw.read():
+            self._check_open()
+            distances, ids = self._ann.search(q, k)
+        return distances / np.float32(self.zdim), ids
+
+    def segment_info(self, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Track id (object array) and start second of each segment id, same shape.
+
+        Unknown ids, -1 and segments of tracks deleted since the search give (None, NaN).
+        """
+        with self._rw.read():
+            self._check_open()
+            return self._store.segment_info(segment_ids)
+
+    def get_vectors(self, track_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The exact stored vectors (n, zdim) float32 and start seconds (n,) of a track."""
+        with self._rw.read():
+            self._check_open()
+            slot = self._store.get(track_id)
+            if slot is None:
+                raise TrackNotFoundError(f"no track {track_id!r}")
+            return np.array(slot.vectors, dtype=np.float32), np.array(slot.starts)
+
+    def segment_ids(self, track_id: str) -> np.ndarray:
+        """The ids of a track's segments, in the order of `get_vectors` rows."""
+        with self._rw.read():
+            self._check_open()
+            slot = self._store.get(track_id)
+            if slot is None:
+                raise TrackNotFoundError(f"no track {track_id!r}")
+            return slot.ids
+
+    def get_track(self, track_id: str) -> TrackRecord | None:
+        with self._rw.read():
+            self._check_open()
+            return self._catalog.get(track_id)
+
+    def list_tracks(
+        self, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[TrackRecord], str | None]:
+        """Up to `limit` tracks by track id after `cursor`, and the cursor of the next page
+        (None on the last page). Pages are stable under concurrent writes."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
+            raise ValueError(f"limit must be an int in 1..10000, got {limit!r}")
+        with self._rw.read():
+            self._check_open()
+            rows = self._catalog.page(limit + 1, cursor)
+        if len(rows) > limit:
+            return rows[:limit], rows[limit - 1].track_id
+        return rows, None
+
+    def stats(self) -> IndexStats:
+        with self._rw.read():
+            self._check_open()
+            return IndexStats(
+                tracks=len(self._store),
+                segments=self._store.n_segments,
+                bytes_on_disk=dir_size(self.path),
+                factory=self.factory,
+                vector_dtype=str(self._store.dtype),
+                ann_trained=self._ann.trained,
+                ann_trained_on=self._ann.trained_on,
+                ann_on_gpu=self._ann.on_gpu,
+                tombstones=len(self._ann.tombstones),
+                seq=self._seq,
+                snapshot_seq=self._manifest.seq,
+                journal_records=self._journal.n_records,
+                journal_bytes=self._journal.size_bytes,
+            )
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the index (every acknowledged write is already durable)."""
+        with self._writer, self._rw.write():
+            if self._closed:
+                return
+            self._closed = True
+            self._journal.close()
+            self._catalog.close()
+            self._lock.release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"SegmentIndex({str(self.path)!r}, factory={self.factory!r}, "
+            f"tracks={len(self._store)}, segments={self._store.n_segments})"
+        )
