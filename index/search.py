@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from model.calibrate import uncalibrated_score
 from model.reduce import Reduction, best_pairs, nsqeuc, reduce
 
 from .store import SegmentIndex
@@ -29,11 +30,6 @@ LONG_CLIP_S = 40.0  # clips at least this long are ranked with bpwr-10, shorter 
 
 def default_reduction(query_duration_s: float) -> Reduction:
     return Reduction.parse("bpwr-10" if query_duration_s >= LONG_CLIP_S else "min")
-
-
-def distance_to_score(distance: float, gamma: float = 5.0) -> float:
-    """Uncalibrated score in [0, 1]: exp(-gamma d), the similarity kernel of the CLEWS loss."""
-    return float(math.exp(-gamma * max(distance, 0.0)))
 
 
 @dataclass(frozen=True)
@@ -96,7 +92,7 @@ def rank_tracks(
     index: SegmentIndex,
     query: QuerySegments,
     options: SearchOptions,
-    score=distance_to_score,
+    score=uncalibrated_score,
     timings: dict[str, float] | None = None,
 ) -> list[TrackHit]:
     """Search `index` with an embedded query; the `top_k` closest tracks, closest first.

@@ -41,6 +41,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-query", action="store_true", help="include per-query arrays in --json")
     p.set_defaults(func=cmd_evaluate)
 
+    add_train(sub)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a CLEWS model from a clique,path manifest")
+    p.add_argument("config", help="YAML run configuration (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a configuration value, e.g. training.epochs=2")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from model.train import RunConfig, train
+
+    raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot):
+            raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    best = train(RunConfig.from_dict(raw))
+    print(f"best checkpoint: {best}")
+    return 0
+
 
 def find_audio(inputs: list[str]) -> list[tuple[Path, Path]]:
     """Inputs -> (file, path relative to its input root) for every audio file."""

@@ -3,9 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import sys
 
 from model import cli as model_cli
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the REST service (model + index in one process)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data", default=None, help="data folder (index, jobs); default ./data")
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument(
+        "--open-writes", action=argparse.BooleanOptionalAction, default=None,
+        help="allow writes without an API key (default: yes on loopback without API keys)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {
+        k: v for k, v in
+        {"data_dir": args.data, "model": args.model, "device": args.device}.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    log = logging.getLogger("refrain")
+    if args.open_writes is not None:
+        settings = settings.model_copy(update={"open_writes": args.open_writes})
+    elif not settings.keys and _is_loopback(args.host):
+        settings = settings.model_copy(update={"open_writes": True})
+    if settings.open_writes:
+        log.warning("writes are open without an API key (loopback, no REFRAIN_API_KEYS set)")
+    elif not settings.keys:
+        log.warning("no REFRAIN_API_KEYS set: writes are refused until keys are configured")
+    log.warning("serving on http://%s:%d, data in %s", args.host, args.port,
+                settings.data_dir.resolve())
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,11 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="refrain", description="Find musical versions of audio clips (CLEWS embeddings)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve(sub)
     model_cli.add_commands(sub)
+    try:
+        from service import ingest_cli
+    except ImportError:
+        ingest_cli = None
+    if ingest_cli is not None:
+        ingest_cli.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch
 from index import AddResult, IndexOptions, SegmentIndex, TrackRecord, open_index
 from index.search import QuerySegments, SearchOptions, TrackHit, rank_tracks
 from model.audio import load_audio
+from model.calibrate import Calibration, uncalibrated_score
 from model.embedder import Embedder, load_model
 from service.errors import ApiError
 from service.metrics import Metrics
@@ -32,6 +33,7 @@ class Runtime:
         self.index: SegmentIndex | None = None
         self.worker: InferenceWorker | None = None
         self.jobs: Any = None
+        self.score: Callable[[float], float] = uncalibrated_score
         self.load_error: str | None = None
         self._ready = threading.Event()
 
@@ -43,6 +45,9 @@ class Runtime:
         try:
             device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.model = load_model(s.model, device=device)
+            calibration = self.model.info.get("calibration")
+            if calibration:
+                self.score = Calibration.from_dict(calibration).probability
             s.data_dir.mkdir(parents=True, exist_ok=True)
             self.index = open_index(
                 s.index_dir, self.identity(), factory=s.index_factory,
@@ -163,7 +168,7 @@ class Runtime:
         query = QuerySegments(z, starts, self.model.config.shingling.len, duration)
         opts = SearchOptions(top_k=top_k, k=self.settings.knn_k,
                              candidates=max(self.settings.candidates, top_k), reduction=reduction)
-        hits = rank_tracks(self.index, query, opts, timings=timings)
+        hits = rank_tracks(self.index, query, opts, score=self.score, timings=timings)
         self.metrics.knn_latency.observe(timings["search"])
         self.metrics.reduce_latency.observe(timings["reduce"])
         return {

@@ -1,0 +1,155 @@
+"""Losses, augmentations, calibration, the chroma baseline and a short training run."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from helpers import SR, pitch_shift, synth_song, time_stretch
+
+from model.augment import AugmentConfig, augment, time_stretch as cqt_stretch
+from model.calibrate import calibrate, fit_logistic
+from model.losses import LOSSES, LossConfig, contrastive_loss
+from model.reduce import Reduction, reduce
+
+
+def literal_clews(z, labels, ids, pos, neg, gamma=5.0, epsilon=1e-6):
+    """The CLEWS loss written out pair by pair."""
+    b, _, d = z.shape
+    pos_d, neg_d = [], []
+    for i in range(b):
+        for j in range(b):
+            dist = ((z[i][:, None, :] - z[j][None, :, :]) ** 2).sum(-1) / d
+            if labels[i] == labels[j] and ids[i] != ids[j]:
+                pos_d.append(reduce(dist, pos))
+            elif labels[i] != labels[j]:
+                neg_d.append(reduce(dist, neg))
+    align = torch.stack(pos_d).mean()
+    uniform = torch.log(torch.stack([torch.exp(-gamma * x) for x in neg_d]).mean() + epsilon)
+    return align + uniform
+
+
+@pytest.mark.parametrize("pos", ["bpwr-5", "meanmin", "min"])
+def test_clews_loss_matches_literal_definition(pos):
+    torch.manual_seed(0)
+    z = torch.randn(8, 3, 16) * 0.3
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    ids = torch.arange(8)
+    loss, stats = contrastive_loss(z, labels, ids, LossConfig(pos=pos))
+    # The log1p form equals the literal one plus the constant -log(epsilon).
+    expected = literal_clews(z, labels, ids, pos, "min").item() - math.log(1e-6)
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+    assert stats["d_pos"] > 0 and stats["d_neg"] > 0
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_losses_prefer_separated_embeddings(name):
+    """Every loss is lower when versions cluster by work than when they are mixed up."""
+    torch.manual_seed(1)
+    centres = torch.randn(4, 1, 32)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    ids = torch.arange(8)
+    good = centres[labels] + 0.05 * torch.randn(8, 3, 32)
+    bad = centres[torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])] + 0.05 * torch.randn(8, 3, 32)
+    cfg = LossConfig(name=name)
+    l_good, _ = contrastive_loss(good, labels, ids, cfg)
+    l_bad, _ = contrastive_loss(bad, labels, ids, cfg)
+    assert l_good.item() < l_bad.item()
+    # and gradients flow to the embeddings where the loss is not yet satisfied
+    z = bad.clone().requires_grad_(True)
+    contrastive_loss(z, labels, ids, cfg)[0].backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(ValueError, match="unknown loss"):
+        LossConfig(name="hinge")
+
+
+def test_augment_keeps_shape_and_stretch_resamples():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(84, 400)
+    for _ in range(20):
+        y = augment(x, AugmentConfig(pitch_p=1, specaug_p=1), gen)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+    ramp = torch.arange(100.0).repeat(84, 1)
+    slow = cqt_stretch(ramp, 2.0, 100)  # twice as long, cut to 100 frames
+    assert slow[0, -1].item() == pytest.approx(49.75, abs=0.6)
+
+
+def test_calibration_recovers_logistic_parameters():
+    rng = np.random.default_rng(0)
+    d = rng.uniform(0, 2, 20000)
+    p = 1 / (1 + np.exp(-(3.0 - 6.0 * d)))
+    y = rng.random(20000) < p
+    a, b = fit_logistic(d, y)
+    # class-balanced weights shift the intercept by log(n_neg / n_pos)
+    assert b == pytest.approx(-6.0, rel=0.1)
+    assert a - math.log((~y).sum() / y.sum()) == pytest.approx(3.0, abs=0.25)
+    cal = calibrate(d, y, target_precision=0.9)
+    assert cal.precision >= 0.9 and 0 < cal.recall <= 1
+    assert cal.probability(0.0) > cal.probability(1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """6 works x 3 versions (original, pitch-shifted, time-stretched), 30 s each."""
+    root = tmp_path_factory.mktemp("tiny")
+    rows = []
+    for w in range(6):
+        song = synth_song(30.0, 200 + w)
+        versions = [song, pitch_shift(song, 3), time_stretch(song, 1.25)]
+        for v, x in enumerate(versions):
+            name = f"w{w}_v{v}.flac"
+            sf.write(root / name, x, SR)
+            rows.append([f"work{w}", name, "valid" if w >= 4 else "train"])
+    with open(root / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["clique", "path", "split"], *rows])
+    return root
+
+
+def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_path):
+    from model import load_model
+    from model.train import RunConfig, train
+
+    raw = {
+        "model": {"frontend": {"channels": [8, 16]},
+                  "backbone": {"blocks": [1, 1], "channels": [16, 32], "down": [1, 2]},
+                  "zdim": 32},
+        "data": {"manifest": str(tiny_corpus / "manifest.csv"), "cache": str(tmp_path / "cache"),
+                 "crop_s": 20, "versions_per_work": 2},
+        "training": {"out": str(tmp_path / "run"), "works_per_batch": 3, "steps_per_epoch": 2,
+                     "epochs": 1},
+    }
+    best = train(RunConfig.from_dict(raw))
+    history = (tmp_path / "run" / "history.json").read_text()
+    assert '"valid_MAP"' in history and '"segments_per_s"' in history
+    raw["training"]["epochs"] = 2  # resume for one more epoch
+    train(RunConfig.from_dict(raw))
+    import json
+
+    assert [row["epoch"] for row in json.loads((tmp_path / "run" / "history.json").read_text())] == [1, 2]
+    model = load_model(best)
+    assert model.info["trained"] is True and model.zdim == 32
+    z = model.embed(tiny_corpus / "w0_v0.flac")
+    assert z.shape == (3, 32) and np.isfinite(z).all()
+
+
+def test_chroma_baseline_is_transposition_invariant():
+    from model.baseline import ChromaBaseline
+
+    base = ChromaBaseline()
+    song = synth_song(25.0, 7)
+    from model.audio import resample
+
+    a = base.embed(resample(song.mean(1), SR, 16000))
+    b = base.embed(resample(pitch_shift(song, 2).mean(1), SR, 16000))
+    other = base.embed(resample(synth_song(25.0, 8).mean(1), SR, 16000))
+    same = ((a - b) ** 2).mean()
+    diff = ((a - other) ** 2).mean()
+    assert same < diff
+    assert Reduction.parse("min")
