@@ -8,6 +8,7 @@ import logging
 import sys
 
 from model import cli as model_cli
+from service import ingest_cli
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -67,12 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve(sub)
     model_cli.add_commands(sub)
-    try:
-        from service import ingest_cli
-    except ImportError:
-        ingest_cli = None
-    if ingest_cli is not None:
-        ingest_cli.add_commands(sub)
+    ingest_cli.add_commands(sub)
     return parser
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -12,18 +11,17 @@ from fastapi.responses import JSONResponse
 from index import AddResult
 from service.auth import require_read, require_write
 from service.errors import ApiError
+from service.sources import valid_track_id
 
 router = APIRouter()
 
-TRACK_ID = re.compile(r"^[\w.\-:@+()' ]{1,200}$")
-
-
 def check_track_id(track_id: str) -> str:
-    if not TRACK_ID.match(track_id) or track_id.strip() != track_id:
+    if not valid_track_id(track_id):
         raise ApiError(
             422, "invalid_track_id",
-            "track_id must be 1-200 characters of letters, digits, spaces and ._-:@+()' "
-            f"without leading or trailing spaces, got {track_id[:50]!r}",
+            "track_id must be 1-200 characters of letters, digits, spaces and ._-:@+()' in "
+            "'/'-separated parts without leading or trailing spaces and other than '.' or '..', "
+            f"got {track_id[:50]!r}",
         )
     return track_id
 
@@ -50,7 +48,7 @@ async def add_track(
     return JSONResponse({**track.to_json(), "result": result.value}, status_code=status)
 
 
-@router.get("/v1/tracks/{track_id}", tags=["catalog"], dependencies=[Depends(require_read)])
+@router.get("/v1/tracks/{track_id:path}", tags=["catalog"], dependencies=[Depends(require_read)])
 async def get_track(request: Request, track_id: str) -> dict:
     runtime = request.app.state.runtime
     runtime.require_ready()
@@ -60,7 +58,7 @@ async def get_track(request: Request, track_id: str) -> dict:
     return track.to_json()
 
 
-@router.delete("/v1/tracks/{track_id}", tags=["catalog"], dependencies=[Depends(require_write)])
+@router.delete("/v1/tracks/{track_id:path}", tags=["catalog"], dependencies=[Depends(require_write)])
 async def delete_track(request: Request, track_id: str) -> dict:
     runtime = request.app.state.runtime
     runtime.require_ready()

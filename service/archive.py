@@ -1,0 +1,247 @@
+"""Safe extraction of an uploaded catalog archive: zip, or tar (plain, .gz, .bz2, .xz).
+
+Nothing in an archive is trusted. Every member name is checked before anything is written
+(no absolute paths, no `..`), and tar links, devices and FIFOs refuse the whole archive.
+Extracted files never take their names from the archive: they are numbered inside the
+destination folder, so no member can land anywhere else. Sizes are bounded three ways: the
+member count, the sum of the sizes the headers declare, and the bytes actually written while
+extracting (a header may lie); zip members with an absurd compression ratio are refused.
+Only audio files and a root `manifest.csv` / `manifest.json` are taken; the rest is counted.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import stat
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from model.cli import AUDIO_EXTENSIONS
+from service.errors import ApiError
+
+MANIFEST_NAMES = ("manifest.csv", "manifest.json")
+MAX_MANIFEST_BYTES = 16 << 20
+# Audio barely compresses; a member that inflates more than this is a bomb, not a song
+# (checked for members declaring more than RATIO_FLOOR bytes, so tiny files never trip it).
+MAX_RATIO = 100
+RATIO_FLOOR = 1 << 20
+CHUNK = 1 << 20
+# Resource forks and Finder metadata that macOS adds to zips: never audio.
+_JUNK_PREFIXES = ("__MACOSX/",)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+_CORRUPT = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, OSError)
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_files: int  # members of any kind
+    max_bytes: int  # uncompressed bytes, declared and extracted
+
+
+@dataclass
+class Extracted:
+    files: list[tuple[str, Path]] = field(default_factory=list)  # (member name, stored file)
+    manifest: tuple[str, bytes] | None = None  # (name, content) of the root manifest
+    ignored: int = 0  # members that are neither audio nor the manifest
+
+
+class _Budget:
+    """Bytes still allowed to be written; raises once the archive inflates past the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def take(self, n: int, name: str) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise _too_large(f"member {name!r} inflates the archive past {self.limit} bytes")
+
+
+def _too_large(message: str) -> ApiError:
+    return ApiError(413, "archive_too_large", message)
+
+
+def _unsafe(name: str, why: str) -> ApiError:
+    return ApiError(422, "unsafe_archive", f"archive member {name[:200]!r} {why}")
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(
+        422, "bad_archive",
+        f"expected a zip or tar archive (.tar, .tar.gz, .tar.bz2, .tar.xz): {message}",
+    )
+
+
+def _unreadable(name: str, e: Exception) -> Exception:
+    if isinstance(e, OSError) and e.errno is not None:
+        return e  # a real I/O error (disk full...), not a corrupt archive
+    return _bad(f"member {name!r} is unreadable ({e or type(e).__name__})")
+
+
+def safe_name(raw: str) -> str:
+    """A member name as a clean relative path, or ApiError(unsafe_archive)."""
+    if "\x00" in raw:
+        raise _unsafe(raw, "has a NUL character in its name")
+    if raw.startswith(("/", "\\")) or (len(raw) > 1 and raw[1] == ":"):
+        raise _unsafe(raw, "has an absolute path")
+    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise _unsafe(raw, "points outside the archive ('..')")
+    return "/".join(parts)
+
+
+def _kind(name: str) -> str:
+    """'audio', 'manifest' or 'other'."""
+    if name.lower() in MANIFEST_NAMES:
+        return "manifest"
+    base = name.rsplit("/", 1)[-1]
+    if name.startswith(_JUNK_PREFIXES) or base.startswith("._"):
+        return "other"
+    return "audio" if os.path.splitext(base)[1].lower() in AUDIO_EXTENSIONS else "other"
+
+
+def copy_to_file(src: BinaryIO, dst: Path, budget: _Budget | None = None, name: str = "") -> int:
+    """Stream `src` into a new file `dst` in chunks and fsync it; returns the bytes written."""
+    written = 0
+    with open(dst, "xb") as out:
+        while chunk := src.read(CHUNK):
+            if budget is not None:
+                budget.take(len(chunk), name)
+            out.write(chunk)
+            written += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return written
+
+
+def _read_manifest(src: BinaryIO, name: str, budget: _Budget) -> bytes:
+    data = src.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ApiError(413, "manifest_too_large",
+                       f"{name} is larger than {MAX_MANIFEST_BYTES} bytes")
+    budget.take(len(data), name)
+    return data
+
+
+def extract_archive(src: BinaryIO, dest: Path, limits: ArchiveLimits) -> Extracted:
+    """Extract the audio files of the archive in `src` (seekable) into `dest` (an existing,
+    empty folder). Raises ApiError (413/422) on unsafe, oversized or unreadable archives;
+    files already written are left for the caller to remove."""
+    src.seek(0)
+    head = src.read(4)
+    src.seek(0)
+    if head in _ZIP_MAGIC:
+        return _extract_zip(src, dest, limits)
+    try:
+        with tarfile.open(fileobj=src, mode="r:*") as tar:
+            return _extract_tar(tar, dest, limits)
+    except tarfile.TarError as e:  # not a tar in any compression (members are checked inside)
+        src.seek(0)
+        if zipfile.is_zipfile(src):  # a zip with a prefix (self-extracting)
+            src.seek(0)
+            return _extract_zip(src, dest, limits)
+        raise _bad(str(e) or type(e).__name__) from None
+
+
+def _extract_zip(src: BinaryIO, dest: Path, limits: ArchiveLimits) -> Extracted:
+    try:
+        zf = zipfile.ZipFile(src)
+    except _CORRUPT as e:
+        raise _bad(str(e)) from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > limits.max_files:
+            raise _too_large(f"archive has {len(infos)} members, at most {limits.max_files}")
+        names = []
+        declared = 0
+        for info in infos:
+            name = safe_name(info.filename)
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise _unsafe(info.filename, "is a symbolic link")
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise _unsafe(info.filename, "is not a regular file or folder")
+            if info.flag_bits & 0x1:
+                raise _bad(f"member {info.filename!r} is encrypted")
+            if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * info.compress_size:
+                raise _unsafe(
+                    info.filename,
+                    f"inflates {info.compress_size} bytes to {info.file_size} "
+                    f"(more than {MAX_RATIO}:1): refusing a likely decompression bomb",
+                )
+            declared += info.file_size
+            names.append(name)
+        if declared > limits.max_bytes:
+            raise _too_large(
+                f"archive declares {declared} uncompressed bytes, at most {limits.max_bytes}"
+            )
+        out = Extracted()
+        budget = _Budget(limits.max_bytes)
+        for info, name in zip(infos, names):
+            kind = "dir" if info.is_dir() else _kind(name)
+            try:
+                if kind == "audio":
+                    with zf.open(info) as member:
+                        _store(out, member, name, dest, budget)
+                elif kind == "manifest" and "/" not in name:
+                    with zf.open(info) as member:
+                        out.manifest = (name, _read_manifest(member, name, budget))
+                elif kind != "dir":
+                    out.ignored += 1
+            except _CORRUPT as e:
+                raise _unreadable(name, e) from None
+        return out
+
+
+def _extract_tar(tar: tarfile.TarFile, dest: Path, limits: ArchiveLimits) -> Extracted:
+    out = Extracted()
+    budget = _Budget(limits.max_bytes)
+    declared = count = 0
+    members = iter(tar)
+    while True:
+        try:  # headers are read lazily: a corrupt stream fails here
+            member = next(members)
+        except StopIteration:
+            break
+        except _CORRUPT as e:
+            raise _bad(str(e) or type(e).__name__) from None
+        count += 1
+        if count > limits.max_files:
+            raise _too_large(f"archive has more than {limits.max_files} members")
+        name = safe_name(member.name)
+        if member.issym() or member.islnk():
+            raise _unsafe(member.name, f"is a {'symbolic' if member.issym() else 'hard'} link")
+        if not (member.isreg() or member.isdir()):
+            raise _unsafe(member.name, "is a device, FIFO or other special file")
+        declared += member.size
+        if declared > limits.max_bytes:
+            raise _too_large(
+                f"archive declares more than {limits.max_bytes} uncompressed bytes "
+                f"(reached at member {name!r})"
+            )
+        kind = "dir" if member.isdir() else _kind(name)
+        try:
+            if kind == "audio":
+                with tar.extractfile(member) as data:
+                    _store(out, data, name, dest, budget)
+            elif kind == "manifest" and "/" not in name:
+                with tar.extractfile(member) as data:
+                    out.manifest = (name, _read_manifest(data, name, budget))
+            elif kind != "dir":
+                out.ignored += 1
+        except _CORRUPT as e:
+            raise _unreadable(name, e) from None
+    return out
+
+
+def _store(out: Extracted, member: BinaryIO, name: str, dest: Path, budget: _Budget) -> None:
+    ext = os.path.splitext(name)[1].lower()
+    path = dest / f"{len(out.files):06d}{ext}"
+    copy_to_file(member, path, budget, name)
+    out.files.append((name, path))

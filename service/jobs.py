@@ -1,0 +1,273 @@
+"""Bulk ingestion jobs: created durably, processed in order by worker threads.
+
+Durability. A job is acknowledged (202) only after its files are written and fsynced under
+`jobs_dir/<job_id>/files/` and its rows are committed to the job database (`jobstore`), so an
+acknowledged job survives a crash. An item is marked final only after
+`Runtime.add_reference` returned, when the index write is already durable; its stored file
+is deleted after that mark, and the job's folder once the job is final.
+
+Restart. `start()` resumes every queued or running job: items still pending are processed
+again. A crash between an index write and the item's 'done' mark leaves the item pending;
+`add_reference` is idempotent on (track id, content), so the redo finds the track stored and
+the item ends 'skipped' instead of 'done'. No track is ever added twice.
+
+Outcomes. ADDED/REPLACED -> 'done', UNCHANGED -> 'skipped' (ingesting a catalog twice adds
+nothing twice), a per-item error (bad audio, track exists with other content...) -> 'failed'
+with the API error code and message, and the job goes on. A job ends 'done' once every item is
+final, 'failed' only when the index itself refuses writes (remaining items fail with it).
+Overload and not-ready (503) are retried; an item in progress at `stop()` is finished or
+abandoned, and then redone after the restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from index import IdentityMismatchError, SegmentIndexError, TrackExistsError, TrackNotFoundError
+from index.files import fsync_dir
+from service.errors import ApiError, classify
+from service.jobstore import JOB_ID, ItemState, JobState, JobStore
+from service.sources import Item
+from service.worker import Overloaded
+
+log = logging.getLogger("refrain.jobs")
+
+RETRY_DELAY_S = 1.0  # after a 503 from the runtime (overloaded, not ready)
+IDLE_WAIT_S = 5.0  # a waiting worker re-checks for work at least this often
+STOP_TIMEOUT_S = 30.0  # wait this long for the items in progress at stop()
+
+
+@dataclass(frozen=True)
+class Staging:
+    job_id: str
+    files: Path  # where the job's uploaded or extracted files go before the job is created
+
+
+@dataclass(frozen=True)
+class _Claim:
+    job_id: str
+    position: int
+    item: Item
+    replace: bool
+
+
+class JobManager:
+    """Creates jobs, runs them on `settings.ingest_workers` threads, reports on them."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        settings = runtime.settings
+        self.dir: Path = settings.jobs_dir
+        self.n_workers: int = settings.ingest_workers
+        self.max_item_bytes: int = settings.max_upload_bytes
+        self.store: JobStore | None = None
+        self._wake = threading.Condition()
+        self._generation = 0  # bumped on every new job, so a waiting worker never misses one
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._claims = threading.Lock()
+        self._claimed: set[tuple[str, int]] = set()  # items in progress
+        self._runs: dict[str, list[float]] = {}  # job -> [first claim, items final] this run
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the job database, clean up leftovers, resume unfinished jobs."""
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
+            fsync_dir(self.dir.parent)
+        self.store = JobStore(self.dir / "jobs.sqlite")
+        self._sweep()
+        self._stop.clear()
+        for n in range(self.n_workers):
+            t = threading.Thread(target=self._run, name=f"refrain-ingest-{n}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop the workers: an item in progress finishes or is abandoned (redone later)."""
+        self._stop.set()
+        self._notify()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("%s still busy at shutdown; its item will be redone", t.name)
+        self._threads.clear()
+        if self.store is not None:
+            self.store.close()
+
+    def _sweep(self) -> None:
+        """Remove what a crash may have left: folders of jobs never committed or already
+        final, and stored files of final items."""
+        active, files = self._store().leftovers()
+        for d in self.dir.iterdir():
+            if d.is_dir() and JOB_ID.match(d.name) and d.name not in active:
+                shutil.rmtree(d, ignore_errors=True)
+        for f in files:
+            f.unlink(missing_ok=True)
+
+    # -- creating and reporting ----------------------------------------------------------------
+
+    @contextmanager
+    def staging(self) -> Iterator[Staging]:
+        """A fresh job folder for the request's files; removed if the job is not created."""
+        job_id = uuid.uuid4().hex
+        files = self.dir / job_id / "files"
+        files.mkdir(parents=True)
+        try:
+            yield Staging(job_id, files)
+        except BaseException:
+            shutil.rmtree(self.dir / job_id, ignore_errors=True)
+            raise
+
+    def create(
+        self, staging: Staging, items: list[Item], source: str, ignored: int = 0,
+        replace: bool = False,
+    ) -> dict[str, Any]:
+        """Commit a job whose files are in `staging` (each fsynced) and queue it."""
+        for d in (staging.files, staging.files.parent, self.dir):
+            fsync_dir(d)
+        self._store().insert(staging.job_id, items, source, ignored, replace)
+        self._notify()
+        return {"job_id": staging.job_id, "state": JobState.QUEUED.value, "total": len(items),
+                "ignored": ignored}
+
+    def get(self, job_id: str, items: bool = False) -> dict[str, Any] | None:
+        """State, counts, progress, ETA (seconds, from this run's rate), item errors, and with
+        `items` every item's state; None for an unknown job."""
+        job = self._store().report(job_id, items)
+        if job is None:
+            return None
+        total, pending = job["counts"]["total"], job["counts"]["pending"]
+        run = self._runs.get(job_id)
+        eta = None
+        if pending and run and run[1] > 0:
+            eta = round(pending * (time.time() - run[0]) / run[1], 1)
+        progress = round((total - pending) / total, 4) if total else 1.0
+        return {**job, "progress": progress, "eta_s": eta}
+
+    def _store(self) -> JobStore:
+        if self.store is None:
+            raise ApiError(503, "not_ready", "the job store is not open", {"Retry-After": "5"})
+        return self.store
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._generation += 1
+            self._wake.notify_all()
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.runtime.ready:  # resumed jobs wait for the model and index
+                self._stop.wait(0.1)
+                continue
+            with self._wake:
+                generation = self._generation
+            try:
+                claim = self._claim()
+                if claim is not None:
+                    self._process(claim)
+                    continue
+            except Exception:
+                if self._stop.is_set():
+                    return
+                log.exception("ingestion worker error")
+                self._stop.wait(RETRY_DELAY_S)
+                continue
+            with self._wake:
+                if self._generation == generation and not self._stop.is_set():
+                    self._wake.wait(IDLE_WAIT_S)
+
+    def _claim(self) -> _Claim | None:
+        with self._claims:
+            found = self._store().next_pending(self._claimed)
+            if found is None:
+                return None
+            job_id, pos, item, replace = found
+            self._claimed.add((job_id, pos))
+            self._runs.setdefault(job_id, [time.time(), 0])
+        return _Claim(job_id, pos, item, replace)
+
+    def _release(self, claim: _Claim) -> None:
+        with self._claims:
+            self._claimed.discard((claim.job_id, claim.position))
+
+    def _process(self, claim: _Claim) -> None:
+        it = claim.item
+        meta = {"track_id": it.track_id, "title": it.title, "artist": it.artist,
+                "work_id": it.work_id}
+        try:
+            try:
+                data = self._read(it)
+                result, _ = self.runtime.add_reference(data, meta, replace=claim.replace)
+            except Exception as e:  # noqa: BLE001 - sorted below: retry, job failure, item failure
+                if self._stop.is_set() or _transient(e):  # stays pending: redone later
+                    self._stop.wait(RETRY_DELAY_S)
+                elif _index_failure(e):
+                    log.error("job %s failed: %s", claim.job_id, e)
+                    self._store().fail(claim.job_id, f"the index refused the write: {e}")
+                    self._close_job(claim.job_id)
+                else:
+                    err = classify(e)
+                    self._finish(claim, ItemState.FAILED, None, err.code, err.message)
+                return
+            skipped = result.value == "unchanged"
+            self._finish(claim, ItemState.SKIPPED if skipped else ItemState.DONE, result.value)
+        finally:
+            self._release(claim)
+
+    def _read(self, it: Item) -> bytes:
+        try:
+            size = it.path.stat().st_size
+            if size > self.max_item_bytes:
+                raise ApiError(413, "file_too_large",
+                               f"{it.filename} has {size} bytes, at most {self.max_item_bytes}")
+            return it.path.read_bytes()
+        except FileNotFoundError:
+            raise ApiError(422, "file_missing", f"{it.filename} no longer exists") from None
+        except OSError as e:
+            raise ApiError(422, "file_unreadable", f"cannot read {it.filename}: {e}") from None
+
+    def _finish(
+        self, claim: _Claim, state: ItemState, result: str | None, code: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        job_done = self._store().finish(
+            claim.job_id, claim.position, state, result, code, message
+        )
+        run = self._runs.get(claim.job_id)
+        if run is not None:
+            run[1] += 1
+        self.runtime.metrics.ingest_items.labels(state.value).inc()
+        if claim.item.owned:
+            claim.item.path.unlink(missing_ok=True)
+        if job_done:
+            self._close_job(claim.job_id)
+
+    def _close_job(self, job_id: str) -> None:
+        shutil.rmtree(self.dir / job_id, ignore_errors=True)
+        self._runs.pop(job_id, None)
+
+
+def _transient(e: Exception) -> bool:
+    """Errors that say 'later', not 'never': overload and not-ready."""
+    return isinstance(e, Overloaded) or (isinstance(e, ApiError) and e.status == 503)
+
+
+def _index_failure(e: Exception) -> bool:
+    """The index refuses writes altogether (closed or failed), as opposed to this one item."""
+    return isinstance(e, SegmentIndexError) and not isinstance(
+        e, (TrackExistsError, TrackNotFoundError, IdentityMismatchError)
+    )

@@ -1,0 +1,201 @@
+"""Bulk ingestion: POST /v1/ingest creates a job (202), GET /v1/jobs/{job_id} reports on it.
+
+A job's inputs are durable before the 202: uploaded files are copied (in chunks) into the
+job's folder and fsynced, archives are extracted there, folders under the import root are
+scanned (their files are read in place when the job runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from model.cli import AUDIO_EXTENSIONS
+from service.archive import MAX_MANIFEST_BYTES, ArchiveLimits, copy_to_file, extract_archive
+from service.auth import require_read, require_write
+from service.errors import ApiError
+from service.jobs import JobManager
+from service.settings import Settings
+from service.sources import (
+    basename_id,
+    build_items,
+    parse_manifest,
+    read_manifest_file,
+    resolve_under,
+    scan_folder,
+)
+
+router = APIRouter()
+
+FORM_FIELDS = ("files", "archive", "manifest", "replace")
+Manifest = dict[str, dict[str, str]]
+
+
+class PathIngest(BaseModel):
+    """Ingest the audio files of a folder under the import root, read in place."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="folder relative to the import root, or absolute inside it")
+    manifest: str | None = Field(
+        None, description="manifest file, same rules (default: the folder's manifest.csv/.json)"
+    )
+    replace: bool = Field(
+        False, description="replace tracks stored with other content instead of failing them"
+    )
+
+
+_FILE = {"type": "string", "format": "binary"}
+_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": _FILE, "description": "audio files"},
+        "archive": {**_FILE, "description": "zip or tar (.gz, .bz2, .xz) of audio files"},
+        "manifest": {**_FILE, "description": "CSV filename,track_id,title,artist,work_id "
+                                             "or a JSON list of objects with those keys"},
+        "replace": {"type": "boolean", "default": False},
+    }}},
+    "application/json": {"schema": PathIngest.model_json_schema()},
+}}
+
+
+@router.post("/v1/ingest", tags=["ingest"], status_code=202,
+             dependencies=[Depends(require_write)], openapi_extra={"requestBody": _BODY})
+async def ingest(request: Request) -> JSONResponse:
+    """multipart/form-data: `files` (one or more) or one `archive` (zip, tar, tar.gz/bz2/xz),
+    optional `manifest` (CSV or JSON), optional `replace`. application/json: `{"path": ...,
+    "manifest": ..., "replace": ...}` naming a folder under REFRAIN_IMPORT_ROOT."""
+    runtime = request.app.state.runtime
+    runtime.require_ready()
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        job = await _from_form(request, runtime.jobs, runtime.settings)
+    elif kind == "application/json":
+        job = await _from_json(request, runtime.jobs, runtime.settings)
+    else:
+        raise ApiError(
+            415, "unsupported_media_type",
+            "expected multipart/form-data (files or archive, optional manifest) or "
+            f'application/json ({{"path": ...}}), got {kind or "no content type"!r}',
+        )
+    return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['job_id']}"})
+
+
+@router.get("/v1/jobs/{job_id}", tags=["ingest"], dependencies=[Depends(require_read)])
+async def get_job(
+    request: Request, job_id: str,
+    items: bool = Query(False, description="also list every item with its state and result"),
+) -> dict:
+    runtime = request.app.state.runtime
+    runtime.require_ready()
+    job = await run_in_threadpool(runtime.jobs.get, job_id, items)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id[:64]!r}")
+    return job
+
+
+async def _from_form(request: Request, jobs: JobManager, settings: Settings) -> dict[str, Any]:
+    form = await request.form(
+        max_files=settings.max_archive_files + 2, max_fields=len(FORM_FIELDS) + 8,
+        max_part_size=MAX_MANIFEST_BYTES,
+    )
+    try:
+        unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+        if unknown:
+            raise ApiError(422, "invalid_request",
+                           f"unknown form fields {unknown}; expected {', '.join(FORM_FIELDS)}")
+        files = form.getlist("files")
+        archives = form.getlist("archive")
+        if not all(isinstance(f, UploadFile) for f in files + archives):
+            raise ApiError(422, "invalid_request", "files and archive must be file uploads")
+        if bool(files) == bool(archives) or len(archives) > 1:
+            raise ApiError(422, "invalid_request",
+                           "send either files (one or more audio files) or one archive")
+        manifest = await _form_manifest(form.get("manifest"))
+        replace = str(form.get("replace") or "").lower() in ("1", "true", "yes", "on")
+        if files:
+            return await run_in_threadpool(submit_files, jobs, files, manifest, replace)
+        limits = ArchiveLimits(settings.max_archive_files, settings.max_archive_bytes)
+        return await run_in_threadpool(
+            submit_archive, jobs, archives[0], manifest, replace, limits
+        )
+    finally:
+        await form.close()
+
+
+async def _form_manifest(value: Any) -> Manifest | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return parse_manifest(value.encode(), "manifest")
+    data = await value.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ApiError(413, "manifest_too_large",
+                       f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    return parse_manifest(data, value.filename or "manifest")
+
+
+async def _from_json(request: Request, jobs: JobManager, settings: Settings) -> dict[str, Any]:
+    try:
+        body = PathIngest.model_validate_json(await request.body())
+    except ValidationError as e:
+        where = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise ApiError(422, "invalid_request", where) from None
+    return await run_in_threadpool(submit_path, jobs, settings, body)
+
+
+def submit_files(
+    jobs: JobManager, uploads: list[UploadFile], manifest: Manifest | None, replace: bool
+) -> dict[str, Any]:
+    """Uploaded files -> a job; default track id and title: the file name without extension."""
+    with jobs.staging() as st:
+        found = []
+        for n, up in enumerate(uploads):
+            name = (up.filename or "").strip() or f"file{n}"
+            ext = Path(name).suffix.lower()
+            found.append((name, st.files / f"{n:06d}{ext if ext in AUDIO_EXTENSIONS else ''}"))
+        items = build_items(found, manifest, owned=True, default_id=basename_id)
+        for up, (_, path) in zip(uploads, found):
+            up.file.seek(0)
+            copy_to_file(up.file, path)
+        return jobs.create(st, items, "files", replace=replace)
+
+
+def submit_archive(
+    jobs: JobManager, upload: UploadFile, manifest: Manifest | None, replace: bool,
+    limits: ArchiveLimits,
+) -> dict[str, Any]:
+    """An archive -> a job of its audio members; a manifest sent beside the archive wins over
+    the one inside. Default track id: the member path without extension."""
+    with jobs.staging() as st:
+        out = extract_archive(upload.file, st.files, limits)
+        if manifest is None and out.manifest is not None:
+            manifest = parse_manifest(out.manifest[1], out.manifest[0])
+        items = build_items(out.files, manifest, owned=True)
+        return jobs.create(st, items, "archive", ignored=out.ignored, replace=replace)
+
+
+def submit_path(jobs: JobManager, settings: Settings, body: PathIngest) -> dict[str, Any]:
+    """A folder under the import root -> a job reading its audio files in place. Default
+    track id: the path relative to the folder without extension."""
+    root = settings.import_root
+    folder = resolve_under(root, body.path)
+    found, ignored, inside = scan_folder(folder, root, settings.max_archive_files)
+    manifest = None
+    if body.manifest:
+        file = resolve_under(root, body.manifest, "manifest")
+        if not file.is_file():
+            raise ApiError(422, "manifest_not_found", f"manifest {body.manifest!r} is not a file")
+        manifest = parse_manifest(read_manifest_file(file), file.name)
+    elif inside:
+        name = "manifest.csv" if "manifest.csv" in inside else "manifest.json"
+        manifest = parse_manifest(inside[name], name)
+    items = build_items(found, manifest, owned=False)
+    with jobs.staging() as st:
+        return jobs.create(st, items, "path", ignored=ignored, replace=body.replace)

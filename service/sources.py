@@ -1,0 +1,225 @@
+"""Where a bulk ingestion job's files come from, and what each becomes: manifests and items.
+
+A job is a list of `Item`s, built from uploaded files, the audio members of an archive, or
+the audio files of a folder under the import root. An optional manifest (CSV with the header
+`filename,track_id,title,artist,work_id`, or a JSON list of objects with those keys) gives a
+file its metadata; a file it does not name gets defaults from its name. Every problem with
+the request is found here, before a job exists: manifest rows naming absent files, duplicate
+file names or track ids, invalid track ids, no audio at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from model.cli import AUDIO_EXTENSIONS
+from service.archive import MANIFEST_NAMES, MAX_MANIFEST_BYTES
+from service.errors import ApiError
+
+TRACK_ID = re.compile(r"^[\w.\-:@+()' ]{1,200}$")  # one '/'-separated part of an id
+
+MANIFEST_FIELDS = ("filename", "track_id", "title", "artist", "work_id")
+MAX_LISTED = 20  # names quoted in one error message
+_UNSAFE_ID_CHARS = re.compile(r"[^\w.\-:@+()' ]")
+
+
+@dataclass(frozen=True)
+class Item:
+    filename: str  # as the client named it: upload name, archive member, path in the folder
+    path: Path  # where its bytes are
+    owned: bool  # a copy the service stored (deleted once final) or the user's own file
+    track_id: str
+    title: str = ""
+    artist: str = ""
+    work_id: str | None = None
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(repr(n) for n in names[:MAX_LISTED]) + more
+
+
+def _invalid_manifest(message: str) -> ApiError:
+    return ApiError(422, "invalid_manifest", message)
+
+
+def parse_manifest(data: bytes, name: str = "manifest") -> dict[str, dict[str, str]]:
+    """Manifest bytes (CSV or JSON) -> {filename: {field: value}} with empty values dropped."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _invalid_manifest(f"{name} is not UTF-8 text") from None
+    is_json = name.lower().endswith(".json") or text.lstrip().startswith("[")
+    rows = _json_rows(text, name) if is_json else _csv_rows(text, name)
+    out: dict[str, dict[str, str]] = {}
+    duplicates = []
+    for n, row in enumerate(rows, 1):
+        unknown = sorted(set(row) - set(MANIFEST_FIELDS))
+        if unknown:
+            raise _invalid_manifest(
+                f"{name} row {n} has unknown fields {unknown}; expected {','.join(MANIFEST_FIELDS)}"
+            )
+        values = {k: str(v).strip() for k, v in row.items() if v is not None and str(v).strip()}
+        filename = values.get("filename")
+        if not filename:
+            raise _invalid_manifest(f"{name} row {n} has no filename")
+        if filename in out:
+            duplicates.append(filename)
+        out[filename] = values
+    if duplicates:
+        raise _invalid_manifest(f"{name} names these files more than once: {_listed(duplicates)}")
+    return out
+
+
+def _csv_rows(text: str, name: str) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "filename" not in [f.strip() for f in reader.fieldnames]:
+        raise _invalid_manifest(
+            f"{name} must be CSV with the header {','.join(MANIFEST_FIELDS)} "
+            "(only filename is required) or a JSON list of objects with those keys"
+        )
+    reader.fieldnames = [f.strip() for f in reader.fieldnames]
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise _invalid_manifest(f"{name} is not valid CSV: {e}") from None
+    for n, row in enumerate(rows, 1):
+        if None in row:
+            raise _invalid_manifest(f"{name} row {n} has more values than the header has columns")
+    return rows
+
+
+def _json_rows(text: str, name: str) -> list[dict]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _invalid_manifest(f"{name} is not valid JSON: {e}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise _invalid_manifest(f"{name} must be a JSON list of objects")
+    for n, row in enumerate(rows, 1):
+        if any(not isinstance(v, (str, int, float, type(None))) for v in row.values()):
+            raise _invalid_manifest(f"{name} row {n}: values must be strings or null")
+    return rows
+
+
+def valid_track_id(track_id: str) -> bool:
+    """The rule of POST /v1/tracks, applied to each '/'-separated part of the id."""
+    return len(track_id) <= 200 and all(
+        TRACK_ID.match(part) and part.strip() == part and part not in (".", "..")
+        for part in track_id.split("/")
+    )
+
+
+def default_track_id(relative: str) -> str:
+    """A file's path without extension, made a valid track id ('/' kept)."""
+    stem = str(PurePosixPath(relative).with_suffix("")) if relative.strip("/.") else "_"
+    parts = [_UNSAFE_ID_CHARS.sub("_", p).strip() or "_" for p in stem.split("/") if p]
+    return "/".join(parts)[:200].rstrip("/ ") or "_"
+
+
+def basename_id(filename: str) -> str:
+    """Default id of an uploaded file: its name without folders and extension."""
+    return default_track_id(PurePosixPath(filename.replace("\\", "/")).name)
+
+
+def build_items(
+    found: list[tuple[str, Path]],
+    manifest: dict[str, dict[str, str]] | None,
+    owned: bool,
+    default_id: Callable[[str], str] = default_track_id,
+) -> list[Item]:
+    """(filename, path) pairs + manifest -> validated items, in the order found."""
+    if not found:
+        raise ApiError(422, "no_audio_files",
+                       f"the request holds no audio files ({' '.join(AUDIO_EXTENSIONS)})")
+    names = [f for f, _ in found]
+    dup_names = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dup_names:
+        raise ApiError(422, "duplicate_filename", f"files named twice: {_listed(dup_names)}")
+    manifest = manifest or {}
+    missing = sorted(set(manifest) - set(names))
+    if missing:
+        raise ApiError(422, "manifest_files_missing",
+                       f"the manifest names files that were not sent: {_listed(missing)}")
+    items = []
+    bad_ids = []
+    for filename, path in found:
+        row = manifest.get(filename, {})
+        track_id = row.get("track_id") or default_id(filename)
+        if not valid_track_id(track_id):
+            bad_ids.append(track_id)
+        title = row.get("title") or PurePosixPath(filename.replace("\\", "/")).stem
+        items.append(Item(filename, path, owned, track_id, title, row.get("artist", ""),
+                          row.get("work_id")))
+    if bad_ids:
+        raise ApiError(
+            422, "invalid_track_id",
+            "track ids must be 1-200 characters of letters, digits, spaces and ._-:@+()' "
+            f"(and '/' between parts), got {_listed(bad_ids)}",
+        )
+    dup_ids = sorted(t for t, c in Counter(i.track_id for i in items).items() if c > 1)
+    if dup_ids:
+        raise ApiError(422, "duplicate_track_id",
+                       f"track ids used by more than one file: {_listed(dup_ids)}")
+    return items
+
+
+def resolve_under(root: Path | None, path: str, what: str = "path") -> Path:
+    """A client-given path, relative to the import root or absolute, resolved (symlinks
+    too) and required to stay inside the root; 403 otherwise."""
+    if root is None:
+        raise ApiError(403, "path_ingest_disabled",
+                       "ingestion by path is disabled; set REFRAIN_IMPORT_ROOT to the folder "
+                       "under which catalogs may be read")
+    base = root.resolve()
+    target = (base / path).resolve()
+    if not target.is_relative_to(base):
+        raise ApiError(403, "path_forbidden", f"{what} {path!r} is outside the import root")
+    return target
+
+
+def read_manifest_file(file: Path) -> bytes:
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ApiError(413, "manifest_too_large",
+                       f"{file.name} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return file.read_bytes()
+
+
+def scan_folder(
+    folder: Path, root: Path, max_files: int
+) -> tuple[list[tuple[str, Path]], int, dict[str, bytes]]:
+    """Audio files under `folder` (recursively, sorted) as (relative path, file), the count of
+    other files, and the root manifests found. Links leading outside `root` are skipped."""
+    if not folder.is_dir():
+        raise ApiError(422, "path_not_found", f"{folder} is not a folder")
+    base = root.resolve()
+    found: list[tuple[str, Path]] = []
+    ignored = 0
+    manifests = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            file = Path(dirpath) / name
+            rel = file.relative_to(folder).as_posix()
+            if rel.lower() in MANIFEST_NAMES:
+                manifests[rel.lower()] = read_manifest_file(file)
+                continue
+            if file.suffix.lower() not in AUDIO_EXTENSIONS or name.startswith("._"):
+                ignored += 1
+                continue
+            if file.is_symlink() and not file.resolve().is_relative_to(base):
+                ignored += 1
+                continue
+            found.append((rel, file))
+            if len(found) > max_files:
+                raise ApiError(413, "too_many_files",
+                               f"{folder} holds more than {max_files} audio files")
+    return found, ignored, manifests
