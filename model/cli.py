@@ -36,6 +36,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=600.0,
                    help="seconds of each track evaluated, from its start (0: all)")
     p.add_argument("--max-tracks", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--split", default=None, help="only rows of this split (e.g. test)")
+    p.add_argument("--baseline", action="store_true",
+                   help="evaluate the training-free chroma-2DFTM baseline instead of a model")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--per-query", action="store_true", help="include per-query arrays in --json")

@@ -62,10 +62,10 @@ class Item:
     path: Path | None = None  # audio file (None when the waveform or embedding is given)
 
 
-def read_manifest(path: str | Path) -> list[Item]:
+def read_manifest(path: str | Path, split: str | None = None) -> list[Item]:
     """Read a CSV manifest with a header naming at least the columns ``clique`` and ``path``.
 
-    Other columns are ignored. Relative paths are taken from the manifest's folder. Raises
+    With `split`, only rows whose ``split`` column equals it are read. Other columns are ignored. Relative paths are taken from the manifest's folder. Raises
     ValueError naming the line for a missing column, an empty field, a missing or repeated file.
     """
     path = Path(path)
@@ -82,8 +82,12 @@ def read_manifest(path: str | Path) -> list[Item]:
                 f"got {','.join(header) or 'nothing'} (missing {', '.join(missing)})"
             )
         reader.fieldnames = header
+        if split is not None and "split" not in header:
+            raise ValueError(f"{path}: a split was asked for ({split!r}) but there is no split column")
         for row in reader:
             line = reader.line_num
+            if split is not None and (row.get("split") or "").strip() != split:
+                continue
             clique = (row.get("clique") or "").strip()
             rel = (row.get("path") or "").strip()
             if not clique:
@@ -466,7 +470,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
     from model import load_model
 
     start = time.perf_counter()
-    items = read_manifest(args.manifest)
+    items = read_manifest(args.manifest, split=args.split)
     if args.max_tracks is not None:
         if args.max_tracks < 1:
             raise ValueError(f"expected --max-tracks >= 1, got {args.max_tracks}")
@@ -480,7 +484,12 @@ def run_evaluation(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_seconds=args.max_seconds or None,
     )
-    model = load_model(args.checkpoint, device=args.device)
+    if getattr(args, "baseline", False):
+        from model.baseline import ChromaBaseline
+
+        model = ChromaBaseline()
+    else:
+        model = load_model(args.checkpoint, device=args.device)
     ev = evaluate_detailed(model, items, options, progress=True)
     wall = time.perf_counter() - start
     for i, err in ev.skipped:

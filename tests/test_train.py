@@ -153,3 +153,31 @@ def test_chroma_baseline_is_transposition_invariant():
     diff = ((a - other) ** 2).mean()
     assert same < diff
     assert Reduction.parse("min")
+
+
+def test_rendered_corpus_trains_end_to_end(tmp_path):
+    """The generator's corpus (a few works, rendered with FluidSynth) feeds the trainer."""
+    import shutil
+
+    pytest.importorskip("music21")
+    if shutil.which("fluidsynth") is None:
+        pytest.skip("fluidsynth is not installed (Debian package fluidsynth)")
+    from model.corpus.pipeline import CorpusOptions, build_corpus
+    from model.train import RunConfig, train
+
+    summary = build_corpus(
+        CorpusOptions(out=tmp_path / "corpus", works=4, versions=2, seed=3, max_seconds=25.0,
+                      splits=(1.0, 0.0, 0.0), jobs=1),
+        progress=False,
+    )
+    assert summary.rows == 8 and not summary.failed
+    raw = {
+        "model": {"frontend": {"channels": [8, 16]},
+                  "backbone": {"blocks": [1], "channels": [16], "down": [1]}, "zdim": 16},
+        "data": {"manifest": str(tmp_path / "corpus" / "manifest.csv"),
+                 "cache": str(tmp_path / "cache"), "crop_s": 20, "versions_per_work": 2},
+        "training": {"out": str(tmp_path / "run"), "works_per_batch": 2, "steps_per_epoch": 1,
+                     "epochs": 1},
+    }
+    best = train(RunConfig.from_dict(raw))
+    assert (best / "model.safetensors").exists()
