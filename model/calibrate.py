@@ -88,3 +88,59 @@ def calibrate(
 def uncalibrated_score(distance: float, gamma: float = 5.0) -> float:
     """exp(-gamma d): the similarity kernel of the CLEWS loss, in [0, 1]."""
     return math.exp(-gamma * max(distance, 0.0))
+
+
+def validation_pairs(model, items, query_seconds=(5.0, 10.0, 20.0, 30.0), seed: int = 0,
+                     hop: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and labels of clip-vs-track pairs, measured the way the service searches:
+    a clip of tau seconds (seeded offset) against every other whole track, reduced with
+    `min` (the reduction for clips under 40 s). Items are `model.evaluate.Item`s."""
+    import torch
+
+    from model.reduce import track_distance
+
+    rng = np.random.default_rng(seed)
+    sr = model.sample_rate
+    waves = [model.waveform(item.path).numpy() for item in items]
+    refs = model.embed_many(waves, hop=hop)
+    width = max(len(r) for r in refs)
+    c = torch.zeros(len(refs), width, refs[0].shape[1])
+    cmask = torch.ones(len(refs), width, dtype=torch.bool)
+    for i, r in enumerate(refs):
+        c[i, : len(r)] = torch.from_numpy(r)
+        cmask[i, : len(r)] = False
+    cliques = np.array([item.clique for item in items])
+    distances, labels = [], []
+    for tau in query_seconds:
+        clips = []
+        for w in waves:
+            n = int(tau * sr)
+            start = int(rng.integers(0, max(1, len(w) - n + 1)))
+            clips.append(w[start : start + n])
+        for i, q in enumerate(model.embed_many(clips, hop=hop)):
+            d = track_distance(torch.from_numpy(q)[None], c, "min", cmask=cmask)[0].numpy()
+            others = np.arange(len(items)) != i
+            distances.append(d[others])
+            labels.append(cliques[others] == cliques[i])
+    return np.concatenate(distances), np.concatenate(labels)
+
+
+def calibrate_model(model_dir, manifest, split: str = "valid", target_precision: float = 0.9,
+                    seed: int = 0) -> Calibration:
+    """Fit the calibration of a Refrain model folder on a manifest split; stored in place."""
+    from pathlib import Path
+
+    from model import load_model
+    from model.checkpoint import save_refrain
+    from model.evaluate import read_manifest
+
+    model = load_model(model_dir)
+    if model.info.get("format") != "refrain":
+        raise ValueError("calibration is stored in Refrain's format: convert the checkpoint first")
+    d, y = validation_pairs(model, read_manifest(manifest, split=split), seed=seed)
+    cal = calibrate(d, y, target_precision)
+    keep = {k: v for k, v in model.info.items()
+            if k not in ("format", "format_version", "weights_sha256", "zdim",
+                         "shingle_len_s", "sample_rate", "path")}
+    save_refrain(model.net, Path(model_dir), extra={**keep, "calibration": cal.to_dict()})
+    return cal

@@ -46,6 +46,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     add_train(sub)
 
+    p = sub.add_parser("calibrate", help="fit a model's score calibration on validation pairs")
+    p.add_argument("model", help="Refrain model folder (its calibration is written into it)")
+    p.add_argument("--manifest", required=True, help="CSV with clique,path,split")
+    p.add_argument("--split", default="valid")
+    p.add_argument("--target-precision", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_calibrate)
+
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a CLEWS model from a clique,path manifest")
@@ -69,6 +77,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         raw.setdefault(section, {})[name] = yaml.safe_load(value)
     best = train(RunConfig.from_dict(raw))
     print(f"best checkpoint: {best}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from model.calibrate import calibrate_model
+
+    cal = calibrate_model(args.model, args.manifest, args.split, args.target_precision, args.seed)
+    print(json.dumps(cal.to_dict(), indent=1))
     return 0
 
 

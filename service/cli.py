@@ -61,12 +61,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run an inference worker (model only) for `serve` to call")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.settings import Settings
+    from service.worker_app import create_worker_app
+
+    overrides = {k: v for k, v in {"model": args.model, "device": args.device}.items()
+                 if v is not None}
+    settings = Settings(**overrides)
+    if not settings.worker_token and not _is_loopback(args.host):
+        logging.getLogger("refrain").warning(
+            "no REFRAIN_WORKER_TOKEN set: anyone who reaches %s:%d can use this worker",
+            args.host, args.port)
+    uvicorn.run(create_worker_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refrain", description="Find musical versions of audio clips (CLEWS embeddings)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve(sub)
+    add_worker(sub)
     model_cli.add_commands(sub)
     ingest_cli.add_commands(sub)
     return parser

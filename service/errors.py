@@ -11,7 +11,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index import (IdentityMismatchError, SegmentIndexError, TrackExistsError,
                    TrackNotFoundError)
+from index.milvus import BackendUnavailableError
 from model.audio import AudioDecodeError, AudioTooLongError, UnsupportedAudioError
+from service.remote_worker import WorkerRejected, WorkersUnavailable
 from service.worker import Overloaded
 
 log = logging.getLogger("refrain.service")
@@ -46,12 +48,18 @@ def classify(exc: Exception) -> ApiError:
         return ApiError(415, "unsupported_audio", str(exc))
     if isinstance(exc, AudioDecodeError):
         return ApiError(422, "bad_audio", str(exc))
+    if isinstance(exc, WorkersUnavailable):
+        return ApiError(503, "workers_unavailable", f"{exc}; retry later", {"Retry-After": "5"})
+    if isinstance(exc, WorkerRejected):
+        return ApiError(502, "worker_rejected", str(exc))
     if isinstance(exc, Overloaded):
         return ApiError(503, "overloaded", f"{exc}; retry later", {"Retry-After": "1"})
     if isinstance(exc, TrackNotFoundError):
         return ApiError(404, "track_not_found", str(exc))
     if isinstance(exc, TrackExistsError):
         return ApiError(409, "track_exists", str(exc))
+    if isinstance(exc, BackendUnavailableError):
+        return ApiError(503, "index_unavailable", f"{exc}; retry later", {"Retry-After": "5"})
     if isinstance(exc, IdentityMismatchError):
         return ApiError(503, "index_model_mismatch", str(exc))
     log.error("unhandled error", exc_info=exc)
@@ -86,6 +94,6 @@ def install(app: FastAPI) -> None:
 
     # Known failures are answered by the exception middleware (no traceback in the log);
     # anything else reaches the server-error handler as a logged 500.
-    for known in (ApiError, AudioDecodeError, Overloaded, SegmentIndexError):
+    for known in (ApiError, AudioDecodeError, Overloaded, SegmentIndexError, WorkerRejected):
         app.add_exception_handler(known, _known)
     app.add_exception_handler(Exception, _known)

@@ -19,6 +19,7 @@ from model.calibrate import Calibration, uncalibrated_score
 from model.embedder import Embedder, load_model
 from service.errors import ApiError
 from service.metrics import Metrics
+from service.remote_worker import RemoteWorkers
 from service.settings import Settings
 from service.worker import InferenceWorker
 
@@ -31,7 +32,7 @@ class Runtime:
         self.metrics = metrics
         self.model: Embedder | None = None
         self.index: SegmentIndex | None = None
-        self.worker: InferenceWorker | None = None
+        self.worker: InferenceWorker | RemoteWorkers | None = None
         self.jobs: Any = None
         self.score: Callable[[float], float] = uncalibrated_score
         self.load_error: str | None = None
@@ -43,20 +44,16 @@ class Runtime:
         """Load the model, open the index, start the worker and resume jobs (blocking)."""
         s = self.settings
         try:
-            device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            # with remote workers the model here only decodes and describes: no GPU needed
+            gpu = torch.cuda.is_available() and not s.worker_list
+            device = s.device or ("cuda" if gpu else "cpu")
             self.model = load_model(s.model, device=device)
             calibration = self.model.info.get("calibration")
             if calibration:
                 self.score = Calibration.from_dict(calibration).probability
             s.data_dir.mkdir(parents=True, exist_ok=True)
-            self.index = open_index(
-                s.index_dir, self.identity(), factory=s.index_factory,
-                options=IndexOptions(vector_dtype=s.vector_dtype),
-            )
-            self.worker = InferenceWorker(
-                self.model, self.metrics, max_batch=s.max_batch,
-                max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
-            )
+            self.index = self._open_index()
+            self.worker = self._start_worker()
             from service.jobs import JobManager
 
             self.jobs = JobManager(self)
@@ -70,6 +67,33 @@ class Runtime:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("failed to start: %s", self.load_error)
             raise
+
+    # -- deployed shape: index backend (settings.index_backend) and remote workers -----------
+
+    def _open_index(self) -> SegmentIndex:
+        s = self.settings
+        options = IndexOptions(vector_dtype=s.vector_dtype)
+        if s.index_backend == "milvus":
+            from index.milvus import MilvusOptions, open_milvus_index
+
+            milvus = MilvusOptions(uri=s.milvus_uri or None, token=s.milvus_token,
+                                   collection=s.milvus_collection,
+                                   index_type=s.milvus_index_type)
+            return open_milvus_index(s.index_dir, self.identity(), milvus, options=options)
+        return open_index(s.index_dir, self.identity(), factory=s.index_factory, options=options)
+
+    def _start_worker(self) -> InferenceWorker | RemoteWorkers:
+        s = self.settings
+        if s.worker_list:
+            assert self.index is not None
+            # every worker must serve the model the index was built with (hop is per request)
+            wanted = {k: v for k, v in self.index.identity.items() if k != "hop_s"}
+            return RemoteWorkers(s.worker_list, wanted, self.metrics, token=s.worker_token,
+                                 timeout_s=s.worker_timeout_s, max_in_flight=s.max_queue)
+        return InferenceWorker(
+            self.model, self.metrics, max_batch=s.max_batch,
+            max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
+        )
 
     def close(self) -> None:
         self._ready.clear()

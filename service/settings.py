@@ -41,6 +41,29 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(8 << 30, gt=0, description="total uncompressed archive size")
     ingest_workers: int = Field(1, ge=1, le=16)
 
+    # -- deployed shape: remote inference workers and the index backend ----------------------
+    worker_urls: str = Field("", description="comma-separated `refrain worker` URLs; "
+                             "empty = embed in this process")
+    worker_timeout_s: float = Field(120.0, gt=0, description="longest wait for one embedding")
+    worker_token: str = Field("", description="shared secret between the API and its workers")
+    index_backend: str = Field("faiss", description="faiss (default) or milvus")
+    milvus_uri: str = Field("", description="Milvus server URI; empty = milvus-lite file "
+                            "inside the index directory")
+    milvus_token: str = Field("", description="Milvus credentials (user:password or token)")
+    milvus_collection: str = Field("refrain_segments", description="Milvus collection name")
+    milvus_index_type: str = Field("FLAT", description="Milvus index type: FLAT, IVF_FLAT, HNSW")
+
+    @field_validator("index_backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in ("faiss", "milvus"):
+            raise ValueError(f"index_backend must be faiss or milvus, got {v!r}")
+        return v
+
+    @property
+    def worker_list(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.worker_urls.split(",") if u.strip()]
+
     @field_validator("vector_dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:

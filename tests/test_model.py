@@ -213,3 +213,22 @@ def test_mismatched_checkpoint_is_explained(tmp_path):
     torch.save({"model": state, "conf": None}, tmp_path / "c.ckpt")
     with pytest.raises(CheckpointError, match="wrong shapes"):
         load_model(tmp_path / "c.ckpt")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cuda_embeddings_match_cpu(dtype):
+    """The CUDA path, in full and half precision, stays close to the CPU reference."""
+    cpu = load_model(CKPT_A)
+    gpu = load_model(CKPT_A, device="cuda").set_precision(dtype)
+    audio = DATA / "audio" / "song75s.flac"
+    ref = cpu.embed(audio)
+    z = gpu.embed(audio)
+    diff = float(np.abs(z - ref).max())
+    print(f"{dtype}: max |diff| vs CPU float32 = {diff:.2e}")
+    assert diff <= (1e-4 if dtype == "float32" else 5e-2)
+
+
+def test_half_precision_is_refused_on_cpu(model_a):
+    with pytest.raises(ValueError, match="CUDA"):
+        load_model(CKPT_A).set_precision("bfloat16")
