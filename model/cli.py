@@ -46,6 +46,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     add_train(sub)
 
+    p = sub.add_parser("corpus", help="render the synthetic version corpus (see: refrain corpus -h)",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_corpus)
+
     p = sub.add_parser("calibrate", help="fit a model's score calibration on validation pairs")
     p.add_argument("model", help="Refrain model folder (its calibration is written into it)")
     p.add_argument("--manifest", required=True, help="CSV with clique,path,split")
@@ -78,6 +83,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     best = train(RunConfig.from_dict(raw))
     print(f"best checkpoint: {best}")
     return 0
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from model.corpus.cli import main
+
+    return main(args.args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -1,0 +1,39 @@
+"""The version corpus Refrain's default model is trained on.
+
+Works are real compositions from music21's bundled corpus; each is rendered several times as
+different versions (transposed, re-timed, re-orchestrated, rearranged, with drums, through
+different soundfonts, then degraded as recordings are) so that the versions of one work form a
+clique. The Bach chorales are reserved for evaluation and never enter the default selection.
+
+    python -m model.corpus render --out data/corpus --works 200 --versions 6 --seed 0 --jobs 2
+    python -m model.corpus render --out data/bach --collection bach-eval --versions 4
+    python -m model.corpus works            # how many usable works there are
+
+Needs the `train` extra (music21, mido) and the fluidsynth program with soundfonts.
+"""
+
+from model.corpus.catalogue import BachGuard, Catalogue, SelectOptions, select_works, split_of
+from model.corpus.cli import main
+from model.corpus.pipeline import MANIFEST_COLUMNS, CorpusOptions, build_corpus, render_version
+from model.corpus.versions import VersionOptions, VersionParams, sample_version
+from model.corpus.works import Source, Work, list_sources, load_work
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "BachGuard",
+    "Catalogue",
+    "CorpusOptions",
+    "SelectOptions",
+    "Source",
+    "VersionOptions",
+    "VersionParams",
+    "Work",
+    "build_corpus",
+    "list_sources",
+    "load_work",
+    "main",
+    "render_version",
+    "sample_version",
+    "select_works",
+    "split_of",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from model.corpus.cli import main
+
+sys.exit(main())

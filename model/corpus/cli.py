@@ -1,0 +1,189 @@
+"""Command line: `python -m model.corpus render|works|bach-melodies ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from model.corpus.catalogue import (
+    BachGuard,
+    Catalogue,
+    SelectOptions,
+    facts_of,
+    reader_version,
+    select_works,
+)
+from model.corpus.pipeline import CorpusOptions, build_corpus
+from model.corpus.render import RenderError
+from model.corpus.works import list_sources
+
+COLLECTIONS = ("default", "bach-eval")
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0 or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three fractions like 0.8,0.1,0.1, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _positive(kind, zero: bool = False):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0 or (value == 0 and not zero):
+            least = "zero or more" if zero else "a positive number"
+            raise argparse.ArgumentTypeError(f"expected {least}, got {text!r}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="refrain corpus",
+        description=(
+            "Synthetic version corpus from music21's bundled scores, rendered with FluidSynth. "
+            "The Bach chorales are reserved for evaluation (--collection bach-eval)."
+        ),
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render (or complete) a corpus into a folder")
+    r.add_argument("--out", type=Path, required=True, help="output folder")
+    r.add_argument(
+        "--works", type=_positive(int, zero=True), default=200, help="number of works; 0 for all"
+    )
+    r.add_argument("--versions", type=_positive(int), default=6, help="versions per work")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--jobs", type=_positive(int), default=1, help="parallel processes")
+    r.add_argument("--collection", choices=COLLECTIONS, default="default")
+    r.add_argument(
+        "--max-seconds",
+        type=_positive(float),
+        default=180.0,
+        help="cut every version at this length",
+    )
+    r.add_argument(
+        "--min-seconds",
+        type=_positive(float, zero=True),
+        default=20.0,
+        help="skip works shorter than this at their base tempo",
+    )
+    r.add_argument("--sample-rate", type=int, default=16000, choices=(16000, 22050, 24000))
+    r.add_argument(
+        "--splits",
+        type=_fractions,
+        default=(0.8, 0.1, 0.1),
+        help="train,valid,test fractions (by work)",
+    )
+    r.add_argument(
+        "--soundfont",
+        action="append",
+        default=None,
+        help="soundfont file or folder (repeatable); default: the system's",
+    )
+    r.add_argument(
+        "--catalogue",
+        type=Path,
+        default=None,
+        help="facts cache shared between corpora (default OUT/catalogue.jsonl)",
+    )
+    r.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=300.0,
+        help="seconds allowed per FluidSynth render",
+    )
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    w = sub.add_parser("works", help="count (or list) the usable works of a collection")
+    w.add_argument("--collection", choices=COLLECTIONS, default="default")
+    w.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
+    w.add_argument("--min-seconds", type=_positive(float, zero=True), default=20.0)
+    w.add_argument("--jobs", type=_positive(int), default=1)
+    w.add_argument("--list", action="store_true", help="print every usable work")
+
+    b = sub.add_parser("bach-melodies", help="rebuild the chorale melodies the Bach guard uses")
+    b.add_argument("output", type=Path)
+    b.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "render":
+        return _render(args)
+    if args.command == "works":
+        return _works(args)
+    return _bach_melodies(args)
+
+
+def _render(args) -> int:
+    options = CorpusOptions(
+        out=args.out,
+        works=args.works or None,
+        versions=args.versions,
+        seed=args.seed,
+        collection=args.collection,
+        max_seconds=args.max_seconds,
+        min_seconds=args.min_seconds,
+        sample_rate=args.sample_rate,
+        splits=args.splits,
+        soundfonts=tuple(args.soundfont) if args.soundfont else None,
+        jobs=args.jobs,
+        timeout_s=args.timeout,
+        catalogue=args.catalogue,
+    )
+    start = time.monotonic()
+    try:
+        summary = build_corpus(options, progress=not args.quiet)
+    except (RenderError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{summary.works} works, {summary.rows} versions in {args.out / 'manifest.csv'} "
+        f"({summary.rendered} rendered, {summary.skipped} already there, "
+        f"{len(summary.failed)} failed) in {time.monotonic() - start:.0f} s"
+    )
+    if args.works and summary.works < args.works:
+        print(f"only {summary.works} usable works in {args.collection!r}", file=sys.stderr)
+    for failure in summary.failed:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _works(args) -> int:
+    catalogue = Catalogue(args.catalogue)
+    options = SelectOptions(args.collection, args.min_seconds)
+    with tqdm(desc="reading works", unit="source", disable=args.list) as bar:
+        selection = select_works(None, catalogue, options, args.jobs, progress=bar.update)
+    by_collection = Counter(f.id.split("/", 1)[0] for f in selection.works)
+    reasons = Counter(r.split(" of ")[0] for r in selection.rejected.values())
+    if args.list:
+        for f in selection.works:
+            print(f"{f.id}\t{f.seconds:.1f}\t{f.title}")
+    print(f"{len(selection.works)} usable works in collection {args.collection!r}")
+    for name, count in sorted(by_collection.items()):
+        print(f"  {name:24s} {count}")
+    print("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    return 0
+
+
+def _bach_melodies(args) -> int:
+    catalogue = Catalogue(args.catalogue)
+    sources = list_sources("bach-eval")
+    catalogue.add(facts_of(s) for s in sources if catalogue.get(s.id) is None)
+    guard = BachGuard.from_facts(catalogue.get(s.id) for s in sources)
+    data = {"reader": reader_version(), "melodies": guard.melodies}
+    args.output.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
+    print(f"{len(guard.melodies)} chorale melodies written to {args.output}")
+    return 0
