@@ -76,6 +76,23 @@ class QuerySegments:
     duration_s: float  # duration of the query audio
 
 
+def _matching_run(row: torch.Tensor, j: int) -> tuple[int, int]:
+    """The run of adjacent reference segments around `j` that match the query segment
+    nearly as well as `j` does (within half the way from the best to the row's median).
+
+    A clip shorter than a segment lies inside several overlapping reference segments, and
+    the best one alone may cover only part of it; the run covers where it matches.
+    """
+    best = float(row[j])
+    tol = best + 0.5 * max(float(row.median()) - best, 0.0)
+    j0 = j1 = j
+    while j0 > 0 and float(row[j0 - 1]) <= tol:
+        j0 -= 1
+    while j1 < len(row) - 1 and float(row[j1 + 1]) <= tol:
+        j1 += 1
+    return j0, j1
+
+
 def candidate_tracks(index: SegmentIndex, vectors: np.ndarray, k: int, n: int) -> list[str]:
     """Tracks owning the nearest neighbours of the query segments, closest first."""
     k = max(1, min(k, max(index.n_segments, 1)))
@@ -127,14 +144,15 @@ def rank_tracks(
         d = float(reduce(dist, reduction))
         matches = []
         for i, j in best_pairs(dist, options.max_matches):
-            ref_end = ref_starts[j] + query.segment_s
+            j0, j1 = _matching_run(dist[i], j)
+            ref_end = ref_starts[j1] + query.segment_s
             if track.duration_s:
                 ref_end = min(ref_end, track.duration_s)
             matches.append(
                 SegmentMatch(
                     query_start_s=float(query.starts_s[i]),
                     query_end_s=float(min(query.starts_s[i] + query.segment_s, query.duration_s)),
-                    ref_start_s=float(ref_starts[j]),
+                    ref_start_s=float(ref_starts[j0]),
                     ref_end_s=float(ref_end),
                     distance=float(dist[i, j]),
                 )

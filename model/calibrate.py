@@ -61,10 +61,11 @@ def fit_logistic(distances: np.ndarray, labels: np.ndarray, iters: int = 100) ->
 
 
 def calibrate(
-    distances: np.ndarray, labels: np.ndarray, target_precision: float = 0.9
+    distances: np.ndarray, labels: np.ndarray, target_precision: float | None = None
 ) -> Calibration:
-    """Fit the logistic map and pick the largest distance threshold whose precision on
-    these pairs reaches `target_precision` (or the best-F1 one when none does)."""
+    """Fit the logistic map and pick an operating threshold: the largest distance whose
+    precision on these pairs reaches `target_precision`, or the best-F1 one (None, or when
+    no threshold reaches the target)."""
     d = np.asarray(distances, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
     a, b = fit_logistic(d, y)
@@ -73,7 +74,7 @@ def calibrate(
     fp = np.cumsum(~y[order])
     precision = tp / np.maximum(tp + fp, 1)
     recall = tp / max(int(y.sum()), 1)
-    ok = np.nonzero(precision >= target_precision)[0]
+    ok = np.nonzero(precision >= target_precision)[0] if target_precision else []
     if len(ok):
         i = ok[-1]
     else:
@@ -125,7 +126,8 @@ def validation_pairs(model, items, query_seconds=(5.0, 10.0, 20.0, 30.0), seed: 
     return np.concatenate(distances), np.concatenate(labels)
 
 
-def calibrate_model(model_dir, manifest, split: str = "valid", target_precision: float = 0.9,
+def calibrate_model(model_dir, manifest, split: str = "valid",
+                    target_precision: float | None = None,
                     seed: int = 0) -> Calibration:
     """Fit the calibration of a Refrain model folder on a manifest split; stored in place."""
     from pathlib import Path

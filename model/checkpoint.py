@@ -193,6 +193,7 @@ def save_refrain(
     }
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"refrain": json.dumps(meta)})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out / "model.safetensors")
     with open(out / "config.json.tmp", "w") as f:
         json.dump(meta, f, indent=1)

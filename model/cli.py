@@ -55,7 +55,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="Refrain model folder (its calibration is written into it)")
     p.add_argument("--manifest", required=True, help="CSV with clique,path,split")
     p.add_argument("--split", default="valid")
-    p.add_argument("--target-precision", type=float, default=0.9)
+    p.add_argument("--target-precision", type=float, default=None,
+                   help="operating point: the largest distance reaching this precision "
+                        "(default: the best F1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_calibrate)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import CKPT_A
-from helpers import SR, encode, synth_song
+from helpers import SR, encode, pitch_shift, synth_song, time_stretch
 
 from service.settings import Settings
 
@@ -51,7 +51,8 @@ def add_catalog(client, songs) -> None:
 
 
 def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
-    server = live_server(settings(tmp_path))
+    # The shipped default model: clips must be told apart, which an untrained network cannot.
+    server = live_server(settings(tmp_path, model=None))
     with server.client() as c:
         add_catalog(c, songs)
         for i, song in enumerate(songs):
@@ -83,7 +84,7 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
             f"song{i}" for i in range(6)]
     server.stop()
 
-    again = live_server(settings(tmp_path))
+    again = live_server(settings(tmp_path, model=None))
     with again.client() as c:
         stats = c.get("/v1/stats").json()
         assert stats["index"]["tracks"] == 6 and stats["index"]["segments"] >= 42
@@ -95,6 +96,33 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
         ids = [r["track_id"] for r in
                c.post("/v1/search", files={"audio": ("c.wav", wav_bytes(clip))}).json()["results"]]
         assert "song3" not in ids
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="the shipped default model (trained for an hour on rendered scores) does not yet "
+    "rank pitch-shifted or time-stretched clips of these synthetic songs first",
+    strict=False,
+)
+@pytest.mark.parametrize(
+    "name,transform",
+    [
+        ("pitch +2", lambda x: pitch_shift(x, 2.0)),
+        ("pitch -3", lambda x: pitch_shift(x, -3.0)),
+        ("tempo x1.15", lambda x: time_stretch(x, 1.15)),
+        ("tempo x0.85", lambda x: time_stretch(x, 0.85)),
+    ],
+)
+def test_transformed_clips_find_their_source(live_server, tmp_path, songs, name, transform):
+    """Pitch-shifted and time-stretched clips still rank their source first (default model)."""
+    server = live_server(settings(tmp_path, model=None))
+    with server.client() as c:
+        add_catalog(c, songs)
+        for i, song in enumerate(songs):
+            clip = transform(song[int(18 * SR) : int(30 * SR)])
+            r = c.post("/v1/search", files={"audio": ("clip.wav", wav_bytes(clip))})
+            assert r.status_code == 200, r.text
+            assert r.json()["results"][0]["track_id"] == f"song{i}", (name, i, r.json())
 
 
 def test_bad_requests_get_json_errors_and_service_keeps_serving(live_server, tmp_path, songs):
