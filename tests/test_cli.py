@@ -81,10 +81,21 @@ def test_cli_reports_user_errors(tmp_path, capsys):
     assert main(["convert", str(bad), str(tmp_path / "o")]) == 2
 
 
-def test_default_model_loads_and_says_it_is_untrained(caplog):
+def test_default_model_is_trained_and_calibrated(caplog):
     with caplog.at_level(logging.WARNING, logger="refrain"):
         model = load_model()
-    assert "untrained" in caplog.text
+    assert "untrained" not in caplog.text
+    assert model.info["trained"] is True and model.info["calibration"]["method"] == "logistic"
     assert model.zdim == 256 and model.identity.shingle_len_s == 20.0
     z = model.embed(np.sin(np.arange(16000 * 8) * 0.05).astype(np.float32))
     assert z.shape == (1, 256) and np.isfinite(z).all()
+
+
+def test_untrained_model_warns(tmp_path, caplog):
+    from model.checkpoint import save_refrain
+    from model.network import CLEWSNet
+
+    save_refrain(CLEWSNet(load_model().config), tmp_path / "m", extra={"trained": False})
+    with caplog.at_level(logging.WARNING, logger="refrain"):
+        load_model(tmp_path / "m")
+    assert "untrained" in caplog.text
