@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_corpus(args: argparse.Namespace) -> int:
     from model.corpus.cli import main
 
-    return main(args.args)
+    return main(args.args or ["--help"])
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

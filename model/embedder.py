@@ -11,7 +11,7 @@ from typing import Any, BinaryIO, Iterable, Sequence
 import numpy as np
 import torch
 
-from model.audio import AudioDecodeError, load_audio
+from model.audio import AudioDecodeError, AudioTooLongError, load_audio
 from model.checkpoint import ModelIdentity, load_checkpoint, weights_sha256
 from model.config import ModelConfig
 from model.network import CLEWSNet
@@ -83,8 +83,6 @@ class Embedder:
             if x.size == 0 or not np.isfinite(x).all():
                 raise AudioDecodeError("waveform is empty or has non-finite samples")
             if max_duration_s is not None and x.size > max_duration_s * self.sample_rate:
-                from model.audio import AudioTooLongError
-
                 raise AudioTooLongError(x.size / self.sample_rate, max_duration_s)
         else:
             x = load_audio(audio, sample_rate=self.sample_rate, max_duration_s=max_duration_s)
