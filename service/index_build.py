@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from index import IndexOptions, SegmentIndex, SegmentIndexError, TrackRecord, open_index
+from index import IndexOptions, SegmentIndex, SegmentIndexError, open_index
 from model.embedder import load_model
 from service.errors import classify
 from service.ingest_cli import Entry
 from service.metrics import Metrics
-from service.runtime import Runtime
+from service.runtime import Runtime, reference_record
 from service.settings import Settings
 
 
@@ -113,10 +113,8 @@ def _store(
     if z is None:
         return ("bad_audio", "the audio could not be embedded")
     e = p.entry
-    record = TrackRecord(
-        track_id=e.track_id, title=e.title, artist=e.artist, work_id=e.work_id or None,
-        duration_s=round(len(p.wave) / sample_rate, 3), content_sha256=p.digest,
-    )
+    meta = {"track_id": e.track_id, "title": e.title, "artist": e.artist, "work_id": e.work_id}
+    record = reference_record(meta, len(p.wave), sample_rate, p.digest)
     try:
         result = index.add_track(record, z, np.arange(len(z), dtype=np.float64) * hop,
                                  replace=replace)

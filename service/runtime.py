@@ -166,11 +166,7 @@ class Runtime:
                            f"track {track_id!r} exists with other content; send replace=true")
         wave = self.decode(data, self.settings.max_reference_s, min_s=0.5)
         z, starts = self.embed(wave, self.settings.reference_hop_s)
-        record = TrackRecord(
-            track_id=track_id, title=meta.get("title") or "", artist=meta.get("artist") or "",
-            work_id=meta.get("work_id") or None,
-            duration_s=round(len(wave) / self.model.sample_rate, 3), content_sha256=digest,
-        )
+        record = reference_record(meta, len(wave), self.model.sample_rate, digest)
         result = self.index.add_track(record, z, starts, replace=replace)
         self.refresh_index_metrics()
         return result, self.index.get_track(track_id) or record
@@ -200,6 +196,18 @@ class Runtime:
             "query_duration_s": round(duration, 3),
             "timings_ms": {k: round(v * 1000, 2) for k, v in timings.items()},
         }
+
+
+def reference_record(
+    meta: dict[str, Any], n_samples: int, sample_rate: int, digest: str
+) -> TrackRecord:
+    """The stored record of a reference track; the service and `refrain index build` share it
+    so that an index built offline stays idempotent under later ingestion."""
+    return TrackRecord(
+        track_id=meta["track_id"], title=meta.get("title") or "", artist=meta.get("artist") or "",
+        work_id=meta.get("work_id") or None, duration_s=round(n_samples / sample_rate, 3),
+        content_sha256=digest,
+    )
 
 
 def hit_json(hit: TrackHit) -> dict[str, Any]:
