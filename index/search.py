@@ -8,6 +8,11 @@
    reduction (`bpwr-10` for clips of 40 s or more, `min` below, as in CLEWS).
 4. Localisation: the best segment pairs (best pairs without replacement) give the
    matching time ranges, query seconds <-> reference seconds.
+
+A query may come embedded at several transpositions (its CQT rolled by a few semitones
+each way): every transposition's segments look for candidates, and a track's distance is
+the smallest over the transpositions, which is reported with the hit. The network learns
+some invariance to key from its training pitch roll; trying the keys makes it explicit.
 """
 
 from __future__ import annotations
@@ -64,16 +69,40 @@ class TrackHit:
     distance: float  # reduced nsqeuc distance; lower is closer
     score: float  # in [0, 1], higher is closer
     matches: list[SegmentMatch] = field(default_factory=list)
+    transposition: int = 0  # semitones the query was shifted by to match this track
 
 
 @dataclass(frozen=True)
 class QuerySegments:
-    """Embedded query: one vector per segment and where each segment starts."""
+    """Embedded query: one vector per segment (per transposition) and where each segment
+    starts. With several `shifts`, `vectors` holds the S segments at each shift in turn."""
 
-    vectors: np.ndarray  # (S, zdim) float32
+    vectors: np.ndarray  # (len(shifts) * S, zdim) float32
     starts_s: np.ndarray  # (S,)
     segment_s: float  # segment length in seconds
     duration_s: float  # duration of the query audio
+    shifts: tuple[int, ...] = (0,)  # semitones; (0,) = the query as it is
+
+    def __post_init__(self) -> None:
+        if len(self.vectors) != len(self.shifts) * len(self.starts_s):
+            raise ValueError(f"{len(self.vectors)} vectors for {len(self.shifts)} shifts x "
+                             f"{len(self.starts_s)} segments")
+
+    def best_shift(self, dist: torch.Tensor, reduction: Reduction) -> tuple[int, float]:
+        """(index into `shifts`, reduced distance) of the transposition closest to a reference,
+        given the (len(shifts) * S, R) distances of all query rows to its segments; ties go
+        to the smaller shift."""
+        n = len(self.starts_s)
+        ds = [float(reduce(dist[i * n : (i + 1) * n], reduction)) for i in range(len(self.shifts))]
+        best = min(range(len(ds)), key=lambda i: (ds[i], abs(self.shifts[i]), self.shifts[i]))
+        return best, ds[best]
+
+
+def key_shifts(n: int) -> tuple[int, ...]:
+    """The transpositions tried for `n` semitones either way: 0, then -1, +1, -2, +2, ..."""
+    if not 0 <= n <= 6:
+        raise ValueError(f"transpositions must be in 0..6 semitones, got {n}")
+    return (0, *[s for k in range(1, n + 1) for s in (-k, k)])
 
 
 def _matching_run(row: torch.Tensor, j: int) -> tuple[int, int]:
@@ -140,8 +169,10 @@ def rank_tracks(
             continue
         if track is None:
             continue
-        dist = nsqeuc(q, torch.from_numpy(ref))
-        d = float(reduce(dist, reduction))
+        dist_all = nsqeuc(q, torch.from_numpy(ref))
+        b, d = query.best_shift(dist_all, reduction)
+        n = len(query.starts_s)
+        dist = dist_all[b * n : (b + 1) * n]
         matches = []
         for i, j in best_pairs(dist, options.max_matches):
             j0, j1 = _matching_run(dist[i], j)
@@ -157,7 +188,8 @@ def rank_tracks(
                     distance=float(dist[i, j]),
                 )
             )
-        hits.append(TrackHit(track=track, distance=d, score=score(d), matches=matches))
+        hits.append(TrackHit(track=track, distance=d, score=score(d), matches=matches,
+                             transposition=query.shifts[b]))
     hits.sort(key=lambda h: (h.distance, h.track.track_id))
     timings["reduce"] = time.perf_counter() - t1
     return hits[: options.top_k]
@@ -175,7 +207,8 @@ def exhaustive_rank(
         page, cursor = index.list_tracks(1000, cursor)
         for track in page:
             ref, _ = index.get_vectors(track.track_id)
-            out.append((track.track_id, float(reduce(nsqeuc(q, torch.from_numpy(ref)), red))))
+            _, d = query.best_shift(nsqeuc(q, torch.from_numpy(ref)), red)
+            out.append((track.track_id, d))
         if cursor is None:
             break
     out.sort(key=lambda t: (t[1], t[0]))

@@ -189,6 +189,15 @@ class Embedder:
         return results
 
 
+def transposed(cqt: torch.Tensor, shifts: Sequence[int]) -> torch.Tensor:
+    """CQT shingles (S, bins, frames) -> (len(shifts) * S, bins, frames): the shingles rolled by
+    each shift in turn (bins; semitones at 12 bins per octave), as the training pitch roll does.
+    A positive shift raises the pitch."""
+    if tuple(shifts) == (0,):
+        return cqt
+    return torch.cat([torch.roll(cqt, int(s), dims=1) if s else cqt for s in shifts])
+
+
 def load_model(path_or_name: str | os.PathLike | None = None, device: str | None = None) -> Embedder:
     """Load a model: an official CLEWS checkpoint, a Refrain model folder, or (None) the default."""
     if path_or_name is None or str(path_or_name) == "default":

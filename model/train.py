@@ -60,6 +60,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     valid_hop_s: float = 10.0
     max_minutes: float = 0.0  # stop (after a checkpoint) past this wall time; 0 = no limit
+    init: str = ""  # start from these weights (a checkpoint of the same model configuration)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,18 @@ def validate(net: CLEWSNet, tracks: list[Track], config: RunConfig, device: torc
     return {"MAP": track.map.mean, "MR1": track.mr1.mean, "NAR": track.nar.mean}
 
 
+def init_weights(net: CLEWSNet, path: str | Path) -> None:
+    """Copy the weights of checkpoint `path` (either format) into `net`; the model
+    configurations must agree."""
+    from model.checkpoint import load_checkpoint
+
+    source, _ = load_checkpoint(path)
+    if source.config.to_dict() != net.config.to_dict():
+        raise ValueError(f"{path}: its model configuration differs from this run's")
+    net.load_state_dict(source.state_dict())
+    log.info("initialised from %s", path)
+
+
 # -- the loop --------------------------------------------------------------------------------
 
 
@@ -275,6 +288,8 @@ def train(config: RunConfig) -> Path:
     log.info("%d train and %d valid tracks", len(train_tracks), len(valid_tracks))
 
     net = CLEWSNet(config.model).to(device)
+    if tc.init:
+        init_weights(net, tc.init)
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=0.2, patience=tc.plateau_patience, min_lr=tc.min_lr

@@ -7,6 +7,10 @@ destination folder, so no member can land anywhere else. Sizes are bounded three
 member count, the sum of the sizes the headers declare, and the bytes actually written while
 extracting (a header may lie); zip members with an absurd compression ratio are refused.
 Only audio files and a root `manifest.csv` / `manifest.json` are taken; the rest is counted.
+
+Every header is read and checked before the first file is written, so a refused archive
+(unsafe, too large, or too large for the free disk space) leaves nothing behind. A compressed
+tar is therefore decompressed twice: once for its headers, once to extract.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -129,27 +134,40 @@ def _read_manifest(src: BinaryIO, name: str, budget: _Budget) -> bytes:
     return data
 
 
-def extract_archive(src: BinaryIO, dest: Path, limits: ArchiveLimits) -> Extracted:
+SpaceCheck = Callable[[int], None]  # raises unless that many more bytes may be written
+
+
+def extract_archive(
+    src: BinaryIO, dest: Path, limits: ArchiveLimits, check_space: SpaceCheck | None = None
+) -> Extracted:
     """Extract the audio files of the archive in `src` (seekable) into `dest` (an existing,
     empty folder). Raises ApiError (413/422) on unsafe, oversized or unreadable archives;
-    files already written are left for the caller to remove."""
+    files already written are left for the caller to remove. `check_space` gets the bytes
+    the audio members declare before anything is written."""
+    check = check_space or _no_check
     src.seek(0)
     head = src.read(4)
     src.seek(0)
     if head in _ZIP_MAGIC:
-        return _extract_zip(src, dest, limits)
+        return _extract_zip(src, dest, limits, check)
     try:
         with tarfile.open(fileobj=src, mode="r:*") as tar:
-            return _extract_tar(tar, dest, limits)
+            return _extract_tar(tar, dest, limits, check)
     except tarfile.TarError as e:  # not a tar in any compression (members are checked inside)
         src.seek(0)
         if zipfile.is_zipfile(src):  # a zip with a prefix (self-extracting)
             src.seek(0)
-            return _extract_zip(src, dest, limits)
+            return _extract_zip(src, dest, limits, check)
         raise _bad(str(e) or type(e).__name__) from None
 
 
-def _extract_zip(src: BinaryIO, dest: Path, limits: ArchiveLimits) -> Extracted:
+def _no_check(n: int) -> None:
+    pass
+
+
+def _extract_zip(
+    src: BinaryIO, dest: Path, limits: ArchiveLimits, check: SpaceCheck
+) -> Extracted:
     try:
         zf = zipfile.ZipFile(src)
     except _CORRUPT as e:
@@ -159,7 +177,7 @@ def _extract_zip(src: BinaryIO, dest: Path, limits: ArchiveLimits) -> Extracted:
         if len(infos) > limits.max_files:
             raise _too_large(f"archive has {len(infos)} members, at most {limits.max_files}")
         names = []
-        declared = 0
+        declared = audio = 0
         for info in infos:
             name = safe_name(info.filename)
             mode = info.external_attr >> 16
@@ -176,11 +194,14 @@ def _extract_zip(src: BinaryIO, dest: Path, limits: ArchiveLimits) -> Extracted:
                     f"(more than {MAX_RATIO}:1): refusing a likely decompression bomb",
                 )
             declared += info.file_size
+            if not info.is_dir() and _kind(name) == "audio":
+                audio += info.file_size
             names.append(name)
         if declared > limits.max_bytes:
             raise _too_large(
                 f"archive declares {declared} uncompressed bytes, at most {limits.max_bytes}"
             )
+        check(audio)
         out = Extracted()
         budget = _Budget(limits.max_bytes)
         for info, name in zip(infos, names):
@@ -199,32 +220,14 @@ def _extract_zip(src: BinaryIO, dest: Path, limits: ArchiveLimits) -> Extracted:
         return out
 
 
-def _extract_tar(tar: tarfile.TarFile, dest: Path, limits: ArchiveLimits) -> Extracted:
+def _extract_tar(
+    tar: tarfile.TarFile, dest: Path, limits: ArchiveLimits, check: SpaceCheck
+) -> Extracted:
+    members = _tar_members(tar, limits)
+    check(sum(m.size for m, name in members if m.isreg() and _kind(name) == "audio"))
     out = Extracted()
     budget = _Budget(limits.max_bytes)
-    declared = count = 0
-    members = iter(tar)
-    while True:
-        try:  # headers are read lazily: a corrupt stream fails here
-            member = next(members)
-        except StopIteration:
-            break
-        except _CORRUPT as e:
-            raise _bad(str(e) or type(e).__name__) from None
-        count += 1
-        if count > limits.max_files:
-            raise _too_large(f"archive has more than {limits.max_files} members")
-        name = safe_name(member.name)
-        if member.issym() or member.islnk():
-            raise _unsafe(member.name, f"is a {'symbolic' if member.issym() else 'hard'} link")
-        if not (member.isreg() or member.isdir()):
-            raise _unsafe(member.name, "is a device, FIFO or other special file")
-        declared += member.size
-        if declared > limits.max_bytes:
-            raise _too_large(
-                f"archive declares more than {limits.max_bytes} uncompressed bytes "
-                f"(reached at member {name!r})"
-            )
+    for member, name in members:
         kind = "dir" if member.isdir() else _kind(name)
         try:
             if kind == "audio":
@@ -238,6 +241,36 @@ def _extract_tar(tar: tarfile.TarFile, dest: Path, limits: ArchiveLimits) -> Ext
         except _CORRUPT as e:
             raise _unreadable(name, e) from None
     return out
+
+
+def _tar_members(
+    tar: tarfile.TarFile, limits: ArchiveLimits
+) -> list[tuple[tarfile.TarInfo, str]]:
+    """Every member with its clean name, all checked; nothing is extracted yet."""
+    found: list[tuple[tarfile.TarInfo, str]] = []
+    declared = 0
+    members = iter(tar)
+    while True:
+        try:  # headers are read lazily: a corrupt stream fails here
+            member = next(members)
+        except StopIteration:
+            return found
+        except _CORRUPT as e:
+            raise _bad(str(e) or type(e).__name__) from None
+        if len(found) >= limits.max_files:
+            raise _too_large(f"archive has more than {limits.max_files} members")
+        name = safe_name(member.name)
+        if member.issym() or member.islnk():
+            raise _unsafe(member.name, f"is a {'symbolic' if member.issym() else 'hard'} link")
+        if not (member.isreg() or member.isdir()):
+            raise _unsafe(member.name, "is a device, FIFO or other special file")
+        declared += member.size
+        if declared > limits.max_bytes:
+            raise _too_large(
+                f"archive declares more than {limits.max_bytes} uncompressed bytes "
+                f"(reached at member {name!r})"
+            )
+        found.append((member, name))
 
 
 def _store(out: Extracted, member: BinaryIO, name: str, dest: Path, budget: _Budget) -> None:

@@ -17,6 +17,10 @@ with the API error code and message, and the job goes on. A job ends 'done' once
 final, 'failed' only when the index itself refuses writes (remaining items fail with it).
 Overload and not-ready (503) are retried; an item in progress at `stop()` is finished or
 abandoned, and then redone after the restart.
+
+Retention. Finished jobs (done or failed) are deleted, rows and any files left, once they
+ended more than `job_retention_hours` ago: at start-up and then every hour. A purged job is
+unknown (404), as if it never existed; queued and running jobs are never purged.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ log = logging.getLogger("refrain.jobs")
 RETRY_DELAY_S = 1.0  # after a 503 from the runtime (overloaded, not ready)
 IDLE_WAIT_S = 5.0  # a waiting worker re-checks for work at least this often
 STOP_TIMEOUT_S = 30.0  # wait this long for the items in progress at stop()
+PURGE_EVERY_S = 3600.0  # look for finished jobs past their retention this often
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class JobManager:
         self.dir: Path = settings.jobs_dir
         self.n_workers: int = settings.ingest_workers
         self.max_item_bytes: int = settings.max_upload_bytes
+        self.retention_s: float = settings.job_retention_hours * 3600  # 0: keep forever
         self.store: JobStore | None = None
         self._wake = threading.Condition()
         self._generation = 0  # bumped on every new job, so a waiting worker never misses one
@@ -87,9 +93,13 @@ class JobManager:
             fsync_dir(self.dir.parent)
         self.store = JobStore(self.dir / "jobs.sqlite")
         self._sweep()
+        self.purge()
         self._stop.clear()
-        for n in range(self.n_workers):
-            t = threading.Thread(target=self._run, name=f"refrain-ingest-{n}", daemon=True)
+        targets = [(self._run, f"refrain-ingest-{n}") for n in range(self.n_workers)]
+        if self.retention_s > 0:
+            targets.append((self._purge_periodically, "refrain-jobs-purge"))
+        for target, name in targets:
+            t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -115,6 +125,30 @@ class JobManager:
                 shutil.rmtree(d, ignore_errors=True)
         for f in files:
             f.unlink(missing_ok=True)
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete the jobs that finished more than the retention period before `now` (default:
+        the current time), with whatever files of theirs are still on disk; returns how many."""
+        if self.retention_s <= 0:
+            return 0
+        now = time.time() if now is None else now
+        purged = self._store().purge(now - self.retention_s)
+        for job_id in purged:
+            shutil.rmtree(self.dir / job_id, ignore_errors=True)
+        if purged:
+            self.runtime.metrics.ingest_jobs_purged.inc(len(purged))
+            log.info("purged %d jobs finished more than %g h ago", len(purged),
+                     self.retention_s / 3600)
+        return len(purged)
+
+    def _purge_periodically(self) -> None:
+        while not self._stop.wait(PURGE_EVERY_S):
+            try:
+                self.purge()
+            except Exception:
+                if self._stop.is_set():
+                    return
+                log.exception("purging finished jobs failed")
 
     # -- creating and reporting ----------------------------------------------------------------
 

@@ -174,6 +174,19 @@ class JobStore:
                 "AND i.state != 'pending' AND j.state IN ('queued', 'running')")]
         return active, paths
 
+    def purge(self, finished_before: float) -> list[str]:
+        """Delete the jobs that ended (done or failed) before `finished_before` (epoch
+        seconds), with their items; returns their ids. Queued and running jobs are kept."""
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM jobs WHERE state IN ('done', 'failed') AND finished < ?",
+                (finished_before,),
+            )]
+            rows = [(i,) for i in ids]
+            db.executemany("DELETE FROM items WHERE job_id = ?", rows)
+            db.executemany("DELETE FROM jobs WHERE id = ?", rows)
+        return ids
+
     # -- items ---------------------------------------------------------------------------------
 
     def next_pending(self, skip: set[tuple[str, int]]) -> tuple[str, int, Item, bool] | None:

@@ -50,6 +50,10 @@ class Metrics:
             "refrain_ingest_items_total", "Bulk ingestion items by final state", ["state"],
             registry=r,
         )
+        self.ingest_jobs_purged = Counter(
+            "refrain_ingest_jobs_purged_total",
+            "Finished bulk ingestion jobs deleted after job_retention_hours", registry=r,
+        )
         self.errors = Counter(
             "refrain_errors_total", "Errors answered, by type", ["type"], registry=r
         )

@@ -97,8 +97,12 @@ class RemoteWorkers:
         with self._lock:
             return sum(w.in_flight for w in self._workers)
 
-    def embed(self, wave: np.ndarray, hop_s: float, timeout: float | None = None) -> np.ndarray:
-        """A 1-D waveform at the model's rate -> (S, zdim) float32, from the first worker able."""
+    def embed(
+        self, wave: np.ndarray, hop_s: float, timeout: float | None = None,
+        shifts: Sequence[int] = (0,),
+    ) -> np.ndarray:
+        """A 1-D waveform at the model's rate -> (len(shifts) * S, zdim) float32, from the first
+        worker able (see `InferenceWorker.submit`)."""
         if self.depth >= self.max_in_flight:
             raise Overloaded(f"{self.max_in_flight} embedding requests are already in flight")
         body = np.ascontiguousarray(wave, dtype="<f4").tobytes()
@@ -108,7 +112,7 @@ class RemoteWorkers:
         while (worker := self._pick(tried)) is not None:
             tried.add(worker.url)
             try:
-                return self._post(worker, body, hop_s, timeout)
+                return self._post(worker, body, hop_s, timeout, shifts)
             except _Retry as e:
                 failures.append(f"{worker.url}: {e}")
                 busy += "overloaded" in str(e)
@@ -121,8 +125,10 @@ class RemoteWorkers:
             + "; ".join(failures + skipped or ["none is configured"]) + ")"
         )
 
-    async def embed_async(self, wave: np.ndarray, hop_s: float) -> np.ndarray:
-        return await asyncio.to_thread(self.embed, wave, hop_s)
+    async def embed_async(
+        self, wave: np.ndarray, hop_s: float, shifts: Sequence[int] = (0,)
+    ) -> np.ndarray:
+        return await asyncio.to_thread(self.embed, wave, hop_s, None, shifts)
 
     def close(self) -> None:
         self._stop.set()
@@ -152,11 +158,15 @@ class RemoteWorkers:
         return worker
 
     def _post(
-        self, worker: _Worker, body: bytes, hop_s: float, timeout: float | None
+        self, worker: _Worker, body: bytes, hop_s: float, timeout: float | None,
+        shifts: Sequence[int] = (0,),
     ) -> np.ndarray:
+        params = {"hop": repr(float(hop_s))}
+        if tuple(shifts) != (0,):
+            params["shifts"] = ",".join(str(int(s)) for s in shifts)
         try:
             r = self._client.post(
-                worker.url + "/v1/embed", params={"hop": repr(float(hop_s))}, content=body,
+                worker.url + "/v1/embed", params=params, content=body,
                 headers={"Content-Type": "application/octet-stream",
                          "Accept": "application/octet-stream"},
                 timeout=httpx.Timeout(timeout or self.timeout_s, connect=CONNECT_TIMEOUT_S),

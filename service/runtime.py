@@ -6,14 +6,17 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Callable
 
+import faiss
 import numpy as np
 import torch
 
 from index import AddResult, IndexOptions, SegmentIndex, TrackRecord, open_index
-from index.search import QuerySegments, SearchOptions, TrackHit, rank_tracks
+from index.search import QuerySegments, SearchOptions, TrackHit, key_shifts, rank_tracks
 from model.audio import load_audio
 from model.calibrate import Calibration, uncalibrated_score
 from model.embedder import Embedder, load_model
@@ -143,10 +146,13 @@ class Runtime:
                            f"the audio is silent (RMS {rms:.1e} below {self.settings.silence_rms:g})")
         return wave
 
-    def embed(self, wave: np.ndarray, hop_s: float) -> tuple[np.ndarray, np.ndarray]:
+    def embed(
+        self, wave: np.ndarray, hop_s: float, shifts: tuple[int, ...] = (0,)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(len(shifts) * S, zdim) vectors and the S segment starts."""
         assert self.worker is not None
-        z = self.worker.embed(wave, hop_s)
-        return z, np.arange(len(z), dtype=np.float64) * hop_s
+        z = self.worker.embed(wave, hop_s, shifts=shifts)
+        return z, np.arange(len(z) // len(shifts), dtype=np.float64) * hop_s
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -172,8 +178,11 @@ class Runtime:
         return result, self.index.get_track(track_id) or record
 
     def search(
-        self, data: bytes, top_k: int, reduction: str | None, hop_s: float | None
+        self, data: bytes, top_k: int, reduction: str | None, hop_s: float | None,
+        transpositions: int | None = None,
     ) -> dict[str, Any]:
+        """Rank the references for one query clip. `transpositions`: also try the clip
+        shifted by up to this many semitones each way (None: the configured default)."""
         self.require_ready()
         assert self.model is not None and self.index is not None
         timings: dict[str, float] = {}
@@ -182,13 +191,17 @@ class Runtime:
         timings["decode"] = time.perf_counter() - t
         t = time.perf_counter()
         hop = hop_s or self.settings.query_hop_s
-        z, starts = self.embed(wave, hop)
+        if transpositions is None:
+            transpositions = self.settings.query_transpositions
+        shifts = key_shifts(transpositions)
+        z, starts = self.embed(wave, hop, shifts)
         timings["embed"] = time.perf_counter() - t
         duration = len(wave) / self.model.sample_rate
-        query = QuerySegments(z, starts, self.model.config.shingling.len, duration)
+        query = QuerySegments(z, starts, self.model.config.shingling.len, duration, shifts)
         opts = SearchOptions(top_k=top_k, k=self.settings.knn_k,
                              candidates=max(self.settings.candidates, top_k), reduction=reduction)
-        hits = rank_tracks(self.index, query, opts, score=self.score, timings=timings)
+        with omp_threads(self.settings.search_threads):
+            hits = rank_tracks(self.index, query, opts, score=self.score, timings=timings)
         self.metrics.knn_latency.observe(timings["search"])
         self.metrics.reduce_latency.observe(timings["reduce"])
         return {
@@ -196,6 +209,24 @@ class Runtime:
             "query_duration_s": round(duration, 3),
             "timings_ms": {k: round(v * 1000, 2) for k, v in timings.items()},
         }
+
+
+@contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """FAISS's OpenMP thread count for the block; 0 leaves the OpenMP default.
+
+    OpenMP keeps this count per calling thread, so setting it once at start-up would not
+    reach the request threads: it is set around each search and restored after it. On a busy
+    small CPU, one thread per query beats queries fighting over every core."""
+    if n <= 0:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def reference_record(
@@ -215,5 +246,5 @@ def hit_json(hit: TrackHit) -> dict[str, Any]:
     return {
         "track_id": t.track_id, "title": t.title, "artist": t.artist, "work_id": t.work_id,
         "score": round(hit.score, 6), "distance": hit.distance,
-        "matches": [asdict(m) for m in hit.matches],
+        "matches": [asdict(m) for m in hit.matches], "transposition": hit.transposition,
     }

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
 
     knn_k: int = Field(64, ge=1, le=4096, description="neighbours per query segment")
     candidates: int = Field(100, ge=1, le=10000, description="tracks re-ranked exactly")
+    query_transpositions: int = Field(
+        0, ge=0, le=6, description="default for searches: also try the query shifted by up to "
+        "this many semitones each way (costs 2n+1 query embeddings)")
+    search_threads: int = Field(1, ge=0, description="FAISS (OpenMP) threads per search; "
+                                "0 = the OpenMP default (all cores)")
 
     max_batch: int = Field(32, ge=1, description="segments per network call")
     max_wait_ms: float = Field(5.0, ge=0, description="wait this long to fill a batch")
@@ -40,6 +45,10 @@ class Settings(BaseSettings):
     max_archive_files: int = Field(10000, ge=1)
     max_archive_bytes: int = Field(8 << 30, gt=0, description="total uncompressed archive size")
     ingest_workers: int = Field(1, ge=1, le=16)
+    job_retention_hours: float = Field(168.0, ge=0, description="finished ingestion jobs are "
+                                       "forgotten this long after they end; 0 = keep forever")
+    min_free_bytes: int = Field(1 << 30, ge=0, description="uploads that would leave less free "
+                                "space on the data volume are refused (507)")
 
     # -- deployed shape: remote inference workers and the index backend ----------------------
     worker_urls: str = Field("", description="comma-separated `refrain worker` URLs; "

@@ -13,13 +13,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from model.embedder import Embedder
+from model.embedder import Embedder, transposed
 from service.metrics import Metrics
 
 log = logging.getLogger("refrain.worker")
@@ -33,6 +34,7 @@ class Overloaded(RuntimeError):
 class _Job:
     wave: torch.Tensor
     hop_s: float
+    shifts: tuple[int, ...] = (0,)
     future: Future = field(default_factory=Future)
 
 
@@ -60,9 +62,11 @@ class InferenceWorker:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, wave: np.ndarray, hop_s: float) -> Future:
-        """Queue a 1-D waveform at the model's rate; the future gives (S, zdim) float32."""
-        job = _Job(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), hop_s)
+    def submit(self, wave: np.ndarray, hop_s: float, shifts: Sequence[int] = (0,)) -> Future:
+        """Queue a 1-D waveform at the model's rate; the future gives (len(shifts) * S, zdim)
+        float32: the S segments embedded at each CQT shift in turn (see `transposed`)."""
+        job = _Job(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), hop_s,
+                   tuple(int(s) for s in shifts))
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -70,11 +74,16 @@ class InferenceWorker:
         self._gauge()
         return job.future
 
-    def embed(self, wave: np.ndarray, hop_s: float, timeout: float | None = None) -> np.ndarray:
-        return self.submit(wave, hop_s).result(timeout)
+    def embed(
+        self, wave: np.ndarray, hop_s: float, timeout: float | None = None,
+        shifts: Sequence[int] = (0,),
+    ) -> np.ndarray:
+        return self.submit(wave, hop_s, shifts).result(timeout)
 
-    async def embed_async(self, wave: np.ndarray, hop_s: float) -> np.ndarray:
-        return await asyncio.wrap_future(self.submit(wave, hop_s))
+    async def embed_async(
+        self, wave: np.ndarray, hop_s: float, shifts: Sequence[int] = (0,)
+    ) -> np.ndarray:
+        return await asyncio.wrap_future(self.submit(wave, hop_s, shifts))
 
     def close(self) -> None:
         while True:
@@ -105,7 +114,7 @@ class InferenceWorker:
                 break
             if job.future.set_running_or_notify_cancel():
                 try:
-                    cqt = self.model.spectrogram(job.wave, job.hop_s)
+                    cqt = transposed(self.model.spectrogram(job.wave, job.hop_s), job.shifts)
                     jobs.append((job, cqt))
                     pending += len(cqt)
                 except Exception as e:  # a bad request must not stop the worker

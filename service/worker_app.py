@@ -40,6 +40,7 @@ from service.worker import InferenceWorker
 log = logging.getLogger("refrain.worker")
 
 MIN_HOP_S, MAX_HOP_S = 0.05, 20.0
+MAX_SHIFT = 12  # semitones either way
 
 
 class WorkerState:
@@ -134,7 +135,7 @@ def create_worker_app(settings: Settings | None = None, load_in_background: bool
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/embed", tags=["embed"])
-    async def embed(request: Request, hop: float = 5.0) -> Response:
+    async def embed(request: Request, hop: float = 5.0, shifts: str = "") -> Response:
         _authorize(request, settings.worker_token)
         if not state.ready.is_set():
             why = f" ({state.load_error})" if state.load_error else " (loading the model)"
@@ -142,9 +143,10 @@ def create_worker_app(settings: Settings | None = None, load_in_background: bool
         if not (math.isfinite(hop) and MIN_HOP_S <= hop <= MAX_HOP_S):
             raise ApiError(422, "invalid_parameter",
                            f"hop must be in {MIN_HOP_S:g}..{MAX_HOP_S:g} seconds, got {hop}")
+        shift_list = _shifts(shifts)
         wave = _pcm(await request.body(), state.max_samples)
         assert state.worker is not None
-        z = await state.worker.embed_async(wave, hop)
+        z = await state.worker.embed_async(wave, hop, shift_list)
         identity = state.identity()
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse({"identity": identity, "hop_s": hop, "shape": list(z.shape),
@@ -159,6 +161,21 @@ def create_worker_app(settings: Settings | None = None, load_in_background: bool
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def _shifts(text: str) -> tuple[int, ...]:
+    """`shifts=-2,0,3` -> (-2, 0, 3): CQT shifts in semitones, each embedded in turn."""
+    if not text:
+        return (0,)
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ApiError(422, "invalid_parameter", f"shifts must be integers, got {text!r}") from None
+    if len(values) > 2 * MAX_SHIFT + 1 or any(abs(v) > MAX_SHIFT for v in values):
+        raise ApiError(422, "invalid_parameter",
+                       f"shifts must be at most {2 * MAX_SHIFT + 1} values in "
+                       f"-{MAX_SHIFT}..{MAX_SHIFT}, got {text!r}")
+    return values
 
 
 def _authorize(request: Request, token: str) -> None:

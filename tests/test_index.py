@@ -440,3 +440,33 @@ def test_golden_v1_index_still_loads(tmp_path):
         distances, ids = ix.search(np.ones((1, 4), np.float32), 1)
         assert ids[0, 0] == 2 and distances[0, 0] == 0
         assert Path(path / "catalog.sqlite").exists()
+
+
+def test_transposed_query_is_ranked_by_its_best_key(index):
+    from index.search import QuerySegments, SearchOptions, exhaustive_rank, key_shifts, rank_tracks
+
+    assert key_shifts(0) == (0,) and key_shifts(2) == (0, -1, 1, -2, 2)
+    with pytest.raises(ValueError):
+        key_shifts(7)
+    stored = fill(index, 20, seed=3)
+    target = next(t for t, (v, _) in stored.items() if len(v) >= 3)
+    vectors, _ = stored[target]
+    rng = np.random.default_rng(9)
+    shifts = key_shifts(2)
+    # The query as sent is noise; at shift +1 it is (nearly) the first 3 segments of the target.
+    blocks = [rng.standard_normal((3, ZDIM)).astype(np.float32) for _ in shifts]
+    blocks[shifts.index(1)] = vectors[:3] + 0.01 * rng.standard_normal((3, ZDIM)).astype(np.float32)
+    starts = np.arange(3) * 5.0
+    query = QuerySegments(np.concatenate(blocks), starts, 20.0, 30.0, shifts)
+    hits = rank_tracks(index, query, SearchOptions(top_k=5, reduction="min"))
+    assert hits[0].track.track_id == target and hits[0].transposition == 1
+    assert all(m.query_start_s == m.ref_start_s for m in hits[0].matches)
+    # The same as an exhaustive comparison over every track and key.
+    exact = exhaustive_rank(index, query, "min", 5)
+    assert [t for t, _ in exact] == [h.track.track_id for h in hits]
+    np.testing.assert_allclose([d for _, d in exact], [h.distance for h in hits], rtol=1e-5)
+    # Without the key shifts the target is not found first.
+    plain = QuerySegments(blocks[0], starts, 20.0, 30.0)
+    assert rank_tracks(index, plain, SearchOptions(top_k=5, reduction="min"))[0].track.track_id != target
+    with pytest.raises(ValueError, match="shifts"):
+        QuerySegments(blocks[0], starts, 20.0, 30.0, shifts)

@@ -64,6 +64,7 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
             top = body["results"][0]
             assert top["track_id"] == f"song{i}" and top["work_id"] == f"work{i}"
             assert 0 <= top["score"] <= 1 and top["distance"] >= 0
+            assert top["transposition"] == 0
             assert body["query_duration_s"] == pytest.approx(10.0, abs=0.01)
             assert set(body["timings_ms"]) == {"decode", "embed", "search", "reduce"}
             m = top["matches"][0]
@@ -145,6 +146,8 @@ def test_bad_requests_get_json_errors_and_service_keeps_serving(live_server, tmp
         ("top_k huge", {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))},
          {"top_k": "1000000"}, 422),
         ("top_k text", {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))}, {"top_k": "ten"}, 422),
+        ("transpositions 7", {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))},
+         {"transpositions": "7"}, 422),
         ("no audio field", {"other": ("x.wav", b"abc")}, {}, 422),
     ]
     good = wav_bytes(songs[0][: 8 * SR])

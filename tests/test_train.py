@@ -138,6 +138,19 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
     z = model.embed(tiny_corpus / "w0_v0.flac")
     assert z.shape == (3, 32) and np.isfinite(z).all()
 
+    # A new run warm-started from that checkpoint begins from its weights, not at random.
+    from model.network import CLEWSNet
+    from model.train import init_weights
+
+    net = CLEWSNet(model.config)
+    init_weights(net, best)
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(net.state_dict()[k].cpu(), v.cpu()), k
+    other = json.loads(json.dumps(raw))
+    other["model"]["zdim"] = 16
+    with pytest.raises(ValueError, match="configuration differs"):
+        init_weights(CLEWSNet(RunConfig.from_dict(other).model), best)
+
 
 def test_chroma_baseline_is_transposition_invariant():
     from model.baseline import ChromaBaseline

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import CKPT_A, free_port
 from helpers import SR, encode, synth_song
 
@@ -125,12 +126,25 @@ def test_worker_protocol_and_identity_check(processes):
     rows, dim = map(int, r.headers["x-refrain-shape"].split(","))
     z = np.frombuffer(r.content, "<f4").reshape(rows, dim)
     np.testing.assert_allclose(z, model.embed(wave, hop=2.5), atol=1e-4)
+    # transpositions: the rows of each shift in turn, each the embedding of the rolled CQT
+    from model.embedder import transposed
+
+    r = httpx.post(url, params={"hop": 5, "shifts": "0,-2,3"}, content=wave.tobytes(),
+                   headers=auth, timeout=60)
+    zs = np.frombuffer(r.content, "<f4").reshape(-1, dim)
+    expect = model.embed_spectrograms(transposed(
+        model.spectrogram(torch.from_numpy(wave), 5.0), (0, -2, 3))).numpy()
+    assert zs.shape == (3 * len(model.embed(wave, hop=5.0)), dim)
+    np.testing.assert_allclose(zs, expect, atol=1e-4)
+    assert not np.allclose(zs[: len(zs) // 3], zs[len(zs) // 3 : 2 * len(zs) // 3], atol=1e-3)
     j = httpx.post(url, params={"hop": 2.5}, content=wave.tobytes(),
                    headers={**auth, "Accept": "application/json"}, timeout=60).json()
     assert j["identity"] == ready["identity"] and j["shape"] == [rows, dim]
     for body, params, code in [(b"abc", {}, "bad_pcm"), (b"", {}, "bad_pcm"),
                                (np.full(8, np.nan, "<f4").tobytes(), {}, "bad_pcm"),
                                (wave.tobytes(), {"hop": 0}, "invalid_parameter"),
+                               (wave.tobytes(), {"shifts": "0,13"}, "invalid_parameter"),
+                               (wave.tobytes(), {"shifts": "up"}, "invalid_parameter"),
                                (wave.tobytes(), {"hop": "x"}, "invalid_request")]:
         r = httpx.post(url, params=params, content=body, headers=auth)
         assert r.status_code == 422 and r.json()["error"]["code"] == code

@@ -2,7 +2,8 @@
 
 A job's inputs are durable before the 202: uploaded files are copied (in chunks) into the
 job's folder and fsynced, archives are extracted there, folders under the import root are
-scanned (their files are read in place when the job runs).
+scanned (their files are read in place when the job runs). Uploads and archives that would
+leave less than `min_free_bytes` free on the data volume are refused (507) before any write.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from service.sources import (
     resolve_under,
     scan_folder,
 )
+from service.storage import SpaceGuard, stream_size
 
 router = APIRouter()
 
@@ -117,11 +119,12 @@ async def _from_form(request: Request, jobs: JobManager, settings: Settings) -> 
                            "send either files (one or more audio files) or one archive")
         manifest = await _form_manifest(form.get("manifest"))
         replace = str(form.get("replace") or "").lower() in ("1", "true", "yes", "on")
+        space = SpaceGuard(settings.data_dir, settings.min_free_bytes)
         if files:
-            return await run_in_threadpool(submit_files, jobs, files, manifest, replace)
+            return await run_in_threadpool(submit_files, jobs, files, manifest, replace, space)
         limits = ArchiveLimits(settings.max_archive_files, settings.max_archive_bytes)
         return await run_in_threadpool(
-            submit_archive, jobs, archives[0], manifest, replace, limits
+            submit_archive, jobs, archives[0], manifest, replace, limits, space
         )
     finally:
         await form.close()
@@ -151,9 +154,11 @@ async def _from_json(request: Request, jobs: JobManager, settings: Settings) -> 
 
 
 def submit_files(
-    jobs: JobManager, uploads: list[UploadFile], manifest: Manifest | None, replace: bool
+    jobs: JobManager, uploads: list[UploadFile], manifest: Manifest | None, replace: bool,
+    space: SpaceGuard,
 ) -> dict[str, Any]:
     """Uploaded files -> a job; default track id and title: the file name without extension."""
+    space.require(sum(stream_size(up.file) for up in uploads), f"{len(uploads)} uploaded files")
     with jobs.staging() as st:
         found = []
         for n, up in enumerate(uploads):
@@ -169,12 +174,16 @@ def submit_files(
 
 def submit_archive(
     jobs: JobManager, upload: UploadFile, manifest: Manifest | None, replace: bool,
-    limits: ArchiveLimits,
+    limits: ArchiveLimits, space: SpaceGuard,
 ) -> dict[str, Any]:
     """An archive -> a job of its audio members; a manifest sent beside the archive wins over
     the one inside. Default track id: the member path without extension."""
+
+    def check_space(n: int) -> None:
+        space.require(n, "the archive's audio files")
+
     with jobs.staging() as st:
-        out = extract_archive(upload.file, st.files, limits)
+        out = extract_archive(upload.file, st.files, limits, check_space)
         if manifest is None and out.manifest is not None:
             manifest = parse_manifest(out.manifest[1], out.manifest[0])
         items = build_items(out.files, manifest, owned=True)
