@@ -161,6 +161,8 @@ def rank_tracks(
     candidates = candidate_tracks(index, query.vectors, options.k, options.candidates)
     t1 = time.perf_counter()
     timings["search"] = t1 - t0
+    n = len(query.starts_s)
+    scored = []  # (distance, track id, record, best shift, its distance matrix, ref starts)
     for tid in candidates:
         try:
             ref, ref_starts = index.get_vectors(tid)
@@ -171,8 +173,10 @@ def rank_tracks(
             continue
         dist_all = nsqeuc(q, torch.from_numpy(ref))
         b, d = query.best_shift(dist_all, reduction)
-        n = len(query.starts_s)
-        dist = dist_all[b * n : (b + 1) * n]
+        scored.append((d, tid, track, b, dist_all[b * n : (b + 1) * n], ref_starts))
+    scored.sort(key=lambda s: (s[0], s[1]))
+    # Time ranges only for the tracks returned.
+    for d, _, track, b, dist, ref_starts in scored[: options.top_k]:
         matches = []
         for i, j in best_pairs(dist, options.max_matches):
             j0, j1 = _matching_run(dist[i], j)
@@ -190,9 +194,8 @@ def rank_tracks(
             )
         hits.append(TrackHit(track=track, distance=d, score=score(d), matches=matches,
                              transposition=query.shifts[b]))
-    hits.sort(key=lambda h: (h.distance, h.track.track_id))
     timings["reduce"] = time.perf_counter() - t1
-    return hits[: options.top_k]
+    return hits
 
 
 def exhaustive_rank(

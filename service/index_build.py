@@ -49,7 +49,8 @@ def build_index(
         index = open_index(
             settings.index_dir, {**model.identity.to_dict(), "hop_s": hop},
             factory=args.factory or settings.index_factory,
-            options=IndexOptions(vector_dtype=settings.vector_dtype),
+            options=IndexOptions(vector_dtype=settings.vector_dtype,
+                                 search_params=settings.index_search_params or None),
         )
     except SegmentIndexError as e:
         raise ValueError(f"cannot open the index in {settings.index_dir}: {e}") from e

@@ -75,7 +75,8 @@ class Runtime:
 
     def _open_index(self) -> SegmentIndex:
         s = self.settings
-        options = IndexOptions(vector_dtype=s.vector_dtype)
+        options = IndexOptions(vector_dtype=s.vector_dtype,
+                               search_params=s.index_search_params or None)
         if s.index_backend == "milvus":
             from index.milvus import MilvusOptions, open_milvus_index
 

@@ -15,6 +15,9 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="checkpoint path; None = the shipped default")
     device: str | None = Field(None, description="cpu or cuda; None = cuda when available")
     index_factory: str = Field("Flat", description="FAISS factory string for a new index")
+    index_search_params: str = Field(
+        "", description="FAISS ParameterSpace string for an ANN index, e.g. nprobe=64 or "
+        "efSearch=512; empty = nprobe=16 for IVF, efSearch=128 for HNSW")
     vector_dtype: str = Field("float32", description="exact segment copy: float32 or float16")
     reference_hop_s: float = Field(5.0, gt=0, le=20, description="segment hop of references")
     query_hop_s: float = Field(5.0, gt=0, le=20, description="default segment hop of queries")
@@ -29,7 +32,7 @@ class Settings(BaseSettings):
     max_reference_s: float = Field(1800.0, gt=0, description="longest reference track")
     silence_rms: float = Field(1e-4, ge=0, description="audio below this RMS is refused as silent")
 
-    knn_k: int = Field(64, ge=1, le=4096, description="neighbours per query segment")
+    knn_k: int = Field(512, ge=1, le=4096, description="neighbours per query segment")
     candidates: int = Field(100, ge=1, le=10000, description="tracks re-ranked exactly")
     query_transpositions: int = Field(
         0, ge=0, le=6, description="default for searches: also try the query shifted by up to "
