@@ -5,7 +5,7 @@ and seed for the same number of steps, then evaluates it on the test works with 
 paper's protocol (track-level MAP/NAR with bpwr-10, segment-level MAP for 5/10/20/30 s
 queries with min). Results go to a JSON file and a markdown table.
 
-    python bench/ablation.py configs/default.yaml --steps 300 --out runs/ablation
+    python bench/ablation.py configs/ablation.yaml --steps 100 --out runs/ablation
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
             top = body["results"][0]
             assert top["track_id"] == f"song{i}" and top["work_id"] == f"work{i}"
             assert 0 <= top["score"] <= 1 and top["distance"] >= 0
-            assert top["transposition"] == 0
+            # The key shift under which it matched best, among the 13 tried by default.
+            assert top["transposition"] in range(-6, 7)
             assert body["query_duration_s"] == pytest.approx(10.0, abs=0.01)
             assert set(body["timings_ms"]) == {"decode", "embed", "search", "reduce"}
             m = top["matches"][0]
@@ -100,11 +101,6 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the shipped default model (trained for an hour on rendered scores) does not yet "
-    "rank pitch-shifted or time-stretched clips of these synthetic songs first",
-    strict=False,
-)
 @pytest.mark.parametrize(
     "name,transform",
     [
@@ -123,7 +119,8 @@ def test_transformed_clips_find_their_source(live_server, tmp_path, songs, name,
             clip = transform(song[int(18 * SR) : int(30 * SR)])
             r = c.post("/v1/search", files={"audio": ("clip.wav", wav_bytes(clip))})
             assert r.status_code == 200, r.text
-            assert r.json()["results"][0]["track_id"] == f"song{i}", (name, i, r.json())
+            top = r.json()["results"][0]
+            assert top["track_id"] == f"song{i}", (name, i, r.json())
 
 
 def test_bad_requests_get_json_errors_and_service_keeps_serving(live_server, tmp_path, songs):
