@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     knn_k: int = Field(512, ge=1, le=4096, description="neighbours per query segment")
     candidates: int = Field(100, ge=1, le=10000, description="tracks re-ranked exactly")
     query_transpositions: int = Field(
-        6, ge=0, le=6, description="default for searches: also try the query shifted by up to "
+        0, ge=0, le=6, description="default for searches: also try the query shifted by up to "
         "this many semitones each way (costs 2n+1 query embeddings)")
     search_threads: int = Field(1, ge=0, description="FAISS (OpenMP) threads per search; "
                                 "0 = the OpenMP default (all cores)")

@@ -227,7 +227,9 @@ def test_search_concurrently_with_writes(index):
             distances, ids = index.search(queries, 5)
             owners, _ = index.segment_info(ids)
             assert all(o is None or o[:4] == "trk-" for o in owners.flat)
-            assert (np.diff(distances, axis=1) >= 0).all()
+            # missing neighbours (a track deleted meanwhile) are padded with inf, last
+            finite = np.where(np.isinf(distances), np.finfo(np.float32).max, distances)
+            assert (np.diff(finite, axis=1) >= 0).all()
             rounds += 1
         return rounds
 
