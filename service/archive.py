@@ -202,22 +202,11 @@ def _extract_zip(
                 f"archive declares {declared} uncompressed bytes, at most {limits.max_bytes}"
             )
         check(audio)
-        out = Extracted()
-        budget = _Budget(limits.max_bytes)
-        for info, name in zip(infos, names):
-            kind = "dir" if info.is_dir() else _kind(name)
-            try:
-                if kind == "audio":
-                    with zf.open(info) as member:
-                        _store(out, member, name, dest, budget)
-                elif kind == "manifest" and "/" not in name:
-                    with zf.open(info) as member:
-                        out.manifest = (name, _read_manifest(member, name, budget))
-                elif kind != "dir":
-                    out.ignored += 1
-            except _CORRUPT as e:
-                raise _unreadable(name, e) from None
-        return out
+        return _extract_members(
+            [(name, info.is_dir(), lambda info=info: zf.open(info))
+             for info, name in zip(infos, names)],
+            dest, limits,
+        )
 
 
 def _extract_tar(
@@ -225,16 +214,27 @@ def _extract_tar(
 ) -> Extracted:
     members = _tar_members(tar, limits)
     check(sum(m.size for m, name in members if m.isreg() and _kind(name) == "audio"))
+    return _extract_members(
+        [(name, m.isdir(), lambda m=m: tar.extractfile(m)) for m, name in members],
+        dest, limits,
+    )
+
+
+def _extract_members(
+    members: list[tuple[str, bool, Callable[[], BinaryIO]]], dest: Path, limits: ArchiveLimits
+) -> Extracted:
+    """Store the audio members and read the top-level manifest of an archive whose members
+    (clean name, is a folder, opener) have all been checked."""
     out = Extracted()
     budget = _Budget(limits.max_bytes)
-    for member, name in members:
-        kind = "dir" if member.isdir() else _kind(name)
+    for name, is_dir, open_member in members:
+        kind = "dir" if is_dir else _kind(name)
         try:
             if kind == "audio":
-                with tar.extractfile(member) as data:
+                with open_member() as data:
                     _store(out, data, name, dest, budget)
             elif kind == "manifest" and "/" not in name:
-                with tar.extractfile(member) as data:
+                with open_member() as data:
                     out.manifest = (name, _read_manifest(data, name, budget))
             elif kind != "dir":
                 out.ignored += 1
