@@ -22,11 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import helpers  # noqa: E402  tests/helpers.py: ffmpeg pitch shift and time stretch
 
 from index.search import key_shifts  # noqa: E402
 from model import load_model  # noqa: E402
@@ -36,49 +39,12 @@ from model.metrics import average_precision  # noqa: E402
 from model.reduce import nsqeuc  # noqa: E402
 
 
-def ffmpeg_filter(x: np.ndarray, graph_text: str, sr: int) -> np.ndarray:
-    """Run mono float audio through an ffmpeg audio filter chain; returns mono float32."""
-    graph = av.filter.Graph()
-    src = graph.add_abuffer(format="flt", sample_rate=sr, layout="mono")
-    chain = [src]
-    for spec in graph_text.split(","):
-        name, _, args = spec.partition("=")
-        chain.append(graph.add(name, args or None))
-    sink = graph.add("abuffersink")
-    chain.append(sink)
-    for a, b in zip(chain, chain[1:]):
-        a.link_to(b)
-    graph.configure()
-    out = []
-    block = 4096
-    for i in range(0, len(x), block):
-        frame = av.AudioFrame.from_ndarray(x[None, i : i + block].astype(np.float32), format="flt",
-                                           layout="mono")
-        frame.sample_rate = sr
-        frame.pts = i
-        graph.push(frame)
-        out.extend(_drain(graph))
-    graph.push(None)
-    out.extend(_drain(graph))
-    return np.concatenate(out).astype(np.float32)
-
-
-def _drain(graph) -> list[np.ndarray]:
-    frames = []
-    while True:
-        try:
-            frames.append(graph.pull().to_ndarray().reshape(-1))
-        except (av.error.BlockingIOError, av.error.EOFError):
-            return frames
-
-
 def pitch_shift(x: np.ndarray, semitones: int, sr: int) -> np.ndarray:
-    r = 2 ** (semitones / 12)
-    return ffmpeg_filter(x, f"asetrate={int(sr * r)},aresample={sr},atempo={1 / r:.6f}", sr)
+    return helpers.pitch_shift(x[:, None], semitones, sr)[:, 0]
 
 
 def time_stretch(x: np.ndarray, rate: float, sr: int) -> np.ndarray:
-    return ffmpeg_filter(x, f"atempo={rate:.6f}", sr)
+    return helpers.time_stretch(x[:, None], rate, sr)[:, 0]
 
 
 def query_distances(model, wave: torch.Tensor, refs: list[torch.Tensor], shifts) -> np.ndarray:
@@ -114,9 +80,12 @@ def main() -> None:
     print(f"{len(items)} tracks of {len(set(cliques))} works embedded in "
           f"{time.monotonic() - t0:.0f} s", flush=True)
 
-    conditions = {"as is": lambda x: x,
-                  "pitch +-1..4 st": lambda x: pitch_shift(x, int(rng.choice([-4, -3, -2, -1, 1, 2, 3, 4])), sr),
-                  "tempo x0.85/x1.15": lambda x: time_stretch(x, float(rng.choice([0.85, 1.15])), sr)}
+    semitones = [-4, -3, -2, -1, 1, 2, 3, 4]
+    conditions = {
+        "as is": lambda x: x,
+        "pitch +-1..4 st": lambda x: pitch_shift(x, int(rng.choice(semitones)), sr),
+        "tempo x0.85/x1.15": lambda x: time_stretch(x, float(rng.choice([0.85, 1.15])), sr),
+    }
     n_clip = int(args.clip * sr)
     starts = [int(rng.integers(0, max(1, len(w) - n_clip))) for w in waves]
     settings = {"as is": (0,), f"keys -{args.transpositions}..+{args.transpositions}":
