@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,7 @@ class Expected:
             if parts[:1] == ["BEGIN"]:
                 self.in_flight = (parts[1], parts[2])
             elif parts[:1] == ["ACK"]:
+                assert len(parts) == 3, f"malformed acknowledgement {line!r} in {lines[-20:]}"
                 op, tid = parts[1], parts[2]
                 self.version[tid] = {"ADD": 1, "REP": 2, "DEL": None}[op]
                 self.in_flight = None
@@ -186,11 +188,22 @@ class Expected:
                 self.in_flight = None
 
 
+def complete_lines(stream) -> Iterator[str]:
+    """The lines of a writer's output that it finished printing, stripped.
+
+    A last line without its newline was cut short by the kill: that acknowledgement was not
+    delivered, so its write stays in flight, as when the writer dies just before printing.
+    """
+    for line in stream:
+        if line.endswith("\n"):
+            yield line.strip()
+
+
 def read_until(proc: subprocess.Popen, prefix: str, count: int, lines: list[str]) -> None:
     """Read the writer's output up to its `count`-th line starting with `prefix`."""
-    for line in proc.stdout:
-        lines.append(line.strip())
-        count -= line.startswith(prefix)
+    for line in complete_lines(proc.stdout):
+        lines.append(line)
+        count -= (line + "\n").startswith(prefix)
         if count == 0:
             return
     raise AssertionError(f"writer ended early: {proc.wait()} {proc.stderr.read()[-2000:]}")
@@ -209,7 +222,7 @@ def kill(proc: subprocess.Popen, lines: list[str], *, itself: bool = False) -> N
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines += [line.strip() for line in proc.stdout]
+    lines += complete_lines(proc.stdout)
     err = proc.stderr.read()
     proc.stdout.close()
     proc.stderr.close()
@@ -240,8 +253,8 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_write(tmp_path, factory
 def run_dying_writer(path: Path, die_at: int, factory: str = "HNSW8") -> list[str]:
     proc = start_writer(path, 0, factory, 10**6, die_at)
     lines: list[str] = []
-    for line in proc.stdout:
-        lines.append(line.strip())
+    for line in complete_lines(proc.stdout):
+        lines.append(line)
         if line.startswith("SNAP DONE"):  # survived its step count: stop it here
             proc.kill()
             break

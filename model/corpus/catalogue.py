@@ -191,6 +191,7 @@ class SelectOptions:
     collection: str = "default"  # "default" or "bach-eval"
     min_seconds: float = 20.0  # shorter works (fragments) are skipped
     min_notes: int = 16
+    min_parts: int = 1  # e.g. 3 for part-writing only (hymn-, madrigal-, mass-like works)
 
 
 def ordered_sources(collection: str) -> list[Source]:
@@ -233,6 +234,8 @@ def _rejection(facts: Facts, options: SelectOptions, guard, seen: dict) -> str:
         return "unreadable"
     if facts.seconds < options.min_seconds or facts.notes < options.min_notes:
         return "too short"
+    if facts.parts < options.min_parts:
+        return "too few parts"
     if guard is not None and (chorale := guard.match(facts)):
         return f"melody of Bach chorale {chorale}"
     keys = [("melody", facts.intervals[:MELODY_KEY_LEN])]

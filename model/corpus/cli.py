@@ -78,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
         default=20.0,
         help="skip works shorter than this at their base tempo",
     )
+    r.add_argument(
+        "--min-parts",
+        type=_positive(int),
+        default=1,
+        help="skip works with fewer parts (3: part-writing only)",
+    )
     r.add_argument("--sample-rate", type=int, default=16000, choices=(16000, 22050, 24000))
     r.add_argument(
         "--splits",
@@ -109,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--collection", choices=COLLECTIONS, default="default")
     w.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
     w.add_argument("--min-seconds", type=_positive(float, zero=True), default=20.0)
+    w.add_argument("--min-parts", type=_positive(int), default=1)
     w.add_argument("--jobs", type=_positive(int), default=1)
     w.add_argument("--list", action="store_true", help="print every usable work")
 
@@ -136,6 +143,7 @@ def _render(args) -> int:
         collection=args.collection,
         max_seconds=args.max_seconds,
         min_seconds=args.min_seconds,
+        min_parts=args.min_parts,
         sample_rate=args.sample_rate,
         splits=args.splits,
         soundfonts=tuple(args.soundfont) if args.soundfont else None,
@@ -163,7 +171,7 @@ def _render(args) -> int:
 
 def _works(args) -> int:
     catalogue = Catalogue(args.catalogue)
-    options = SelectOptions(args.collection, args.min_seconds)
+    options = SelectOptions(args.collection, args.min_seconds, min_parts=args.min_parts)
     with tqdm(desc="reading works", unit="source", disable=args.list) as bar:
         selection = select_works(None, catalogue, options, args.jobs, progress=bar.update)
     by_collection = Counter(f.id.split("/", 1)[0] for f in selection.works)

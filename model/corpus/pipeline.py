@@ -62,6 +62,7 @@ class CorpusOptions:
     collection: str = "default"  # "default" or "bach-eval" (evaluation only)
     max_seconds: float = 180.0  # versions are cut at this length
     min_seconds: float = 20.0  # works shorter than this at their base tempo are skipped
+    min_parts: int = 1  # works with fewer parts are skipped
     sample_rate: int = 16000
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, valid, test, by work
     soundfonts: tuple[str, ...] | None = None  # files or folders; None: the system's
@@ -89,7 +90,7 @@ def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
         raise RenderError("no soundfont found (Debian: apt-get install fluid-soundfont-gm)")
 
     catalogue = Catalogue(options.catalogue or out / "catalogue.jsonl")
-    select = SelectOptions(options.collection, options.min_seconds)
+    select = SelectOptions(options.collection, options.min_seconds, min_parts=options.min_parts)
     with tqdm(desc="selecting works", unit="source", disable=not progress) as bar:
         selection = select_works(
             options.works, catalogue, select, options.jobs, progress=bar.update
