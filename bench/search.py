@@ -5,8 +5,8 @@
     python bench/search.py --tracks 100000 --factories IVF1024,Flat --nprobe 4 16
 
 N reference tracks of 40 segments (a 3.5-minute track at the 5 s reference hop) at the shipped
-model's zdim are written through `SegmentIndex.add_track` and one final `snapshot()`, exactly as
-`refrain index build` does, once per FAISS factory. Each search setting (nprobe for IVF,
+model's zdim are written through `SegmentIndex.add_tracks` (100 at a time) and one final
+`snapshot()`, as `refrain index build` does, once per FAISS factory. Each search setting (nprobe for IVF,
 efSearch for HNSW; the reducer's neighbours per query segment and candidates re-ranked, as
 `--reducer K:CANDIDATES`) then answers 30 s queries
 (3 segments at a 5 s hop) through `rank_tracks` with the service's `SearchOptions`, so the
@@ -15,7 +15,10 @@ latency is the service's search + reduce time without decoding and embedding.
 Data are seeded and regenerated per batch of tracks (nothing of size N is kept by the script):
 - random: every segment i.i.d. N(0, 1), no structure; the hardest case for ANN;
 - clustered: works (one per 4 tracks on average) with a centre, each track a version of a work
-  with its own offset, each segment that plus its own variation.
+  with its own offset, each segment that plus its own variation, all isotropic;
+- model: the same hierarchy drawn with the covariances measured on the shipped model's
+  embeddings of a corpus (bench/embedding_stats.py -> bench/data/embedding-stats.npz): a
+  trained embedding space is far from isotropic, and ANN indexes depend on that.
 A query is a noisy copy of 3 consecutive segments of a stored track ("a version" of it).
 
 Recall@10 compares the served top 10 with the exhaustive top 10 over every stored track (the
@@ -24,9 +27,9 @@ batches and checked against `exhaustive_rank` itself on a few queries): a served
 when its exact distance is within the exhaustive 10th distance. hit@1: the query's source
 track ranked first.
 
-Ingestion through the store's journal costs two fsyncs per track (journal, SQLite catalog);
-the store has no batch add, so the indexes are built in a tmpfs directory (/dev/shm) by
-default, where an fsync is free, and the on-disk rate is measured separately on a few tracks.
+Ingestion through the store's journal costs two fsyncs per batch (journal, SQLite catalog).
+The indexes are built in a tmpfs directory (/dev/shm) by default, where an fsync is free;
+the on-disk rate is measured separately on a few tracks, one and 100 per batch.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ QUERY_SEGMENTS = 3  # segments of a 30 s clip at a 5 s hop
 BATCH = 1000  # tracks generated (and ingested) at a time
 TOP = 10
 GIB = 1 << 30
+DATASETS = ("random", "clustered", "model")
+STATS = Path(__file__).resolve().parent / "data" / "embedding-stats.npz"
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -77,17 +82,29 @@ class Dataset:
     zdim: int
     dtype: str  # the store's vector dtype; the ground truth sees the same rounding
     seed: int = 0
-    works: np.ndarray = field(init=False, repr=False)  # work of each track (clustered)
+    stats: Path = STATS  # covariances of the "model" kind
+    works: np.ndarray = field(init=False, repr=False)  # work of each track (clustered, model)
     centres: np.ndarray = field(init=False, repr=False)
+    factors: dict = field(init=False, repr=False)  # version, segment and noise factors (model)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("random", "clustered"):
-            raise ValueError(f"dataset must be random or clustered, got {self.kind!r}")
+        if self.kind not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.kind!r}")
         rng = np.random.default_rng([self.seed, 1])
         n_works = max(1, self.n_tracks // 4)
         object.__setattr__(self, "works", rng.integers(0, n_works, self.n_tracks))
         centres = rng.standard_normal((n_works, self.zdim), dtype=np.float32)
+        factors = {}
+        if self.kind == "model":
+            stats = np.load(self.stats)
+            if len(stats["mean"]) != self.zdim:
+                raise SystemExit(f"{self.stats} describes zdim {len(stats['mean'])}, not "
+                                 f"{self.zdim}: rerun bench/embedding_stats.py")
+            factors = {p: stats[f"{p}_factor"].astype(np.float32).T
+                       for p in ("work", "version", "segment")}
+            centres = centres @ factors["work"] + stats["mean"]
         object.__setattr__(self, "centres", centres)
+        object.__setattr__(self, "factors", factors)
 
     @property
     def n_batches(self) -> int:
@@ -103,6 +120,11 @@ class Dataset:
             x *= 0.5  # the segment's own variation
             x += 0.5 * rng.standard_normal((hi - lo, 1, self.zdim), dtype=np.float32)  # version
             x += self.centres[self.works[lo:hi]][:, None, :]  # the work
+        elif self.kind == "model":
+            x = x @ self.factors["segment"]
+            x += rng.standard_normal((hi - lo, 1, self.zdim), dtype=np.float32) @ self.factors[
+                "version"]
+            x += self.centres[self.works[lo:hi]][:, None, :]
         return x.astype(self.dtype).astype(np.float32)
 
     def batches(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -121,7 +143,10 @@ class Dataset:
             for i in np.flatnonzero(sources // BATCH == b):
                 o = offsets[i]
                 out[i] = x[sources[i] % BATCH, o : o + QUERY_SEGMENTS]
-        out += 0.5 * rng.standard_normal(out.shape, dtype=np.float32)
+        noise = 0.5 * rng.standard_normal(out.shape, dtype=np.float32)
+        if self.kind == "model":  # half the spread of a track's own segments
+            noise = noise @ self.factors["segment"]
+        out += noise
         return out, sources
 
 
@@ -255,18 +280,23 @@ def identity(zdim: int) -> dict:
     return {"weights_sha256": "bench", "zdim": zdim, "hop_s": HOP_S}
 
 
-def ingest(index: SegmentIndex, ds: Dataset, limit: int | None = None) -> int:
+def ingest(index: SegmentIndex, ds: Dataset, limit: int | None = None, batch: int = 100) -> int:
+    """Add the tracks through `add_tracks`, `batch` at a time (one journal fsync per batch,
+    as `refrain index build` does per chunk)."""
     n = 0
     starts = np.arange(SEGMENTS, dtype=np.float64) * HOP_S
     for first, x in ds.batches():
-        for j, vectors in enumerate(x):
+        items = []
+        for j, vectors in enumerate(x[: None if limit is None else limit - n]):
             i = first + j
             record = TrackRecord(track_id(i), work_id=f"w{ds.works[i]}",
                                  duration_s=(SEGMENTS - 1) * HOP_S + 20.0, content_sha256=str(i))
-            index.add_track(record, vectors, starts)
-            n += 1
-            if limit is not None and n >= limit:
-                return n
+            items.append((record, vectors, starts))
+        for k in range(0, len(items), batch):
+            index.add_tracks(items[k : k + batch])
+        n += len(items)
+        if limit is not None and n >= limit:
+            break
     return n
 
 
@@ -287,15 +317,15 @@ def build(path: Path, ds: Dataset, factory: str, search_params: str | None) -> t
                         index.stats().bytes_on_disk)
 
 
-def disk_ingest_rate(ds: Dataset, n: int) -> float:
-    """Tracks per second through `add_track` on the system temporary directory (fsyncs)."""
+def disk_ingest_rate(ds: Dataset, n: int, batch: int) -> float:
+    """Tracks per second through `add_tracks` on the system temporary directory (fsyncs)."""
     options = IndexOptions(vector_dtype=ds.dtype, use_gpu=False)
     with (
         tempfile.TemporaryDirectory() as tmp,
         open_index(Path(tmp) / "idx", identity(ds.zdim), "Flat", options=options) as index,
     ):
         t0 = time.perf_counter()
-        done = ingest(index, ds, limit=n)
+        done = ingest(index, ds, limit=n, batch=batch)
         return done / (time.perf_counter() - t0)
 
 
@@ -474,7 +504,8 @@ def default_workdir() -> Path:
 def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracks", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--datasets", nargs="+", default=["clustered", "random"])
+    parser.add_argument("--datasets", nargs="+", default=["clustered", "random"],
+                        choices=DATASETS)
     parser.add_argument("--factories", nargs="+", default=["Flat", "IVF1024,Flat", "HNSW32"])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--ef-search", type=int, nargs="+", default=[128, 512])
@@ -536,9 +567,10 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
                   "compressed factory (IVF4096,SQ8 / IVF4096,PQ32) make it fit")
     if args.disk_probe and not _is_tmpfs(Path(tempfile.gettempdir())):
         probe = Dataset("random", args.disk_probe, zdim, args.dtype, args.seed)
-        rate = disk_ingest_rate(probe, args.disk_probe)
-        print(f"# ingestion on disk ({tempfile.gettempdir()}): {rate:.0f} tracks/s "
-              f"({rate * SEGMENTS:.0f} vectors/s), bound by 2 fsyncs per add_track")
+        for batch in (1, 100):
+            rate = disk_ingest_rate(probe, args.disk_probe, batch)
+            print(f"# ingestion on disk ({tempfile.gettempdir()}), {batch} track(s) per "
+                  f"add_tracks: {rate:.0f} tracks/s ({rate * SEGMENTS:.0f} vectors/s)")
     rows: list[list[str]] = []
     hnsw_rate: dict[tuple[str, str], float] = {}
     for n in args.tracks:

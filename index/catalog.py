@@ -112,19 +112,27 @@ class Catalog:
 
     def apply(self, record: Record) -> None:
         """Apply one journal record (skipped if already applied), atomically with its seq."""
+        self.apply_many([record])
+
+    def apply_many(self, records: list[Record]) -> None:
+        """Apply journal records in seq order (those already applied are skipped) in one
+        transaction, with the last seq."""
         with self._mutex:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 row = db.execute("SELECT value FROM state WHERE key='applied_seq'").fetchone()
-                if row is not None and int(row[0]) >= record.seq:
+                applied = -1 if row is None else int(row[0])
+                todo = [r for r in records if r.seq > applied]
+                if not todo:
                     db.execute("ROLLBACK")
                     return
-                if record.op is Op.DELETE:
-                    db.execute("DELETE FROM tracks WHERE track_id = ?", (record.track_id,))
-                else:  # ADD or REPLACE: the row is the whole new state of the track
-                    db.execute(_INSERT, _row(record.meta, record.first_segment_id))
-                self._set_seq(record.seq)
+                for record in todo:
+                    if record.op is Op.DELETE:
+                        db.execute("DELETE FROM tracks WHERE track_id = ?", (record.track_id,))
+                    else:  # ADD or REPLACE: the row is the whole new state of the track
+                        db.execute(_INSERT, _row(record.meta, record.first_segment_id))
+                self._set_seq(todo[-1].seq)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

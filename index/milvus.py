@@ -309,6 +309,11 @@ class MilvusSegmentIndex:
         """Store `track` with its segment `vectors` (n, zdim) starting at `starts_s` (n,)."""
         return self._write_track(track, vectors, starts_s, replace, must_exist=False)
 
+    def add_tracks(self, items: list[tuple[TrackRecord, np.ndarray, np.ndarray]], *,
+                   replace: bool = False) -> list[AddResult]:
+        """`add_track` for each of `items` in turn (Milvus has its own durability)."""
+        return [self.add_track(*item, replace=replace) for item in items]
+
     def replace_track(self, track: TrackRecord, vectors: np.ndarray,
                       starts_s: np.ndarray) -> AddResult:
         """Replace an existing track (`TrackNotFoundError` if absent); UNCHANGED if identical."""
@@ -442,6 +447,28 @@ class MilvusSegmentIndex:
         rows = sorted(rows, key=lambda r: r["segment_id"])
         vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32)
         return vectors.reshape(len(starts), self.zdim), np.array(starts)
+
+    def gather_vectors(
+        self, track_ids: list[str]
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Several tracks' stored segments in one round trip; see `SegmentIndex.gather_vectors`."""
+        with self._rw.read():
+            self._check_open()
+            spans = [(t, span) for t in track_ids if (span := self._spans.get(t)) is not None
+                     and len(span[1])]
+            ids = [i for _, (first, starts) in spans for i in range(first, first + len(starts))]
+            rows = self._call("get", self._client.get, self.collection, ids=ids,
+                              output_fields=["segment_id", "vector"]) if ids else []
+        by_id = {r["segment_id"]: r["vector"] for r in rows}
+        if len(by_id) != len(ids):
+            raise CorruptIndexError(f"Milvus holds {len(by_id)} of the {len(ids)} segments of "
+                                    f"tracks {[t for t, _ in spans]}")
+        offsets = np.zeros(len(spans) + 1, dtype=np.int64)
+        np.cumsum([len(starts) for _, (_, starts) in spans], out=offsets[1:])
+        vectors = np.asarray([by_id[i] for i in ids], dtype=np.float32).reshape(-1, self.zdim)
+        starts = np.concatenate([np.asarray(st, dtype=np.float64) for _, (_, st) in spans]
+                                or [np.zeros(0)])
+        return [t for t, _ in spans], vectors, starts, offsets
 
     def segment_ids(self, track_id: str) -> np.ndarray:
         """The ids of a track's segments, in the order of `get_vectors` rows."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.calibrate import uncalibrated_score
-from model.reduce import Reduction, best_pairs, nsqeuc, reduce
+from model.reduce import Reduction, best_pairs_batch, nsqeuc, reduce
 
 from .store import SegmentIndex
 from .types import TrackRecord
@@ -134,6 +134,24 @@ def candidate_tracks(index: SegmentIndex, vectors: np.ndarray, k: int, n: int) -
     return sorted(best, key=best.__getitem__)[:n]
 
 
+def _reduce_by_track(
+    dist: torch.Tensor, offsets: np.ndarray, query: QuerySegments, reduction: Reduction
+) -> list[tuple[int, float]]:
+    """(best shift, reduced distance) per track, from the query rows x all candidates'
+    segments matrix whose columns `offsets` split by track."""
+    if reduction == Reduction.parse("min"):  # vectorised: row minima per track, then per shift
+        n, n_shifts = len(query.starts_s), len(query.shifts)
+        per_track = np.minimum.reduceat(dist.numpy(), offsets[:-1], axis=1)
+        per_shift = per_track.reshape(n_shifts, n, -1).min(axis=1)  # (shifts, tracks)
+        out = []
+        for col in per_shift.T:
+            best = min(range(n_shifts),
+                       key=lambda i: (col[i], abs(query.shifts[i]), query.shifts[i]))
+            out.append((best, float(col[best])))
+        return out
+    return [query.best_shift(dist[:, a:b], reduction) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def rank_tracks(
     index: SegmentIndex,
     query: QuerySegments,
@@ -162,23 +180,28 @@ def rank_tracks(
     t1 = time.perf_counter()
     timings["search"] = t1 - t0
     n = len(query.starts_s)
-    scored = []  # (distance, track id, record, best shift, its distance matrix, ref starts)
-    for tid in candidates:
-        try:
-            ref, ref_starts = index.get_vectors(tid)
-            track = index.get_track(tid)
-        except KeyError:  # deleted between the kNN and now
-            continue
-        if track is None:
-            continue
-        dist_all = nsqeuc(q, torch.from_numpy(ref))
-        b, d = query.best_shift(dist_all, reduction)
-        scored.append((d, tid, track, b, dist_all[b * n : (b + 1) * n], ref_starts))
+    # One distance matrix for every candidate's stored segments (tracks deleted since the
+    # kNN are skipped), split by track for the reduction.
+    found, ref_all, starts_all, offsets = index.gather_vectors(candidates)
+    dist_all = nsqeuc(q, torch.from_numpy(ref_all)) if found else None
+    reduced = _reduce_by_track(dist_all, offsets, query, reduction) if found else []
+    scored = []  # (distance, track id, best shift, its rows of the distance matrix, ref starts)
+    for j, (tid, (b, d)) in enumerate(zip(found, reduced, strict=True)):
+        lo, hi = offsets[j], offsets[j + 1]
+        scored.append((d, tid, b, dist_all[b * n : (b + 1) * n, lo:hi], starts_all[lo:hi]))
     scored.sort(key=lambda s: (s[0], s[1]))
-    # Time ranges only for the tracks returned.
-    for d, _, track, b, dist, ref_starts in scored[: options.top_k]:
+    # Catalog records and time ranges only for the tracks returned.
+    returned = []
+    for d, tid, b, dist, ref_starts in scored:
+        if len(returned) == options.top_k:
+            break
+        track = index.get_track(tid)
+        if track is not None:  # else deleted meanwhile
+            returned.append((d, track, b, dist, ref_starts))
+    pairs = best_pairs_batch([r[3] for r in returned], options.max_matches)
+    for (d, track, b, dist, ref_starts), track_pairs in zip(returned, pairs, strict=True):
         matches = []
-        for i, j in best_pairs(dist, options.max_matches):
+        for i, j in track_pairs:
             j0, j1 = _matching_run(dist[i], j)
             ref_end = ref_starts[j1] + query.segment_s
             if track.duration_s:

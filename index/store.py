@@ -163,22 +163,23 @@ class SegmentIndex:
                 f"({self._failed}); reopen it to recover"
             )
 
-    def _commit(self, record: Record) -> None:
+    def _commit(self, records: list[Record]) -> None:
         try:
-            self._journal.append(record)
+            self._journal.append_many(records)
         except OSError as e:
             self._failed = f"journal write failed: {e}"
             raise SegmentIndexError(f"could not write {self._journal.path}: {e}") from e
-        self._seq = record.seq
+        self._seq = records[-1].seq
         with self._rw.write():
             try:
-                apply_record(self._store, self._ann, record)
-                self._catalog.apply(record)
+                for record in records:
+                    apply_record(self._store, self._ann, record)
+                self._catalog.apply_many(records)
             except Exception as e:  # memory or catalog may now lag the journal
-                self._failed = f"applying journal seq {record.seq} failed: {e}"
+                self._failed = f"applying journal seq {records[0].seq}.. failed: {e}"
                 raise SegmentIndexError(
-                    f"the write of {record.track_id!r} is durable in the journal but applying "
-                    f"it failed ({e}); reopen the index to complete it"
+                    f"the write of {[r.track_id for r in records][:5]} is durable in the "
+                    f"journal but applying it failed ({e}); reopen the index to complete it"
                 ) from e
 
     def add_track(
@@ -194,54 +195,74 @@ class SegmentIndex:
         The same track id with the same `content_sha256` is UNCHANGED (nothing written); with
         other content it raises `TrackExistsError`, unless `replace` is set. Durable on return.
         """
-        return self._write_track(track, vectors, starts_s, replace, must_exist=False)
+        return self._write_tracks([(track, vectors, starts_s)], replace, must_exist=False)[0]
+
+    def add_tracks(
+        self,
+        items: list[tuple[TrackRecord, np.ndarray, np.ndarray]],
+        *,
+        replace: bool = False,
+    ) -> list[AddResult]:
+        """`add_track` for many (track, vectors, starts) at once, with one journal write and
+        one fsync: durable together on return, and much faster on disk than one by one.
+
+        Everything is checked before anything is written: a track id twice in `items`
+        raises `ValueError`, a conflict (`TrackExistsError`) fails the whole batch.
+        """
+        ids = [track.track_id for track, _, _ in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"track ids repeated in one batch: "
+                             f"{sorted({t for t in ids if ids.count(t) > 1})[:5]}")
+        return self._write_tracks(items, replace, must_exist=False)
 
     def replace_track(
         self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray
     ) -> AddResult:
         """Replace an existing track (`TrackNotFoundError` if absent); UNCHANGED if identical."""
-        return self._write_track(track, vectors, starts_s, True, must_exist=True)
+        return self._write_tracks([(track, vectors, starts_s)], True, must_exist=True)[0]
 
-    def _write_track(
+    def _write_tracks(
         self,
-        track: TrackRecord,
-        vectors: np.ndarray,
-        starts_s: np.ndarray,
+        items: list[tuple[TrackRecord, np.ndarray, np.ndarray]],
         replace: bool,
         must_exist: bool,
-    ) -> AddResult:
-        check_track(track)
-        stored, starts = check_segments(vectors, starts_s, self.zdim, self._store.dtype)
+    ) -> list[AddResult]:
+        checked = []
+        for track, vectors, starts_s in items:
+            check_track(track)
+            checked.append((track, *check_segments(vectors, starts_s, self.zdim,
+                                                   self._store.dtype)))
         with self._writer:
             self._check_writable()
-            existing = self._store.get(track.track_id)
-            op = Op.ADD
-            if existing is None and must_exist:
-                raise TrackNotFoundError(f"no track {track.track_id!r} to replace")
-            if existing is not None:
-                if track.content_sha256 and existing.content_sha256 == track.content_sha256:
-                    return AddResult.UNCHANGED
-                if not replace:
-                    raise TrackExistsError(
-                        f"track {track.track_id!r} is already stored with content_sha256 "
-                        f"{existing.content_sha256!r}, got {track.content_sha256!r}; "
-                        "pass replace=True to replace it"
-                    )
-                op = Op.REPLACE
-            meta = dataclasses.replace(track, n_segments=len(starts), added_at=time.time())
-            self._commit(
-                Record(
-                    self._seq + 1,
-                    op,
-                    track.track_id,
-                    meta.to_json(),
-                    self._store.next_segment_id,
-                    starts,
-                    stored,
-                )
-            )
-            self._auto_snapshot()
-        return AddResult.REPLACED if op is Op.REPLACE else AddResult.ADDED
+            results, records = [], []
+            seq, segment_id = self._seq, self._store.next_segment_id
+            now = time.time()
+            for track, stored, starts in checked:
+                existing = self._store.get(track.track_id)
+                op = Op.ADD
+                if existing is None and must_exist:
+                    raise TrackNotFoundError(f"no track {track.track_id!r} to replace")
+                if existing is not None:
+                    if track.content_sha256 and existing.content_sha256 == track.content_sha256:
+                        results.append(AddResult.UNCHANGED)
+                        continue
+                    if not replace:
+                        raise TrackExistsError(
+                            f"track {track.track_id!r} is already stored with content_sha256 "
+                            f"{existing.content_sha256!r}, got {track.content_sha256!r}; "
+                            "pass replace=True to replace it"
+                        )
+                    op = Op.REPLACE
+                meta = dataclasses.replace(track, n_segments=len(starts), added_at=now)
+                seq += 1
+                records.append(Record(seq, op, track.track_id, meta.to_json(), segment_id,
+                                      starts, stored))
+                segment_id += len(starts)
+                results.append(AddResult.REPLACED if op is Op.REPLACE else AddResult.ADDED)
+            if records:
+                self._commit(records)
+                self._auto_snapshot()
+        return results
 
     def delete_track(self, track_id: str) -> bool:
         """Remove a track and its segments; False if there was none. Durable on return."""
@@ -249,7 +270,7 @@ class SegmentIndex:
             self._check_writable()
             if track_id not in self._store.slots:
                 return False
-            self._commit(Record(self._seq + 1, Op.DELETE, track_id, {"track_id": track_id}))
+            self._commit([Record(self._seq + 1, Op.DELETE, track_id, {"track_id": track_id})])
             self._auto_snapshot()
         return True
 
@@ -352,6 +373,26 @@ class SegmentIndex:
             if slot is None:
                 raise TrackNotFoundError(f"no track {track_id!r}")
             return np.array(slot.vectors, dtype=np.float32), np.array(slot.starts)
+
+    def gather_vectors(
+        self, track_ids: list[str]
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """The stored segments of several tracks at once, for vectorised re-ranking.
+
+        Returns (the tracks found, in the given order; their vectors concatenated (n, zdim)
+        float32; their start seconds (n,); row offsets (len + 1,)). Unknown ids are skipped.
+        """
+        with self._rw.read():
+            self._check_open()
+            slots = [s for s in map(self._store.get, track_ids) if s is not None and s.n]
+            offsets = np.zeros(len(slots) + 1, dtype=np.int64)
+            np.cumsum([s.n for s in slots], out=offsets[1:])
+            vectors = np.empty((int(offsets[-1]), self.zdim), dtype=np.float32)
+            starts = np.empty(int(offsets[-1]), dtype=np.float64)
+            for slot, a, b in zip(slots, offsets[:-1], offsets[1:], strict=True):
+                vectors[a:b] = slot.vectors
+                starts[a:b] = slot.starts
+            return [s.track_id for s in slots], vectors, starts, offsets
 
     def segment_ids(self, track_id: str) -> np.ndarray:
         """The ids of a track's segments, in the order of `get_vectors` rows."""

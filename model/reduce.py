@@ -275,6 +275,33 @@ def best_pairs(
     return [(i // s2, i % s2) for i in index[found].tolist()]
 
 
+def best_pairs_batch(dists: list[Tensor | np.ndarray], n: int) -> list[list[tuple[int, int]]]:
+    """``best_pairs(d, n)`` of each matrix, in one pass: matrices with the same number of
+    rows and any number of columns are padded into one batch."""
+    if not dists:
+        return []
+    mats = [_to_tensor(d) for d in dists]
+    s1 = mats[0].shape[0]
+    if any(m.ndim != 2 or m.shape[0] != s1 or 0 in m.shape for m in mats):
+        raise ValueError(f"expected matrices of {s1} rows, got {[tuple(m.shape) for m in mats]}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    s2 = max(m.shape[1] for m in mats)
+    dist = torch.full((len(mats), s1, s2), torch.inf, dtype=mats[0].dtype)
+    valid = torch.zeros((len(mats), s1, s2), dtype=torch.bool)
+    for b, m in enumerate(mats):
+        dist[b, :, : m.shape[1]] = m
+        valid[b, :, : m.shape[1]] = True
+    with torch.no_grad():
+        index, found = _bpwr_select(dist, valid, min(n, s1, s2))
+    out = []
+    for b, m in enumerate(mats):
+        steps = min(n, s1, m.shape[1])
+        flat = index[b][found[b]][:steps].tolist()
+        out.append([(i // s2, i % s2) for i in flat])
+    return out
+
+
 def track_distance(
     q: Tensor,
     c: Tensor,

@@ -72,8 +72,7 @@ def build_index(
             todo = [p for p in ready if p.wave is not None]
             zs = model.embed_many([p.wave for p in todo], hop=hop, batch_size=args.batch_size,
                                   errors="skip")
-            for p, z in zip(todo, zs):
-                p.error = _store(index, p, z, model.sample_rate, hop, args.replace, counts)
+            _store(index, list(zip(todo, zs)), model.sample_rate, hop, args.replace, counts)
             for p in ready:
                 if p.skipped:
                     counts["skipped"] += 1
@@ -108,20 +107,34 @@ def _prepare(
 
 
 def _store(
-    index: SegmentIndex, p: _Prepared, z: np.ndarray | None, sample_rate: int, hop: float,
-    replace: bool, counts: dict[str, int],
-) -> tuple[str, str] | None:
-    if z is None:
-        return ("bad_audio", "the audio could not be embedded")
-    e = p.entry
-    meta = {"track_id": e.track_id, "title": e.title, "artist": e.artist, "work_id": e.work_id}
-    record = reference_record(meta, len(p.wave), sample_rate, p.digest)
+    index: SegmentIndex, embedded: list[tuple[_Prepared, np.ndarray | None]], sample_rate: int,
+    hop: float, replace: bool, counts: dict[str, int],
+) -> None:
+    """Add a chunk's embedded files in one durable batch (one fsync); when the batch fails,
+    one by one, so that each failure is its own file's."""
+    items, owners = [], []
+    for p, z in embedded:
+        if z is None:
+            p.error = ("bad_audio", "the audio could not be embedded")
+            continue
+        e = p.entry
+        meta = {"track_id": e.track_id, "title": e.title, "artist": e.artist,
+                "work_id": e.work_id}
+        record = reference_record(meta, len(p.wave), sample_rate, p.digest)
+        items.append((record, z, np.arange(len(z), dtype=np.float64) * hop))
+        owners.append(p)
+        p.wave = None  # free the waveform
     try:
-        result = index.add_track(record, z, np.arange(len(z), dtype=np.float64) * hop,
-                                 replace=replace)
-    except Exception as exc:  # noqa: BLE001 - reported for this file, the build goes on
-        err = classify(exc)
-        return (err.code, err.message)
-    counts[result.value if result.value != "unchanged" else "skipped"] += 1
-    p.wave = None  # free the waveform
-    return None
+        results = index.add_tracks(items, replace=replace)
+    except Exception:  # noqa: BLE001 - retried one by one below to find the culprit
+        results = []
+        for p, item in zip(owners, items, strict=True):
+            try:
+                results.append(index.add_track(*item, replace=replace))
+            except Exception as exc:  # noqa: BLE001 - reported for this file, the build goes on
+                err = classify(exc)
+                p.error = (err.code, err.message)
+                results.append(None)
+    for result in results:
+        if result is not None:
+            counts[result.value if result.value != "unchanged" else "skipped"] += 1

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from model.reduce import Reduction, ReductionKind, best_pairs, nsqeuc, reduce, track_distance
+from model.reduce import (
+    Reduction,
+    ReductionKind,
+    best_pairs,
+    best_pairs_batch,
+    nsqeuc,
+    reduce,
+    track_distance,
+)
 
 TOL = 1e-6
 SHAPES = [(3, 7), (7, 3), (5, 5), (1, 6), (6, 1), (1, 1), (12, 10)]
@@ -410,3 +418,15 @@ def test_track_distance_rejects_bad_shapes():
         track_distance(torch.rand(2, 3, 4), torch.rand(2, 3, 5), "min")
     with pytest.raises(ValueError, match="qmask"):
         track_distance(torch.rand(2, 3, 4), torch.rand(2, 3, 4), "min", qmask=torch.ones(2, 4))
+
+
+def test_best_pairs_batch_equals_best_pairs_one_by_one():
+    rng = np.random.default_rng(11)
+    mats = [rng.standard_normal((3, n)).astype(np.float32) for n in (1, 2, 5, 40, 7)]
+    mats.append(np.round(rng.standard_normal((3, 6)), 0).astype(np.float32))  # ties
+    mats.append(np.full((3, 4), 2.0, dtype=np.float32))  # all tied
+    for n in (1, 3, 5):
+        assert best_pairs_batch(mats, n) == [best_pairs(m, n) for m in mats]
+    assert best_pairs_batch([], 3) == []
+    with pytest.raises(ValueError):
+        best_pairs_batch([mats[0], np.zeros((2, 3), np.float32)], 2)
