@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import load_model  # noqa: E402
-from model.evaluate import read_manifest  # noqa: E402
+from model import load_model
+from model.evaluate import read_manifest
 
 HOP_S = 5.0
 

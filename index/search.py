@@ -17,6 +17,7 @@ some invariance to key from its training pitch roll; trying the keys makes it ex
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ def _reduce_by_track(
                        key=lambda i: (col[i], abs(query.shifts[i]), query.shifts[i]))
             out.append((best, float(col[best])))
         return out
-    return [query.best_shift(dist[:, a:b], reduction) for a, b in zip(offsets[:-1], offsets[1:])]
+    return [query.best_shift(dist[:, a:b], reduction) for a, b in itertools.pairwise(offsets)]
 
 
 def rank_tracks(

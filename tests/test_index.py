@@ -195,8 +195,8 @@ def test_batch_add_is_one_durable_write(tmp_path):
             np.testing.assert_array_equal(got_s, starts)
             assert ix.get_track(tid).n_segments == len(vectors)
         queries = rng.standard_normal((4, ZDIM)).astype(np.float32)
-        d, ids = ix.search(queries, 5)
-        want_d, want_ids = exact_neighbours(ix, queries, 5)
+        _, ids = ix.search(queries, 5)
+        _, want_ids = exact_neighbours(ix, queries, 5)
         np.testing.assert_array_equal(ids, want_ids)
 
 
