@@ -39,7 +39,7 @@ log = logging.getLogger("refrain.train")
 
 @dataclass(frozen=True)
 class DataConfig:
-    manifest: str = ""  # CSV with clique,path[,split] (paths relative to the manifest)
+    manifest: str | list[str] = ""  # CSV(s) with clique,path[,split] (paths relative to each)
     cache: str = "cache/cqt"  # folder of cached CQTs (float16 .npy)
     crop_s: float = 60.0  # seconds per training crop (a multiple of the segment length)
     versions_per_work: int = 4  # recordings of each work per batch
@@ -110,9 +110,14 @@ class Track:
     cqt: np.ndarray | None = None  # (bins, frames) float16, pooled
 
 
-def read_tracks(manifest: str | Path, valid_fraction: float = 0.1) -> list[Track]:
-    """Rows of a `clique,path[,split]` manifest; without a split column, works are split
-    by a hash of the clique (never versions of one work across splits)."""
+def read_tracks(
+    manifest: str | Path | list[str | Path], valid_fraction: float = 0.1
+) -> list[Track]:
+    """Rows of a `clique,path[,split]` manifest (or of several, in turn: the same clique in
+    two manifests is one work); without a split column, works are split by a hash of the
+    clique (never versions of one work across splits)."""
+    if isinstance(manifest, list | tuple):
+        return [t for m in manifest for t in read_tracks(m, valid_fraction)]
     manifest = Path(manifest)
     tracks = []
     with open(manifest, newline="") as f:

@@ -194,3 +194,22 @@ def test_rendered_corpus_trains_end_to_end(tmp_path):
     }
     best = train(RunConfig.from_dict(raw))
     assert (best / "model.safetensors").exists()
+
+
+def test_several_manifests_make_one_track_list(tmp_path):
+    from model.train import RunConfig, read_tracks
+
+    for name, rows in (("a", [["w1", "x.flac", "train"], ["w2", "y.flac", "valid"]]),
+                       ("b", [["w1", "z.flac", "train"]])):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "manifest.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["clique", "path", "split"], *rows])
+    manifests = [str(tmp_path / "a" / "manifest.csv"), str(tmp_path / "b" / "manifest.csv")]
+    config = RunConfig.from_dict({"data": {"manifest": manifests}})
+    tracks = read_tracks(config.data.manifest)
+    assert [(t.clique, t.path, t.split) for t in tracks] == [
+        ("w1", tmp_path / "a" / "x.flac", "train"),
+        ("w2", tmp_path / "a" / "y.flac", "valid"),
+        ("w1", tmp_path / "b" / "z.flac", "train"),
+    ]
+    assert RunConfig.from_dict(config.to_dict()) == config
