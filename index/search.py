@@ -18,7 +18,6 @@ some invariance to key from its training pitch roll; trying the keys makes it ex
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -128,11 +127,10 @@ def candidate_tracks(index: SegmentIndex, vectors: np.ndarray, k: int, n: int) -
     k = max(1, min(k, max(index.n_segments, 1)))
     distances, ids = index.search(vectors, k)
     track_ids, _ = index.segment_info(ids)
-    best: dict[str, float] = {}
-    for tid, d in zip(track_ids.ravel(), distances.ravel()):
-        if tid is not None and d < best.get(tid, math.inf):
-            best[tid] = float(d)
-    return sorted(best, key=best.__getitem__)[:n]
+    order = np.argsort(distances.ravel(), kind="stable")
+    closest_first = dict.fromkeys(track_ids.ravel()[order])  # first sight = best distance
+    closest_first.pop(None, None)  # padding, or deleted since the search
+    return list(closest_first)[:n]
 
 
 def _reduce_by_track(
