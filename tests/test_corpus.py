@@ -269,6 +269,14 @@ def test_selection_skips_reserved_short_derived_and_duplicate_works(monkeypatch)
     assert reasons["oneills1850/c.abc#7"] == "duplicate of ryansMammoth/b.abc"
     first = cat.select_works(1, catalogue, cat.SelectOptions("default"), guard=guard)
     assert [f.id for f in first.works] == ["ryansMammoth/b.abc"]
+    # --min-parts: only works written in at least that many parts
+    catalogue.add([Facts("palestrina/m.krn", title="Kyrie", seconds=90.0, notes=400, parts=4,
+                         intervals=tune[5:])])
+    sources.append(cat.Source("palestrina/m.krn"))
+    parts = cat.select_works(None, catalogue, cat.SelectOptions("default", min_parts=3),
+                             guard=guard)
+    assert [f.id for f in parts.works] == ["palestrina/m.krn"]
+    assert parts.rejected["ryansMammoth/b.abc"] == "too few parts"
 
 
 def test_catalogue_survives_a_torn_last_line(tmp_path):

@@ -234,7 +234,7 @@ def _rejection(facts: Facts, options: SelectOptions, guard, seen: dict) -> str:
         return "unreadable"
     if facts.seconds < options.min_seconds or facts.notes < options.min_notes:
         return "too short"
-    if facts.parts < options.min_parts:
+    if options.min_parts > 1 and facts.parts < options.min_parts:
         return "too few parts"
     if guard is not None and (chorale := guard.match(facts)):
         return f"melody of Bach chorale {chorale}"
