@@ -93,9 +93,16 @@ class QuerySegments:
         given the (len(shifts) * S, R) distances of all query rows to its segments; ties go
         to the smaller shift."""
         n = len(self.starts_s)
-        ds = [float(reduce(dist[i * n : (i + 1) * n], reduction)) for i in range(len(self.shifts))]
-        best = min(range(len(ds)), key=lambda i: (ds[i], abs(self.shifts[i]), self.shifts[i]))
-        return best, ds[best]
+        return self.pick_shift(
+            [float(reduce(dist[i * n : (i + 1) * n], reduction)) for i in range(len(self.shifts))]
+        )
+
+    def pick_shift(self, distances) -> tuple[int, float]:
+        """(index, distance) of the smallest of one reduced distance per shift; ties go to the
+        smaller shift."""
+        best = min(range(len(distances)),
+                   key=lambda i: (distances[i], abs(self.shifts[i]), self.shifts[i]))
+        return best, float(distances[best])
 
 
 def key_shifts(n: int) -> tuple[int, ...]:
@@ -142,12 +149,7 @@ def _reduce_by_track(
         n, n_shifts = len(query.starts_s), len(query.shifts)
         per_track = np.minimum.reduceat(dist.numpy(), offsets[:-1], axis=1)
         per_shift = per_track.reshape(n_shifts, n, -1).min(axis=1)  # (shifts, tracks)
-        out = []
-        for col in per_shift.T:
-            best = min(range(n_shifts),
-                       key=lambda i: (col[i], abs(query.shifts[i]), query.shifts[i]))
-            out.append((best, float(col[best])))
-        return out
+        return [query.pick_shift(col) for col in per_shift.T]
     return [query.best_shift(dist[:, a:b], reduction) for a, b in itertools.pairwise(offsets)]
 
 
