@@ -204,13 +204,10 @@ class Journal:
                 )
             at = raw.find(RECORD_MAGIC, at + 1)
 
-    def append(self, record: Record) -> None:
-        """Write `record` and make it durable; on failure the file is left as before."""
-        self.append_many([record])
-
     def append_many(self, records: list[Record]) -> None:
         """Write `records` with one write and one fsync; durable together on return. A crash
-        before that leaves a prefix of them, each whole (none of them acknowledged)."""
+        before that leaves a prefix of them, each whole (none of them acknowledged); on a
+        failure the file is left as before."""
         if not self._replayed:
             raise RuntimeError("replay() the journal before appending to it")
         blob = b"".join(map(encode, records))
