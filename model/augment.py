@@ -1,7 +1,9 @@
-"""CQT-domain augmentations used in training: pitch roll, time stretch, SpecAugment."""
+"""CQT-domain augmentations used in training: pitch roll, time stretch, SpecAugment, gain and
+a random smooth equaliser (a timbre change the mixes of the corpus do not cover)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +20,13 @@ class AugmentConfig:
     specaug_f: float = 0.15  # largest masked fraction of bins
     specaug_t: float = 0.15  # largest masked fraction of frames
     gain_db: float = 6.0  # random gain on the magnitude (dB); the network normalises anyway
+    eq_p: float = 0.0  # probability of a random equaliser curve over the CQT bins
+    eq_db: float = 0.0  # its largest boost or cut (dB)
 
 
 def time_stretch(x: torch.Tensor, rate: float, frames: int) -> torch.Tensor:
     """(bins, T) -> stretched by `rate` (>1 longer) and repeat-padded/cut to `frames`."""
-    t = max(2, int(round(x.shape[-1] * rate)))
+    t = max(2, round(x.shape[-1] * rate))
     y = F.interpolate(x[None], size=t, mode="linear", align_corners=False)[0]
     if y.shape[-1] < frames:
         y = y.repeat(1, -(-frames // y.shape[-1]))
@@ -54,9 +58,24 @@ def augment(x: torch.Tensor, config: AugmentConfig, gen: torch.Generator) -> tor
         t = int(uniform(0, config.specaug_t) * frames)
         t0 = int(torch.randint(0, frames - t + 1, (), generator=gen))
         x[:, t0 : t0 + t] = 0
+    if config.eq_db and chance(config.eq_p):
+        x = x * eq_curve(bins, config.eq_db, gen)[:, None]
     if config.gain_db:
         x = x * 10 ** (uniform(-config.gain_db, config.gain_db) / 20)
     return x
+
+
+def eq_curve(bins: int, max_db: float, gen: torch.Generator, terms: int = 4) -> torch.Tensor:
+    """A smooth random gain per CQT bin, within +-`max_db` dB: a sum of `terms` low-order
+    cosines over the log-frequency axis (tilts, broad bumps and dips), as linear factors."""
+    f = torch.linspace(0, math.pi, bins)
+    k = torch.arange(1, terms + 1, dtype=torch.float32)
+    amp = torch.randn(terms, generator=gen) / k  # smoother: less weight on higher orders
+    phase = torch.rand(terms, generator=gen) * 2 * math.pi
+    curve = (amp[:, None] * torch.cos(k[:, None] * f[None] + phase[:, None])).sum(0)
+    peak = curve.abs().max().clamp_min(1e-6)
+    depth = float(torch.rand((), generator=gen)) * max_db
+    return 10 ** (curve / peak * depth / 20)
 
 
 def stretch_rate(config: AugmentConfig, gen: torch.Generator) -> float:

@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ class DataConfig:
     crop_s: float = 60.0  # seconds per training crop (a multiple of the segment length)
     versions_per_work: int = 4  # recordings of each work per batch
     valid_fraction: float = 0.1  # used when the manifest has no split column
+    # probability that a batch takes all its works from one manifest of the list (a work
+    # belongs to the first manifest listing it): negatives of one style are the hard ones
+    group_p: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class RunConfig:
     training: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         def build(kind, values):
             names = {f.name for f in fields(kind)}
             unknown = set(values) - names
@@ -89,7 +92,7 @@ class RunConfig:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +111,7 @@ class Track:
     path: Path
     split: str
     cqt: np.ndarray | None = None  # (bins, frames) float16, pooled
+    group: int = 0  # position of its manifest in the configured list
 
 
 def read_tracks(
@@ -117,7 +121,10 @@ def read_tracks(
     two manifests is one work); without a split column, works are split by a hash of the
     clique (never versions of one work across splits)."""
     if isinstance(manifest, list | tuple):
-        return [t for m in manifest for t in read_tracks(m, valid_fraction)]
+        tracks = []
+        for g, m in enumerate(manifest):
+            tracks += [replace(t, group=g) for t in read_tracks(m, valid_fraction)]
+        return tracks
     manifest = Path(manifest)
     tracks = []
     with open(manifest, newline="") as f:
@@ -188,17 +195,23 @@ class BatchSampler:
         self.works = sorted(w for w, idx in self.by_work.items() if len(idx) >= 2)
         if len(self.works) < 2:
             raise ValueError(f"training needs at least 2 works with 2+ versions, got {len(self.works)}")
+        groups: dict[int, list[str]] = {}
+        for w in self.works:
+            groups.setdefault(min(tracks[i].group for i in self.by_work[w]), []).append(w)
+        # only groups that can fill a batch on their own; drawn in proportion to their size
+        n = config.training.works_per_batch
+        self.groups = [ws for _, ws in sorted(groups.items()) if len(ws) >= n]
         self.tracks = tracks
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         c = config.model
-        self.seg_frames = int(round(c.shingling.len / (c.cqt.hoplen * c.cqt.pool)))
-        self.n_segments = max(1, int(round(config.data.crop_s / c.shingling.len)))
+        self.seg_frames = round(c.shingling.len / (c.cqt.hoplen * c.cqt.pool))
+        self.n_segments = max(1, round(config.data.crop_s / c.shingling.len))
 
     def crop(self, cqt: np.ndarray) -> torch.Tensor:
         frames = self.seg_frames * self.n_segments
         rate = stretch_rate(self.config.augment, self.gen)
-        src = max(2, int(round(frames / rate)))
+        src = max(2, round(frames / rate))
         x = torch.from_numpy(cqt.astype(np.float32))
         if x.shape[1] < src:
             x = x.repeat(1, -(-src // x.shape[1]))
@@ -210,7 +223,11 @@ class BatchSampler:
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> CQT segments (B*S, bins, frames), work labels (B,), track ids (B,)."""
-        works = self.rng.sample(self.works, min(self.config.training.works_per_batch, len(self.works)))
+        n_works = min(self.config.training.works_per_batch, len(self.works))
+        pool = self.works
+        if self.groups and self.config.data.group_p > 0 and self.rng.random() < self.config.data.group_p:
+            pool = self.rng.choices(self.groups, weights=[len(g) for g in self.groups])[0]
+        works = self.rng.sample(pool, n_works)
         crops, labels, ids = [], [], []
         for w, work in enumerate(works):
             idx = self.by_work[work]
@@ -251,8 +268,8 @@ def validate(net: CLEWSNet, tracks: list[Track], config: RunConfig, device: torc
     from model.evaluate import Item, evaluate
 
     c = config.model
-    seg_frames = int(round(c.shingling.len / (c.cqt.hoplen * c.cqt.pool)))
-    hop_frames = max(1, int(round(config.training.valid_hop_s / (c.cqt.hoplen * c.cqt.pool))))
+    seg_frames = round(c.shingling.len / (c.cqt.hoplen * c.cqt.pool))
+    hop_frames = max(1, round(config.training.valid_hop_s / (c.cqt.hoplen * c.cqt.pool)))
     zs = embed_cached(net, tracks, seg_frames, hop_frames, device)
     items = [Item(t.clique, t.path) for t in tracks]
     res = evaluate(None, items, embeddings=zs, query_seconds=(), reduction="bpwr-10")

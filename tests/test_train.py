@@ -11,7 +11,8 @@ import soundfile as sf
 import torch
 from helpers import SR, pitch_shift, synth_song, time_stretch
 
-from model.augment import AugmentConfig, augment, time_stretch as cqt_stretch
+from model.augment import AugmentConfig, augment
+from model.augment import time_stretch as cqt_stretch
 from model.calibrate import calibrate, fit_logistic
 from model.losses import LOSSES, LossConfig, contrastive_loss
 from model.reduce import Reduction, reduce
@@ -213,3 +214,49 @@ def test_several_manifests_make_one_track_list(tmp_path):
         ("w1", tmp_path / "b" / "z.flac", "train"),
     ]
     assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_eq_curve_is_smooth_bounded_and_constant_over_time():
+    from model.augment import eq_curve
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        g = eq_curve(84, 9.0, gen)
+        db = 20 * torch.log10(g)
+        assert g.shape == (84,) and db.abs().max() <= 9.0 + 1e-4
+        assert (db[1:] - db[:-1]).abs().max() < 2.0  # no bin-to-bin jumps: an EQ, not noise
+    x = torch.rand(84, 300) + 0.1
+    y = augment(x, AugmentConfig(pitch_p=0, specaug_p=0, gain_db=0, eq_p=1, eq_db=9), gen)
+    ratio = y / x
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5)  # per bin, every frame
+    assert (20 * torch.log10(ratio[:, 0])).abs().max() > 0.5  # and it did change something
+    off = augment(x, AugmentConfig(pitch_p=0, specaug_p=0, gain_db=0, eq_p=1, eq_db=0), gen)
+    assert torch.equal(off, x)
+
+
+def test_grouped_batches_take_their_works_from_one_manifest():
+    from model.train import BatchSampler, RunConfig, Track
+
+    tracks = []
+    for g, prefix, n in ((0, "a", 10), (1, "b", 6), (2, "c", 2)):  # group c cannot fill a batch
+        for w in range(n):
+            for v in range(2):
+                tracks.append(Track(f"{prefix}{w}", f"{prefix}{w}-{v}.flac", "train",
+                                    np.zeros((84, 200), np.float16), group=g))
+    tracks.append(Track("a0", "a0-late.flac", "train", np.zeros((84, 200), np.float16), group=2))
+
+    def groups_of_batches(group_p):
+        raw = {"data": {"crop_s": 20, "versions_per_work": 2, "group_p": group_p},
+               "training": {"works_per_batch": 4}}
+        sampler = BatchSampler(tracks, RunConfig.from_dict(raw), seed=0)
+        out = []
+        for _ in range(60):
+            _, _, ids = sampler.batch()
+            out.append({tracks[i].clique[0] for i in ids.tolist()})
+        return out
+
+    grouped = groups_of_batches(1.0)
+    assert all(len(g) == 1 for g in grouped)  # one manifest per batch
+    assert {next(iter(g)) for g in grouped} == {"a", "b"}  # a0 stays in group a; c never alone
+    mixed = groups_of_batches(0.0)
+    assert sum(len(g) > 1 for g in mixed) > 40
