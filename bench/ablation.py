@@ -20,10 +20,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import load_model  # noqa: E402
-from model.evaluate import evaluate, read_manifest  # noqa: E402
-from model.losses import LOSSES  # noqa: E402
-from model.train import RunConfig, train  # noqa: E402
+from model import load_model
+from model.evaluate import evaluate, read_manifest
+from model.losses import LOSSES
+from model.train import RunConfig, train
 
 REDUCTIONS = ("bpwr-5", "meanmin", "min")
 TAUS = (5.0, 10.0, 20.0, 30.0)

@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import helpers  # noqa: E402  tests/helpers.py: ffmpeg pitch shift and time stretch
+import helpers
 
-from index.search import key_shifts  # noqa: E402
-from model import load_model  # noqa: E402
-from model.embedder import transposed  # noqa: E402
-from model.evaluate import read_manifest  # noqa: E402
-from model.metrics import average_precision  # noqa: E402
-from model.reduce import nsqeuc  # noqa: E402
+from index.search import key_shifts
+from model import load_model
+from model.embedder import transposed
+from model.evaluate import read_manifest
+from model.metrics import average_precision
+from model.reduce import nsqeuc
 
 
 def pitch_shift(x: np.ndarray, semitones: int, sr: int) -> np.ndarray:

@@ -9,4 +9,4 @@ from model.checkpoint import CheckpointError, ModelIdentity
 from model.config import ModelConfig
 from model.embedder import Embedder, EmbedOptions, load_model
 
-__all__ = ["CheckpointError", "Embedder", "EmbedOptions", "ModelConfig", "ModelIdentity", "load_model"]
+__all__ = ["CheckpointError", "EmbedOptions", "Embedder", "ModelConfig", "ModelIdentity", "load_model"]

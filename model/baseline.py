@@ -10,7 +10,7 @@ for an `Embedder` in `model.evaluate.evaluate`.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

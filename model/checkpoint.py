@@ -208,7 +208,7 @@ def read_refrain(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         with safe_open(str(weights), framework="pt") as f:
             meta_json = (f.metadata() or {}).get("refrain")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read Refrain weights {weights}: {e}") from e
     if meta_json is None:

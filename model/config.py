@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,12 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Inverse of `to_dict`; unknown keys are rejected so typos do not pass silently."""
         return _build(cls, d)
 
     @classmethod
-    def from_official(cls, conf: Mapping[str, Any]) -> "ModelConfig":
+    def from_official(cls, conf: Mapping[str, Any]) -> ModelConfig:
         """From an official configuration (the whole YAML/DictConfig as a plain mapping).
 
         Only the fields the network needs are read; numbers written as strings

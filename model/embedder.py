@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class Embedder:
     def zdim(self) -> int:
         return self.config.zdim
 
-    def set_precision(self, dtype: torch.dtype | str) -> "Embedder":
+    def set_precision(self, dtype: torch.dtype | str) -> Embedder:
         """float32 (default), or bfloat16/float16 autocast for the network on CUDA."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if dtype != torch.float32 and self.device.type != "cuda":

@@ -19,7 +19,7 @@ from torch import nn
 
 def padded_length(n: int, length: int, hop: int) -> int:
     """Length the reference pads a signal of `n` samples to before cutting shingles."""
-    return max(int(math.ceil((n - length) / hop)), 0) * hop + length
+    return max(math.ceil((n - length) / hop), 0) * hop + length
 
 
 def repeat_pad(x: torch.Tensor, length: int) -> torch.Tensor:

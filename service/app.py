@@ -139,5 +139,5 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 def _load_quietly(runtime: Runtime) -> None:
     try:
         runtime.load()
-    except Exception:  # reported by /readyz and the log
+    except Exception:  # noqa: BLE001, S110 - reported by /readyz and the log
         pass

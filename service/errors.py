@@ -9,8 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from index import (IdentityMismatchError, SegmentIndexError, TrackExistsError,
-                   TrackNotFoundError)
+from index import IdentityMismatchError, SegmentIndexError, TrackExistsError, TrackNotFoundError
 from index.milvus import BackendUnavailableError
 from model.audio import AudioDecodeError, AudioTooLongError, UnsupportedAudioError
 from service.remote_worker import WorkerRejected, WorkersUnavailable

@@ -6,10 +6,10 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np

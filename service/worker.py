@@ -117,7 +117,7 @@ class InferenceWorker:
                     cqt = transposed(self.model.spectrogram(job.wave, job.hop_s), job.shifts)
                     jobs.append((job, cqt))
                     pending += len(cqt)
-                except Exception as e:  # a bad request must not stop the worker
+                except Exception as e:  # noqa: BLE001 - a bad request must not stop the worker
                     job.future.set_exception(e)
             remaining = deadline - time.monotonic()
             if pending >= self.max_batch or remaining <= 0:

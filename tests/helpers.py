@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from fractions import Fraction
 
 import av
@@ -81,7 +82,7 @@ def encode(x: np.ndarray, fmt: str, sr: int = SR) -> bytes:
 
 
 def resample_linear(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
-    n_out = int(round(len(x) * sr_out / sr_in))
+    n_out = round(len(x) * sr_out / sr_in)
     pos = np.arange(n_out) * (sr_in / sr_out)
     return np.stack([np.interp(pos, np.arange(len(x)), x[:, c]) for c in range(x.shape[1])], 1)
 
@@ -97,7 +98,7 @@ def ffmpeg_filter(x: np.ndarray, spec: str, sr: int = SR) -> np.ndarray:
         chain.append(graph.add(name, args or None))
     sink = graph.add("abuffersink")
     chain.append(sink)
-    for a, b in zip(chain, chain[1:]):
+    for a, b in itertools.pairwise(chain):
         a.link_to(b)
     graph.configure()
     out = []

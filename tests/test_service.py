@@ -19,8 +19,8 @@ FORMATS = ["flac", "mp3", "ogg", "m4a", "wav", "opus"]
 
 
 def settings(tmp_path, **kw) -> Settings:
-    base = dict(data_dir=tmp_path / "data", model=str(CKPT_A), api_keys=KEY, max_query_s=60.0,
-                max_reference_s=200.0, max_upload_bytes=32 << 20)
+    base = {"data_dir": tmp_path / "data", "model": str(CKPT_A), "api_keys": KEY,
+            "max_query_s": 60.0, "max_reference_s": 200.0, "max_upload_bytes": 32 << 20}
     return Settings(**{**base, **kw})
 
 
