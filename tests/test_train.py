@@ -260,3 +260,25 @@ def test_grouped_batches_take_their_works_from_one_manifest():
     assert {next(iter(g)) for g in grouped} == {"a", "b"}  # a0 stays in group a; c never alone
     mixed = groups_of_batches(0.0)
     assert sum(len(g) > 1 for g in mixed) > 40
+
+
+def test_shipped_configs_parse_and_chain_their_stages():
+    from pathlib import Path
+
+    from model.train import RunConfig
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    configs = {p.stem: RunConfig.load(p) for p in sorted(folder.glob("*.yaml"))}
+    assert "default" in configs
+    outs = {c.training.out: name for name, c in configs.items()}
+    assert len(outs) == len(configs)  # no two runs write to one folder
+    # each stage of the default model starts from the best weights of another configured run
+    name, chain = "default", []
+    while configs[name].training.init:
+        init = configs[name].training.init
+        assert init.endswith("/best") and init.removesuffix("/best") in outs, init
+        name = outs[init.removesuffix("/best")]
+        assert name not in chain
+        chain.append(name)
+        assert configs[name].model == configs["default"].model  # weights must fit
+    assert chain == ["default-stage3", "default-stage2", "default-stage1"]
