@@ -281,4 +281,4 @@ def test_shipped_configs_parse_and_chain_their_stages():
         assert name not in chain
         chain.append(name)
         assert configs[name].model == configs["default"].model  # weights must fit
-    assert chain == ["default-stage3", "default-stage2", "default-stage1"]
+    assert chain == ["default-stage4", "default-stage3", "default-stage2", "default-stage1"]

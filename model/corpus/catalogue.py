@@ -34,7 +34,7 @@ from model.corpus.works import (
 SPLITS = ("train", "valid", "test")
 _MAX_INTERVALS = 400  # kept per source; enough for every key below
 # Bumped whenever reading a score changes, so that catalogued facts from before are re-read.
-FACTS_VERSION = 2
+FACTS_VERSION = 3
 # Bach guard thresholds, in intervals of the melody (repeated notes merged); see BachGuard.
 _GUARD_INCIPIT = 10
 _GUARD_RUN = 14
@@ -56,6 +56,7 @@ class Facts:
     parts: int = 0
     notes: int = 0
     intervals: tuple[int, ...] = ()  # of the top line, repeated notes merged
+    homophony: float = 1.0  # Work.homophony(): near 1 when the top line is a tune over chords
     reader: str = ""  # music21 version and FACTS_VERSION that produced these facts
 
 
@@ -78,6 +79,7 @@ def facts_of(source: Source) -> Facts:
         parts=len(work.parts),
         notes=sum(len(p.notes) for p in work.parts),
         intervals=tuple(intervals(work.top_line())[:_MAX_INTERVALS]),
+        homophony=round(work.homophony(), 3),
         reader=version,
     )
 
@@ -192,6 +194,9 @@ class SelectOptions:
     min_seconds: float = 20.0  # shorter works (fragments) are skipped
     min_notes: int = 16
     min_parts: int = 1  # e.g. 3 for part-writing only (hymn-, madrigal-, mass-like works)
+    # Works whose top line is a tune: a single line, or parts moving with it (hymn-like and
+    # song-like part-writing), e.g. 0.65; 0 takes every work.
+    min_homophony: float = 0.0
 
 
 def ordered_sources(collection: str) -> list[Source]:
@@ -236,6 +241,8 @@ def _rejection(facts: Facts, options: SelectOptions, guard, seen: dict) -> str:
         return "too short"
     if options.min_parts > 1 and facts.parts < options.min_parts:
         return "too few parts"
+    if facts.homophony < options.min_homophony:
+        return "no tune on top"
     if guard is not None and (chorale := guard.match(facts)):
         return f"melody of Bach chorale {chorale}"
     keys = [("melody", facts.intervals[:MELODY_KEY_LEN])]

@@ -21,9 +21,11 @@ from model.corpus.catalogue import (
 )
 from model.corpus.pipeline import CorpusOptions, build_corpus
 from model.corpus.render import RenderError
+from model.corpus.versions import VersionOptions
 from model.corpus.works import list_sources
 
 COLLECTIONS = ("default", "bach-eval")
+TUNE_HOMOPHONY = 0.65  # --tunes: most other parts start their notes with the top line's
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -45,6 +47,16 @@ def _positive(kind, zero: bool = False):
         return value
 
     return parse
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,6 +96,29 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="skip works with fewer parts (3: part-writing only)",
     )
+    r.add_argument(
+        "--tunes",
+        action="store_true",
+        help="only works whose top line is a tune (one line, or parts moving with it)",
+    )
+    r.add_argument(
+        "--arrange",
+        type=_probability,
+        default=0.0,
+        help="chance that a version is a new arrangement of the tune (harmony, texture, groove)",
+    )
+    r.add_argument(
+        "--originals",
+        type=_positive(int, zero=True),
+        default=1,
+        help="the first N versions of every work keep its own parts (with --arrange)",
+    )
+    r.add_argument(
+        "--only-split",
+        choices=("train", "valid", "test"),
+        default=None,
+        help="render only the selected works of one split (e.g. a test set to evaluate on)",
+    )
     r.add_argument("--sample-rate", type=int, default=16000, choices=(16000, 22050, 24000))
     r.add_argument(
         "--splits",
@@ -119,6 +154,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--jobs", type=_positive(int), default=1)
     w.add_argument("--list", action="store_true", help="print every usable work")
 
+    h = sub.add_parser(
+        "harmony", help="how much the harmonisations of a corpus's arranged versions differ"
+    )
+    h.add_argument("corpus", type=Path, help="a corpus folder rendered with --arrange")
+    h.add_argument("--json", type=Path, default=None, help="also write the figures here")
+
     b = sub.add_parser("bach-melodies", help="rebuild the chorale melodies the Bach guard uses")
     b.add_argument("output", type=Path)
     b.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
@@ -131,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return _render(args)
     if args.command == "works":
         return _works(args)
+    if args.command == "harmony":
+        return _harmony(args)
     return _bach_melodies(args)
 
 
@@ -144,12 +187,15 @@ def _render(args) -> int:
         max_seconds=args.max_seconds,
         min_seconds=args.min_seconds,
         min_parts=args.min_parts,
+        min_homophony=TUNE_HOMOPHONY if args.tunes else 0.0,
+        only_split=args.only_split,
         sample_rate=args.sample_rate,
         splits=args.splits,
         soundfonts=tuple(args.soundfont) if args.soundfont else None,
         jobs=args.jobs,
         timeout_s=args.timeout,
         catalogue=args.catalogue,
+        version_options=VersionOptions(arrange=args.arrange, originals=args.originals),
     )
     start = time.monotonic()
     try:
@@ -183,6 +229,20 @@ def _works(args) -> int:
     for name, count in sorted(by_collection.items()):
         print(f"  {name:24s} {count}")
     print("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    return 0
+
+
+def _harmony(args) -> int:
+    from model.corpus.report import harmony_report
+
+    try:
+        report = harmony_report(args.corpus)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_json(), indent=1) + "\n")
     return 0
 
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.corpus.versions import DRUM_CHANNEL, VersionParams
+from model.corpus.grooves import groove_notes
+from model.corpus.versions import DRUM_CHANNEL, VersionParams, performed_work
 from model.corpus.works import Work
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def _lines(params: VersionParams) -> list[list[tuple[int, int, int]]]:
 
 def version_events(work: Work, params: VersionParams, max_seconds: float) -> list[Event]:
     """All notes of the version in seconds, cut at `max_seconds`."""
+    work = performed_work(work, params)
     rng = np.random.default_rng(params.seed)
     timeline = Timeline(work, params)
     raw = []  # (start quarter, end quarter, channel, pitch, velocity)
@@ -98,7 +100,12 @@ def version_events(work: Work, params: VersionParams, max_seconds: float) -> lis
                     if 0 <= p < 128:
                         v = vel * plan.gain * (0.8 if shift else 1.0)
                         raw.append((v0 + onset - w0, v0 + min(onset + dur, w1) - w0, channel, p, v))
-    if params.drums is not None:
+    if params.drums is not None and params.arrangement is not None:
+        gain = 100.0 * params.drums.gain
+        for v0, w0, w1 in timeline.spans:
+            for start, end, key, level in groove_notes(work, params.arrangement, w0, w1):
+                raw.append((v0 + start - w0, v0 + end - w0, DRUM_CHANNEL, key, gain * level))
+    elif params.drums is not None:
         raw.extend(_drum_notes(work, params, timeline))
     if not raw:
         return []

@@ -33,7 +33,7 @@ from model.corpus.catalogue import Catalogue, SelectOptions, select_works, split
 from model.corpus.degrade import apply_chain, describe, mp3_decode
 from model.corpus.midi import Timeline, version_midi
 from model.corpus.render import RenderError, find_soundfonts, render_midi
-from model.corpus.versions import VersionOptions, VersionParams, sample_version
+from model.corpus.versions import VersionOptions, VersionParams, performed_work, sample_version
 from model.corpus.works import Source, Work, WorkError, clique_id, load_work
 
 MANIFEST_COLUMNS = (
@@ -63,6 +63,8 @@ class CorpusOptions:
     max_seconds: float = 180.0  # versions are cut at this length
     min_seconds: float = 20.0  # works shorter than this at their base tempo are skipped
     min_parts: int = 1  # works with fewer parts are skipped
+    min_homophony: float = 0.0  # works whose top line is not a tune over chords are skipped
+    only_split: str | None = None  # render only the selected works of this split
     sample_rate: int = 16000
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, valid, test, by work
     soundfonts: tuple[str, ...] | None = None  # files or folders; None: the system's
@@ -90,12 +92,20 @@ def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
         raise RenderError("no soundfont found (Debian: apt-get install fluid-soundfont-gm)")
 
     catalogue = Catalogue(options.catalogue or out / "catalogue.jsonl")
-    select = SelectOptions(options.collection, options.min_seconds, min_parts=options.min_parts)
+    select = SelectOptions(
+        options.collection,
+        options.min_seconds,
+        min_parts=options.min_parts,
+        min_homophony=options.min_homophony,
+    )
     with tqdm(desc="selecting works", unit="source", disable=not progress) as bar:
         selection = select_works(
             options.works, catalogue, select, options.jobs, progress=bar.update
         )
-    works = _load_works(out, [f.id for f in selection.works], options.jobs)
+    ids = [f.id for f in selection.works]
+    if options.only_split is not None:
+        ids = [i for i in ids if _split(i, options) == options.only_split]
+    works = _load_works(out, ids, options.jobs)
 
     names = sorted(soundfonts)
     tasks, done, summary = [], [], Summary(works=len(works))
@@ -251,7 +261,10 @@ def _render_task(task: _Task) -> tuple[dict | None, str]:
             "version": params.version,
             "sample_rate": options.sample_rate,
             "duration_s": round(duration, 3),
-            "expected_s": round(min(Timeline(work, params).duration, options.max_seconds), 3),
+            "expected_s": round(
+                min(Timeline(performed_work(work, params), params).duration, options.max_seconds),
+                3,
+            ),
             "params": task.params,
         }
         _write_atomic(base.with_suffix(".json"), json.dumps(record).encode())

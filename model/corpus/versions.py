@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from model.corpus.arrange import Arrangement, arrange, sample_arrangement
 from model.corpus.degrade import Degradation, degradation_from_json, sample_degradations
 from model.corpus.works import Work
 
@@ -32,6 +33,22 @@ FAMILIES: dict[str, tuple[int, ...]] = {
     "synth pad": (88, 89, 90, 91, 94, 95),
 }
 BASS_FAMILY = ("bass", (32, 33, 35, 38))
+# Families by role in an arranged version (part names of `model.corpus.arrange`).
+ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "melody": ("voice", "choir", "reeds", "pipe", "strings", "brass", "synth lead", "organ",
+               "piano", "guitar", "mallets", "free reed"),
+    "accompaniment": ("piano", "organ", "guitar", "strings", "harp", "mallets", "synth pad"),
+    "pad": ("synth pad", "strings", "organ", "choir"),
+    "inner": ("choir", "organ", "strings", "brass", "reeds", "piano"),
+    "bass": ("bass", "bass", "bass", "low strings", "piano", "low brass"),
+}
+_ROLE_PROGRAMS: dict[str, tuple[int, ...]] = {
+    "voice": (52, 53, 54, 85),  # choir aahs, voice oohs, synth voice, lead voice
+    "free reed": (21, 22, 23),
+    "bass": BASS_FAMILY[1],
+    "low strings": (42, 43),
+    "low brass": (57, 58),
+}
 # Drum kits (programs of the GM percussion bank): standard, room, power, electronic, TR-808,
 # jazz, brush.
 DRUM_KITS = (0, 8, 16, 24, 25, 32, 40)
@@ -51,6 +68,8 @@ class VersionOptions:
     drums: float = 0.35  # chance of an added drum pattern
     jitter_ms: float = 25.0  # largest standard deviation of onset jitter
     synth_effects: float = 0.5  # chance of FluidSynth's own reverb and chorus
+    arrange: float = 0.0  # chance that a version is a new arrangement of the work's tune
+    originals: int = 1  # versions 0..originals-1 always keep the work's own parts
 
 
 @dataclass(frozen=True)
@@ -88,10 +107,13 @@ class VersionParams:
     velocity_jitter: float
     synth_effects: bool
     degradations: tuple[Degradation, ...]
+    arrangement: Arrangement | None = None  # a new arrangement of the tune, or the work's own
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["degradations"] = [g.to_json() for g in self.degradations]
+        if self.arrangement is None:  # records of the work's own parts stay as they were
+            del d["arrangement"]
         return d
 
     @classmethod
@@ -101,6 +123,8 @@ class VersionParams:
         d["sections"] = tuple(tuple(s) for s in d["sections"])
         d["drums"] = DrumPlan(**d["drums"]) if d["drums"] else None
         d["degradations"] = tuple(degradation_from_json(g) for g in d["degradations"])
+        if d.get("arrangement") is not None:
+            d["arrangement"] = Arrangement.from_json(d["arrangement"])
         return cls(**d)
 
     @property
@@ -115,6 +139,11 @@ class VersionParams:
         if self.drums:
             names.append(f"drums:{self.drums.kit}")
         return "+".join(names)
+
+
+def performed_work(work: Work, params: VersionParams) -> Work:
+    """What a version plays: its arrangement of `work`, or `work` itself."""
+    return work if params.arrangement is None else arrange(work, params.arrangement)
 
 
 def version_rng(seed: int, work_id: str, version: int) -> np.random.Generator:
@@ -134,16 +163,26 @@ def sample_version(
     if not soundfonts:
         raise ValueError("expected at least one soundfont, got none")
     rng = version_rng(seed, work.id, version)
+    arrangement = None
+    if version >= options.originals and options.arrange > 0:
+        # Its own generator: versions that are not arranged draw exactly what they always did.
+        arrange_rng = version_rng(seed, work.id + "#arrange", version)
+        if arrange_rng.random() < options.arrange:
+            arrangement = sample_arrangement(work, arrange_rng)
+            work = arrange(work, arrangement)
     audio_seed = int(rng.integers(2**31))
     soundfont = soundfonts[int(rng.integers(len(soundfonts)))]
     transpose = int(rng.integers(-options.transpose, options.transpose + 1))
     lo, hi = options.tempo
     tempo = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     drift = float(rng.uniform(-options.drift, options.drift)) if rng.random() < 0.6 else 0.0
-    parts = _plan_parts(work, rng, options)
+    if arrangement is None:
+        parts = _plan_parts(work, rng, options)
+    else:
+        parts = _plan_roles(work, rng, options)
     sections = _plan_sections(len(work.measures) - 1, rng, options)
     drums = None
-    if rng.random() < options.drums:
+    if rng.random() < (options.drums if arrangement is None else max(options.drums, 0.6)):
         kit = int(rng.choice(DRUM_KITS))
         drums = DrumPlan(kit, int(rng.choice((42, 44, 51))), float(rng.uniform(0.5, 0.9)))
     jitter = float(rng.uniform(0.0, options.jitter_ms))
@@ -165,6 +204,7 @@ def sample_version(
         velocity_jitter=round(velocity_jitter, 2),
         synth_effects=effects,
         degradations=chain,
+        arrangement=arrangement,
     )
 
 
@@ -188,6 +228,37 @@ def _plan_parts(work: Work, rng: np.random.Generator, options: VersionOptions) -
         double_program = int(rng.choice(programs)) if double else 0
         gain = float(rng.uniform(0.6, 1.1))
         plans.append(PartPlan(family, program, round(gain, 3), dropped[k], double, double_program))
+    return tuple(plans)
+
+
+def _plan_roles(work: Work, rng: np.random.Generator, options: VersionOptions) -> tuple:
+    """Programs of an arranged version's parts by their role: voice-like and solo instruments
+    for the tune, keyboards, guitars, strings and pads for the accompaniment, basses for the
+    bass; a hymn's inner voices often share one family (choir, organ, strings)."""
+    shared = str(rng.choice(ROLE_FAMILIES["inner"])) if rng.random() < 0.6 else None
+    melody_family = str(rng.choice(ROLE_FAMILIES["melody"]))
+    plans = []
+    for k, part in enumerate(work.parts):
+        role = part.name.split()[0]
+        if role in ("alto", "tenor") or (role == "bass" and shared and "alto" in
+                                          [p.name for p in work.parts]):
+            family = shared or str(rng.choice(ROLE_FAMILIES["inner"]))
+            if role == "bass" and rng.random() < 0.5:
+                family = "bass"
+        elif role == "melody" and part.name == "melody":
+            family = melody_family
+        elif role in ROLE_FAMILIES:
+            family = str(rng.choice(ROLE_FAMILIES[role]))
+        else:  # a handed-off phrase or a counter-melody: another solo instrument
+            family = str(rng.choice(ROLE_FAMILIES["melody"]))
+        programs = _ROLE_PROGRAMS.get(family) or FAMILIES[family]
+        program = int(rng.choice(programs))
+        dropped = k > 0 and role not in ("melody", "bass") and rng.random() < options.drop_part / 3
+        double = int(rng.choice((12, -12))) if role == "melody" and \
+            rng.random() < options.double_part else 0
+        double_program = int(rng.choice(programs)) if double else 0
+        gain = float(rng.uniform(0.85, 1.1) if role == "melody" else rng.uniform(0.55, 0.95))
+        plans.append(PartPlan(family, program, round(gain, 3), dropped, double, double_program))
     return tuple(plans)
 
 

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 # Collections that are no music to learn from: notation demos and exercises (one of them a
 # reharmonised Bach chorale).
 _EXCLUDED_COLLECTIONS = frozenset({"demos", "theoryExercises"})
@@ -105,13 +107,30 @@ class Work:
             bpm = value
         return bpm
 
+    def melody_part(self) -> int:
+        """Index of the part named as the tune (soprano, cantus, melody...), else 0."""
+        for k, p in enumerate(self.parts):
+            if _MELODY_PART.match(p.name.strip().lower()):
+                return k
+        return 0
+
+    def homophony(self) -> float:
+        """Mean share of the other parts that start a note with each onset of the melody part:
+        high for hymns and songs with chords (the tune on top of block harmony), low for
+        imitative polyphony, 1 for a tune alone."""
+        k = self.melody_part()
+        onsets = {round(n[0], 4) for n in self.parts[k].notes}
+        if len(self.parts) < 2 or not onsets:
+            return 1.0
+        others = [{round(n[0], 4) for n in p.notes} for j, p in enumerate(self.parts) if j != k]
+        return float(np.mean([np.mean([t in o for o in others]) for t in onsets]))
+
     def top_line(self) -> list[int]:
         """The melody: the highest pitch at each onset of the part named as the tune (soprano,
         cantus, melody...), else of the first part (which is not always the tune: Bach's
         chorales put obbligato instruments above the soprano)."""
-        named = [p for p in self.parts if _MELODY_PART.match(p.name.strip().lower())]
         highest: dict[float, int] = {}
-        for onset, _, pitch, _ in (named or self.parts)[0].notes:
+        for onset, _, pitch, _ in self.parts[self.melody_part()].notes:
             highest[onset] = max(pitch, highest.get(onset, 0))
         return [highest[k] for k in sorted(highest)]
 
