@@ -308,6 +308,95 @@ def test_default_sources_hold_no_bach_and_bach_eval_only_chorales():
     assert all(s.path.startswith("bach/bwv") for s in chorales)
 
 
+# Chorale tunes: music21's real chorale files grouped by melody (model/corpus/families.py).
+
+# Two harmonisations of "Herzlich tut mich verlangen" (one sung as "Befiehl du deine Wege"), a
+# "Befiehl du deine Wege" with a melody of its own, and one harmonisation of "O Gott, du
+# frommer Gott" that music21 ships twice.
+_HERZLICH = ("bach/bwv270.mxl", "bach/bwv244.62.mxl")
+_OTHER_BEFIEHL = "bach/bwv272.mxl"
+_TWINS = ("bach/bwv197.7-a.mxl", "bach/bwv398.mxl")
+
+
+@pytest.fixture(scope="module")
+def chorales():
+    pytest.importorskip("music21")
+    from model.corpus.works import Source, load_work
+
+    return {i: load_work(Source(i)) for i in (*_HERZLICH, _OTHER_BEFIEHL, *_TWINS)}
+
+
+def _transposed(work: Work, semitones: int, suffix: str) -> Work:
+    parts = [
+        Part(p.name, [(on, d, pitch + semitones, v) for on, d, pitch, v in p.notes])
+        for p in work.parts
+    ]
+    return replace(work, id=work.id.replace(".mxl", suffix + ".mxl"), parts=parts)
+
+
+def _melodies(works) -> dict:
+    from model.corpus.works import intervals
+
+    return {w.id: intervals(w.top_line()) for w in works}
+
+
+def test_families_group_the_harmonisations_of_a_tune_and_separate_other_tunes(chorales):
+    from model.corpus.families import TUNE_THRESHOLD, chorale_families, melody, tune_similarity
+
+    groups = chorale_families(_melodies(chorales.values()))
+    assert sorted(groups) == sorted([sorted(_HERZLICH), [_OTHER_BEFIEHL], sorted(_TWINS)])
+    # the same text sung to two tunes stays apart even though the titles match
+    a, b, c = (chorales[i] for i in (*_HERZLICH, _OTHER_BEFIEHL))
+    sim = tune_similarity([melody(_melodies([w])[w.id]) for w in (a, b, c)])
+    assert sim[0, 1] > TUNE_THRESHOLD + 0.2 and max(sim[0, 2], sim[1, 2]) < 0.3
+    assert chorale_families(_melodies(chorales.values()), titles=None) == groups
+
+
+def test_families_are_transposition_invariant(chorales):
+    from model.corpus.families import chorale_families, melody, tune_similarity
+
+    a, b = (chorales[i] for i in _HERZLICH)
+    up = _transposed(b, 5, "-up5")
+    mels = _melodies([a, b, up])
+    sim = tune_similarity([melody(mels[w.id]) for w in (a, b, up)])
+    assert sim[0, 2] == pytest.approx(sim[0, 1]) and sim[1, 2] == pytest.approx(1.0)
+    groups = chorale_families(_melodies([a, up, chorales[_OTHER_BEFIEHL]]), titles=None)
+    assert sorted(groups) == sorted([sorted([a.id, up.id]), [_OTHER_BEFIEHL]])
+
+
+def test_families_collapse_copies_of_one_harmonisation(chorales):
+    from model.corpus.families import harmonisation_overlap, same_harmonisation, select_families
+
+    twin, copy = (chorales[i] for i in _TWINS)
+    a, b = (chorales[i] for i in _HERZLICH)
+    assert same_harmonisation(twin, copy) and harmonisation_overlap(twin, copy) == 1.0
+    assert same_harmonisation(a, _transposed(a, -3, "-down3"))  # a transposed copy too
+    assert not same_harmonisation(a, b)  # one tune, two harmonisations
+
+    works = {w.id: w for w in chorales.values()}
+    loaded = []
+
+    def load(ids):
+        loaded.extend(ids)
+        return [works[i] for i in ids]
+
+    rejected: dict[str, str] = {}
+    tunes = select_families(_melodies(works.values()), list(works), None, load, 2, rejected)
+    (family,) = tunes.families  # the twins are one harmonisation: too few
+    assert family.members == sorted(_HERZLICH) and tunes.singles == 2
+    assert family.id.startswith("t") and family.id == select_families(
+        _melodies(works.values()), list(works), None, load, 2
+    ).families[0].id
+    assert rejected[_TWINS[0]].startswith("tune with fewer than 2")
+    everything = select_families(_melodies(works.values()), list(works), None, load, 1, {})
+    by_members = {tuple(f.members): f for f in everything.families}
+    kept = by_members[(_TWINS[0],)]  # same parts and length: the first by name stays
+    assert kept.duplicates == {_TWINS[1]: _TWINS[0]} and len(everything.families) == 3
+    # --works counts tunes, in an order fixed by their ids
+    first = select_families(_melodies(works.values()), list(works), 1, load, 1, {})
+    assert [f.id for f in first.families] == [everything.families[0].id]
+
+
 # A tiny corpus, rendered end to end.
 
 
@@ -430,21 +519,36 @@ def test_tiny_corpus_is_deterministic_and_resumable(corpus):
     ]
 
 
-def test_bach_eval_renders_only_chorales_into_an_eval_split(corpus, tmp_path):
+def test_bach_eval_renders_the_harmonisations_of_a_tune_as_one_clique(tmp_path, monkeypatch):
+    pytest.importorskip("music21")
+    if shutil.which("fluidsynth") is None:
+        pytest.skip("fluidsynth is not installed (Debian: apt-get install fluidsynth)")
+    soundfonts = _soundfonts()
+    if not soundfonts:
+        pytest.skip("no soundfont installed (Debian: apt-get install fluid-soundfont-gm)")
+    from model.corpus import catalogue as cat
     from model.corpus import main
+    from model.corpus.works import Source
 
+    # three of music21's chorale files, not all 412: two harmonisations of one tune, another
+    chosen = [Source(i) for i in (*_HERZLICH, _OTHER_BEFIEHL)]
+    monkeypatch.setattr(cat, "ordered_sources", lambda collection: chosen)
     out = tmp_path / "bach"
-    argv = ["render", "--out", str(out), "--collection", "bach-eval", "--works", "1"]
-    argv += [
-        "--versions",
-        "1",
-        "--max-seconds",
-        "8",
-        "--quiet",
-        "--soundfont",
-        corpus.soundfonts[0],
-    ]
+    argv = ["render", "--out", str(out), "--collection", "bach-eval", "--works", "0"]
+    argv += ["--versions", "1", "--max-seconds", "8", "--quiet", "--soundfont", soundfonts[0]]
     assert main(argv) == 0
-    (row,) = _rows(out)
-    assert row["work"].startswith("bach/bwv") and row["split"] == "eval"
-    assert sf.info(out / row["path"]).duration == pytest.approx(8.0, abs=0.01)
+    rows = _rows(out)
+    assert sorted(r["work"] for r in rows) == sorted(_HERZLICH)  # the other tune has one
+    assert len({r["clique"] for r in rows}) == 1 and rows[0]["clique"].startswith("t")
+    assert len({Path(r["path"]).parent for r in rows}) == 2  # a folder per harmonisation
+    assert all(r["split"] == "eval" for r in rows)
+    assert sf.info(out / rows[0]["path"]).duration == pytest.approx(8.0, abs=0.01)
+    (family,) = json.loads((out / "families.json").read_text())["families"]
+    assert family["family"] == rows[0]["clique"]
+    assert {m["work"] for m in family["members"]} == set(_HERZLICH)
+    assert {r["family"] for r in _records(out)} == {rows[0]["clique"]}
+    info = json.loads((out / "corpus.json").read_text())
+    assert info["skipped_sources"] == {"tune with fewer than 2 harmonisations": 1}
+    # resumable: a rerun renders nothing and writes the same manifest
+    assert main(argv) == 0
+    assert _rows(out) == rows

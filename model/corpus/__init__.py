@@ -6,7 +6,8 @@ different soundfonts, then degraded as recordings are) so that the versions of o
 clique. The Bach chorales are reserved for evaluation and never enter the default selection.
 
     python -m model.corpus render --out data/corpus --works 200 --versions 6 --seed 0 --jobs 2
-    python -m model.corpus render --out data/bach --collection bach-eval --versions 4
+    python -m model.corpus render --out data/bach --collection bach-eval --works 0 --versions 2
+    python -m model.corpus families         # the chorale tunes (bach-eval's cliques)
     python -m model.corpus works            # how many usable works there are
 
 Needs the `train` extra (music21, mido) and the fluidsynth program with soundfonts.

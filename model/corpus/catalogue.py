@@ -197,6 +197,9 @@ class SelectOptions:
     # Works whose top line is a tune: a single line, or parts moving with it (hymn-like and
     # song-like part-writing), e.g. 0.65; 0 takes every work.
     min_homophony: float = 0.0
+    # Skip works whose melody or title repeats an accepted one's; off for the chorale tunes,
+    # whose harmonisations share their melody (model/corpus/families.py groups them).
+    dedupe: bool = True
 
 
 def ordered_sources(collection: str) -> list[Source]:
@@ -245,6 +248,8 @@ def _rejection(facts: Facts, options: SelectOptions, guard, seen: dict) -> str:
         return "no tune on top"
     if guard is not None and (chorale := guard.match(facts)):
         return f"melody of Bach chorale {chorale}"
+    if not options.dedupe:
+        return ""
     keys = [("melody", facts.intervals[:MELODY_KEY_LEN])]
     if facts.title:
         keys.append(("title", normalise_title(facts.title), facts.intervals[:INCIPIT_LEN]))

@@ -72,12 +72,26 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", help="render (or complete) a corpus into a folder")
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument(
-        "--works", type=_positive(int, zero=True), default=200, help="number of works; 0 for all"
+        "--works",
+        type=_positive(int, zero=True),
+        default=200,
+        help="number of works (bach-eval: of chorale tunes); 0 for all",
     )
-    r.add_argument("--versions", type=_positive(int), default=6, help="versions per work")
+    r.add_argument(
+        "--versions",
+        type=_positive(int),
+        default=6,
+        help="versions per work (bach-eval: per harmonisation of a tune)",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--jobs", type=_positive(int), default=1, help="parallel processes")
     r.add_argument("--collection", choices=COLLECTIONS, default="default")
+    r.add_argument(
+        "--min-family",
+        type=_positive(int),
+        default=2,
+        help="bach-eval: skip tunes with fewer distinct harmonisations (1 keeps them all)",
+    )
     r.add_argument(
         "--max-seconds",
         type=_positive(float),
@@ -160,6 +174,12 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("corpus", type=Path, help="a corpus folder rendered with --arrange")
     h.add_argument("--json", type=Path, default=None, help="also write the figures here")
 
+    f = sub.add_parser("families", help="print the Bach chorale tunes and their harmonisations")
+    f.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
+    f.add_argument("--min-family", type=_positive(int), default=2)
+    f.add_argument("--jobs", type=_positive(int), default=1)
+    f.add_argument("--json", type=Path, default=None, help="also write the table here")
+
     b = sub.add_parser("bach-melodies", help="rebuild the chorale melodies the Bach guard uses")
     b.add_argument("output", type=Path)
     b.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
@@ -174,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return _works(args)
     if args.command == "harmony":
         return _harmony(args)
+    if args.command == "families":
+        return _families(args)
     return _bach_melodies(args)
 
 
@@ -188,6 +210,7 @@ def _render(args) -> int:
         min_seconds=args.min_seconds,
         min_parts=args.min_parts,
         min_homophony=TUNE_HOMOPHONY if args.tunes else 0.0,
+        min_family=args.min_family,
         only_split=args.only_split,
         sample_rate=args.sample_rate,
         splits=args.splits,
@@ -203,13 +226,16 @@ def _render(args) -> int:
     except (RenderError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    tunes = f"{summary.families} tunes, " if args.collection == "bach-eval" else ""
     print(
-        f"{summary.works} works, {summary.rows} versions in {args.out / 'manifest.csv'} "
+        f"{tunes}{summary.works} works, {summary.rows} versions in {args.out / 'manifest.csv'} "
         f"({summary.rendered} rendered, {summary.skipped} already there, "
         f"{len(summary.failed)} failed) in {time.monotonic() - start:.0f} s"
     )
-    if args.works and summary.works < args.works:
-        print(f"only {summary.works} usable works in {args.collection!r}", file=sys.stderr)
+    found = summary.families if args.collection == "bach-eval" else summary.works
+    if args.works and found < args.works:
+        kind = "tunes" if args.collection == "bach-eval" else "works"
+        print(f"only {found} usable {kind} in {args.collection!r}", file=sys.stderr)
     for failure in summary.failed:
         print(f"failed: {failure}", file=sys.stderr)
     return 1 if summary.failed else 0
@@ -243,6 +269,41 @@ def _harmony(args) -> int:
     print(report.summary())
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    return 0
+
+
+def _families(args) -> int:
+    from multiprocessing import Pool
+
+    from model.corpus.families import (
+        catalogued_melodies,
+        format_table,
+        select_families,
+        table,
+    )
+    from model.corpus.works import Source, load_work
+
+    catalogue = Catalogue(args.catalogue)
+    options = SelectOptions("bach-eval", dedupe=False)
+    with tqdm(desc="reading chorales", unit="source") as bar:
+        selection = select_works(None, catalogue, options, args.jobs, progress=bar.update)
+
+    def load(ids: list[str]):
+        if args.jobs > 1:
+            with Pool(args.jobs) as pool:
+                return pool.map(load_work, [Source(i) for i in ids])
+        return [load_work(Source(i)) for i in ids]
+
+    accepted = [f.id for f in selection.works]
+    tunes = select_families(catalogued_melodies(catalogue), accepted, None, load, args.min_family)
+    print(format_table(tunes))
+    print(
+        f"{len(tunes.families)} tunes with at least {args.min_family} harmonisations, "
+        f"{len(tunes.ids)} harmonisations, from {len(accepted)} chorale files "
+        f"({tunes.singles} tunes with fewer)"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(table(tunes), indent=1, ensure_ascii=False) + "\n")
     return 0
 
 

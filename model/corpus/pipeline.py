@@ -8,6 +8,11 @@ Layout of an output folder:
     catalogue.jsonl         cached facts about every source looked at
     works/<clique>.json     each selected work as plain note lists
     audio/<clique>/vNN.flac (or .mp3) and vNN.json, the version's record
+    families.json           bach-eval only: the chorale tunes and their harmonisations
+
+In a bach-eval corpus a manifest clique is a tune (model/corpus/families.py): the versions of
+all its harmonisations; each harmonisation (a chorale file, the `work` column) keeps its own
+<clique> folder, and its records in params.jsonl keep that clique and name the tune `family`.
 
 A version is complete when its record exists: audio is written under a temporary name and
 renamed, then the record likewise, so an interrupted run leaves no half file that looks done.
@@ -31,6 +36,7 @@ from tqdm import tqdm
 
 from model.corpus.catalogue import Catalogue, SelectOptions, select_works, split_of
 from model.corpus.degrade import apply_chain, describe, mp3_decode
+from model.corpus.families import catalogued_melodies, select_families, write_table
 from model.corpus.midi import Timeline, version_midi
 from model.corpus.render import RenderError, find_soundfonts, render_midi
 from model.corpus.versions import VersionOptions, VersionParams, performed_work, sample_version
@@ -64,6 +70,7 @@ class CorpusOptions:
     min_seconds: float = 20.0  # works shorter than this at their base tempo are skipped
     min_parts: int = 1  # works with fewer parts are skipped
     min_homophony: float = 0.0  # works whose top line is not a tune over chords are skipped
+    min_family: int = 2  # bach-eval: tunes with fewer distinct harmonisations are skipped
     only_split: str | None = None  # render only the selected works of this split
     sample_rate: int = 16000
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, valid, test, by work
@@ -81,6 +88,7 @@ class Summary:
     failed: list[str] = field(default_factory=list)
     works: int = 0
     rows: int = 0
+    families: int = 0  # bach-eval: tunes (manifest cliques)
 
 
 def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
@@ -92,17 +100,29 @@ def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
         raise RenderError("no soundfont found (Debian: apt-get install fluid-soundfont-gm)")
 
     catalogue = Catalogue(options.catalogue or out / "catalogue.jsonl")
+    tunes = options.collection == "bach-eval"
     select = SelectOptions(
         options.collection,
         options.min_seconds,
         min_parts=options.min_parts,
         min_homophony=options.min_homophony,
+        dedupe=not tunes,
     )
     with tqdm(desc="selecting works", unit="source", disable=not progress) as bar:
-        selection = select_works(
-            options.works, catalogue, select, options.jobs, progress=bar.update
-        )
+        n = None if tunes else options.works
+        selection = select_works(n, catalogue, select, options.jobs, progress=bar.update)
     ids = [f.id for f in selection.works]
+    families = None
+    if tunes:  # --works counts tunes; every harmonisation of a chosen tune is rendered
+        families = select_families(
+            catalogued_melodies(catalogue),
+            ids,
+            options.works,
+            lambda some: _load_works(out, some, options.jobs),
+            options.min_family,
+            selection.rejected,
+        )
+        ids = families.ids
     if options.only_split is not None:
         ids = [i for i in ids if _split(i, options) == options.only_split]
     works = _load_works(out, ids, options.jobs)
@@ -133,8 +153,12 @@ def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
     bar.close()
 
     split_names = {w.clique: _split(w.id, options) for w in works}
-    summary.rows = write_manifest(out, done, split_names)
+    family = {clique_id(m): f for m, f in families.family_of().items()} if families else None
+    summary.families = len(families.families) if families else 0
+    summary.rows = write_manifest(out, done, split_names, family)
     _write_summary(out, options, names, selection, summary)
+    if families is not None:
+        write_table(out, families)
     return summary
 
 
@@ -286,15 +310,24 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(out: Path, records: list[dict], splits: dict[str, str]) -> int:
-    """Write manifest.csv and params.jsonl for `records`, sorted by clique and version."""
-    records = sorted(records, key=lambda r: (r["clique"], r["version"]))
+def write_manifest(
+    out: Path, records: list[dict], splits: dict[str, str], family: dict[str, str] | None = None
+) -> int:
+    """Write manifest.csv and params.jsonl for `records`, sorted by clique, work and version.
+    `family` maps a record's clique to the clique written in the manifest (bach-eval: the
+    tune), recorded as `family` in params.jsonl."""
+    family = family or {}
+
+    def clique(r: dict) -> str:
+        return family.get(r["clique"], r["clique"])
+
+    records = sorted(records, key=lambda r: (clique(r), r["work"], r["version"]))
     rows = []
     for r in records:
         params = VersionParams.from_json(r["params"])
         rows.append(
             {
-                "clique": r["clique"],
+                "clique": clique(r),
                 "path": r["path"],
                 "split": splits[r["clique"]],
                 "work": r["work"],
@@ -309,7 +342,11 @@ def write_manifest(out: Path, records: list[dict], splits: dict[str, str]) -> in
         )
     text = _csv_text(rows)
     _write_atomic(out / "manifest.csv", text.encode())
-    lines = [json.dumps({**r, "split": splits[r["clique"]]}) + "\n" for r in records]
+    lines = [
+        json.dumps({**r, "split": splits[r["clique"]], **({"family": clique(r)} if family else {})})
+        + "\n"
+        for r in records
+    ]
     _write_atomic(out / "params.jsonl", "".join(lines).encode())
     return len(rows)
 
