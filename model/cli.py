@@ -37,8 +37,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="seconds of each track evaluated, from its start (0: all)")
     p.add_argument("--max-tracks", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--split", default=None, help="only rows of this split (e.g. test)")
-    p.add_argument("--baseline", action="store_true",
-                   help="evaluate the training-free chroma-2DFTM baseline instead of a model")
+    p.add_argument("--baseline", nargs="?", const="2dftm", default=None,
+                   choices=("2dftm", "qmax"),
+                   help="evaluate a training-free baseline instead of a model: chroma 2DFTM "
+                        "segments (the default) or Qmax chroma alignment (needs librosa)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes scoring Qmax pairs (default: the CPUs available)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--per-query", action="store_true", help="include per-query arrays in --json")

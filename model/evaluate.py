@@ -6,6 +6,10 @@ each query length tau, a clip of tau seconds cut at a seeded random offset of ev
 queries the whole embeddings of all the other tracks, scored with ``min``. Both levels
 report MAP, MR1, NAR and top-1/top-10 with 95% confidence intervals.
 
+A `PairwiseScorer` (the Qmax baseline of `model.qmax`) may stand in for the `Embedder`: its
+per-track features go through the same decoding and query clips, and it scores every
+(query, candidate) pair itself in place of the segment reductions.
+
     from model import load_model
     from model.evaluate import evaluate, read_manifest
     results = evaluate(load_model(), read_manifest("test.csv"), query_seconds=(10,))
@@ -25,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -41,6 +45,7 @@ __all__ = [
     "EvalOptions",
     "Evaluation",
     "Item",
+    "PairwiseScorer",
     "evaluate",
     "evaluate_detailed",
     "read_manifest",
@@ -109,6 +114,26 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Item]:
     return items
 
 
+@runtime_checkable
+class PairwiseScorer(Protocol):
+    """Stands in for an `Embedder` when tracks are compared pair by pair, not by embeddings.
+
+    Besides the `Embedder`'s ``sample_rate``, ``waveform``, ``identity`` and ``embed_many``
+    (which returns the scorer's own per-track features), it has a ``name``, which labels the
+    levels (``track (qmax)``), and ``distances``, which scores groups of query features
+    against all candidates at once and reports what that cost (an object with ``to_dict``).
+    """
+
+    name: str
+
+    def distances(
+        self,
+        queries: Sequence[Sequence[np.ndarray]],
+        cands: Sequence[np.ndarray],
+        progress: bool = False,
+    ) -> tuple[list[np.ndarray], Any]: ...
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     """How an evaluation is run; the defaults follow the paper."""
@@ -145,8 +170,8 @@ class EvalOptions:
     def track_label(self) -> str:
         return f"track ({self.reduction})"
 
-    def segment_label(self, tau: float) -> str:
-        return f"segment {tau:g} s ({self.segment_reduction})"
+    def segment_label(self, tau: float, scorer: str | None = None) -> str:
+        return f"segment {tau:g} s ({scorer or self.segment_reduction})"
 
 
 @dataclass
@@ -160,6 +185,7 @@ class Evaluation:
     skipped: list[tuple[int, str]]  # (item index, error) of tracks that could not be decoded
     model_identity: dict | None = None
     wall_s: float = 0.0
+    pairwise: dict | None = None  # a pairwise scorer's name and cost (pairs, seconds, ...)
     n_tracks: int = field(init=False)  # tracks evaluated
     n_cliques: int = field(init=False)  # distinct cliques among them
 
@@ -182,8 +208,12 @@ class Evaluation:
 
     def to_dict(self, per_query: bool = False) -> dict:
         """Plain JSON-ready dict: settings, counts, results; per-query arrays if asked."""
+        settings = dataclasses.asdict(self.options)
+        if self.pairwise is not None:  # the scorer replaces both reductions
+            settings.update(reduction=self.pairwise["scorer"],
+                            segment_reduction=self.pairwise["scorer"])
         out = {
-            "settings": {"model": self.model_identity, **dataclasses.asdict(self.options)},
+            "settings": {"model": self.model_identity, **settings},
             "counts": {
                 "tracks": self.n_tracks,
                 "cliques": self.n_cliques,
@@ -197,6 +227,8 @@ class Evaluation:
             ],
             "wall_s": self.wall_s,
         }
+        if self.pairwise is not None:
+            out["pairwise"] = self.pairwise
         if per_query:
             out["tracks"] = [{"clique": it.clique, "path": _path_str(it)} for it in self.items]
             out["per_query"] = {
@@ -284,9 +316,25 @@ def evaluate_detailed(
     ids = np.array(kept)
     cands = [whole[i] for i in kept]
     device = "cpu" if model is None else model.device
+    scorer = model.name if isinstance(model, PairwiseScorer) else None
 
-    def score(label: str, qids, qz, reduction: str, offsets=None) -> None:
-        dist = _distances(qz, cands, reduction, device, progress, label)
+    # (label, query item ids, query embeddings or features, reduction, offsets or None)
+    levels = [(opts.track_label if scorer is None else f"track ({scorer})", ids, cands,
+               opts.reduction, None)]
+    for tau in opts.query_seconds:
+        qids, offsets, qz = zip(*queries[tau])
+        levels.append((opts.segment_label(tau, scorer), np.array(qids), list(qz),
+                       opts.segment_reduction, np.array(offsets)))
+    pairwise = None
+    if scorer is None:  # one level's distance matrix at a time
+        dists = (_distances(qz, cands, reduction, device, progress, label)
+                 for label, _, qz, reduction, _ in levels)
+    else:
+        dists, cost = model.distances([level[2] for level in levels], cands, progress=progress)
+        pairwise = {"scorer": scorer, **cost.to_dict()}
+
+    results, per_query = {}, {}
+    for (label, qids, _, _, offsets), dist in zip(levels, dists):
         metrics = retrieval_metrics(dist, labels[qids], labels[ids], qids, ids)
         nearest = ids[np.where(qids[:, None] == ids[None, :], np.inf, dist).argmin(1)]
         index = metrics["per_query"].pop("index")
@@ -295,18 +343,6 @@ def evaluate_detailed(
             arrays["offset_s"] = offsets[index]
         results[label] = EvalResult.from_metrics(metrics)
         per_query[label] = arrays | metrics["per_query"]
-
-    results, per_query = {}, {}
-    score(opts.track_label, ids, cands, opts.reduction)
-    for tau in opts.query_seconds:
-        qids, offsets, qz = zip(*queries[tau])
-        score(
-            opts.segment_label(tau),
-            np.array(qids),
-            list(qz),
-            opts.segment_reduction,
-            np.array(offsets),
-        )
     identity = None if model is None else model.identity.to_dict()
     return Evaluation(
         options=opts,
@@ -316,6 +352,7 @@ def evaluate_detailed(
         skipped=skipped,
         model_identity=identity,
         wall_s=time.perf_counter() - start,
+        pairwise=pairwise,
     )
 
 
@@ -462,6 +499,16 @@ def _parse_seconds(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def _cost_line(cost: dict) -> str:
+    """E.g. 'qmax: 162,000 pairs in 95.0 s, 0.59 ms per pair (2 processes, 1.1 ms of CPU
+    per pair)': wall time, then process time summed over the scoring processes."""
+    return (
+        f"{cost['scorer']}: {cost['pairs']:,} pairs in {cost['wall_s']:.1f} s, "
+        f"{cost['ms_per_pair']:.3g} ms per pair ({cost['workers']} processes, "
+        f"{cost['cpu_ms_per_pair']:.3g} ms of CPU per pair)"
+    )
+
+
 def run_evaluation(args: argparse.Namespace) -> int:
     """`refrain evaluate`: print the table and counts, write JSON if asked.
 
@@ -484,10 +531,20 @@ def run_evaluation(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_seconds=args.max_seconds or None,
     )
-    if getattr(args, "baseline", False):
+    baseline = getattr(args, "baseline", None)
+    if baseline is True or baseline == "2dftm":  # True: the former on/off flag
         from model.baseline import ChromaBaseline
 
         model = ChromaBaseline()
+    elif baseline == "qmax":
+        from model.qmax import QmaxScorer
+
+        try:
+            model = QmaxScorer(workers=getattr(args, "jobs", None))
+        except ImportError as e:  # librosa is in the train extra
+            raise ValueError(str(e)) from None
+    elif baseline is not None:
+        raise ValueError(f"unknown baseline {baseline!r}; expected 2dftm or qmax")
     else:
         model = load_model(args.checkpoint, device=args.device)
     ev = evaluate_detailed(model, items, options, progress=True)
@@ -496,6 +553,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
         print(f"skipped (cannot decode): {items[i].path}: {err}", file=sys.stderr)
     print(format_table(ev.results))
     print(ev.summary())
+    if ev.pairwise is not None:
+        print(_cost_line(ev.pairwise))
     print(f"wall time {wall:.1f} s")
     if args.json:
         out = ev.to_dict(per_query=args.per_query)
