@@ -13,6 +13,7 @@ See `index.store` for the durability design and `index.snapshot` for the files o
 from .store import SegmentIndex, open_index
 from .types import (
     AddResult,
+    CatalogUnavailableError,
     CorruptIndexError,
     IdentityMismatchError,
     IndexClosedError,
@@ -20,6 +21,7 @@ from .types import (
     IndexNotFoundError,
     IndexOptions,
     IndexStats,
+    InsufficientStorageError,
     SegmentIndexError,
     TrackExistsError,
     TrackNotFoundError,
@@ -28,6 +30,7 @@ from .types import (
 
 __all__ = [
     "AddResult",
+    "CatalogUnavailableError",
     "CorruptIndexError",
     "IdentityMismatchError",
     "IndexClosedError",
@@ -35,6 +38,7 @@ __all__ = [
     "IndexNotFoundError",
     "IndexOptions",
     "IndexStats",
+    "InsufficientStorageError",
     "SegmentIndex",
     "SegmentIndexError",
     "TrackExistsError",

@@ -3,8 +3,9 @@
 The catalog is not a source of truth. Each write is applied to it after its journal record is
 durable, in one transaction that also stores the record's sequence number (`applied_seq`), so
 replaying the journal into it is idempotent: records with `seq <= applied_seq` are skipped.
-When the catalog is missing, unreadable, or behind the snapshot (its records already dropped
-from the journal), it is rebuilt from the snapshot's track list and the journal.
+When the catalog is missing, unreadable, damaged (`PRAGMA quick_check` at open, or a corruption
+error where a query meets it), or behind the snapshot (its records already dropped from the
+journal), it is rebuilt from the snapshot's track list and the journal.
 
 A track's segments have the contiguous ids `first_segment_id .. first_segment_id + n_segments
 - 1`; together with the start times kept beside the vectors, that is the segment -> (track,
@@ -13,6 +14,7 @@ start) mapping.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -21,6 +23,20 @@ from typing import Any
 
 from .journal import Op, Record
 from .types import TrackRecord
+
+log = logging.getLogger(__name__)
+
+# SQLite's primary result codes for a damaged file (SQLITE_CORRUPT, SQLITE_NOTADB); other
+# errors (disk full, I/O, locked) say nothing about the file's contents.
+_DAMAGE_CODES = (11, 26)
+
+
+def is_damage(error: sqlite3.Error) -> bool:
+    """True when `error` says the database file itself is damaged or is not a database."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:  # raised by Python's module itself, before SQLite said anything
+        return type(error) is sqlite3.DatabaseError
+    return code & 0xFF in _DAMAGE_CODES
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tracks (
@@ -90,15 +106,38 @@ class Catalog:
 
     @classmethod
     def open_or_reset(cls, path: Path) -> tuple[Catalog, bool]:
-        """Open the catalog; an unreadable file is deleted and recreated empty (returns True)."""
+        """Open the catalog; a file that is unreadable or fails SQLite's `quick_check` (page
+        damage a plain query may only meet later) is deleted and recreated empty (returns
+        True): it is derived data, rebuilt by the caller."""
+        catalog = None
         try:
             catalog = cls(path)
-            catalog.applied_seq()
-            return catalog, False
-        except sqlite3.DatabaseError:
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(path) + suffix).unlink(missing_ok=True)
-            return cls(path), True
+            problems = catalog.check()
+            if not problems:
+                catalog.applied_seq()
+                return catalog, False
+            log.warning("%s is damaged (%s); it will be rebuilt", path, "; ".join(problems[:3]))
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            log.warning("%s is unreadable (%s); it will be rebuilt", path, e)
+        if catalog is not None:
+            catalog.close()
+        return cls.reset(path), True
+
+    @classmethod
+    def reset(cls, path: Path) -> Catalog:
+        """Delete the catalog's files and create it empty."""
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        return cls(path)
+
+    def check(self) -> list[str]:
+        """SQLite's `quick_check` (every page and b-tree, not index contents): [] when sound."""
+        with self._mutex:
+            rows = self._db.execute("PRAGMA quick_check").fetchall()
+        found = [str(r[0]) for r in rows]
+        return [] if found == ["ok"] else found
 
     def applied_seq(self) -> int:
         with self._mutex:
@@ -135,7 +174,8 @@ class Catalog:
                 self._set_seq(todo[-1].seq)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite itself rolls back on some errors (disk full)
+                    db.execute("ROLLBACK")
                 raise
 
     def rebuild(self, rows: Iterable[tuple[dict[str, Any], int]], seq: int) -> None:
@@ -149,7 +189,8 @@ class Catalog:
                 self._set_seq(seq)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite itself rolls back on some errors (disk full)
+                    db.execute("ROLLBACK")
                 raise
 
     def get(self, track_id: str) -> TrackRecord | None:

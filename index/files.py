@@ -28,6 +28,11 @@ CATALOG_FILE = "catalog.sqlite"
 SNAPSHOT_DIR = "snapshot"
 MANIFEST_FILE = "MANIFEST.json"
 
+BACKUP_HINT = (
+    "nothing was deleted; restore the whole index directory from a backup "
+    "(deploy/README.md, section 'Backup and restore'), or rebuild it with "
+    "`refrain index build`"
+)
 REBUILD_HINT = (
     "rebuild it with `refrain index build PATH --data DIR` using this model, "
     "or open it with the model it was built with"

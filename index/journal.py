@@ -18,6 +18,7 @@ damage is not a torn append but corruption in the middle of acknowledged data:
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
@@ -67,6 +68,12 @@ class Record:
     @property
     def n_segments(self) -> int:
         return 0 if self.starts is None else len(self.starts)
+
+
+def record_size(n_segments: int, zdim: int, itemsize: int, meta_bytes: int) -> int:
+    """Bytes that one record of `n_segments` vectors takes in the journal (see `encode`)."""
+    return (_REC_HEADER.size + _PAYLOAD_HEAD.size + meta_bytes
+            + n_segments * (8 + itemsize * zdim))
 
 
 def encode(record: Record) -> bytes:
@@ -149,6 +156,7 @@ class Journal:
         self.end = _FILE_HEADER.size  # end of the valid prefix; set by replay()
         self.n_records = 0
         self._replayed = False
+        self.damaged: str | None = None  # set when a failed append could not be undone
 
     def _write_header(self) -> None:
         os.ftruncate(self._fd, 0)
@@ -192,6 +200,24 @@ class Journal:
             os.fsync(self._fd)
         self._replayed = True
 
+    def records(self) -> Iterator[Record]:
+        """Read the valid prefix again (after `replay`), without changing the file: what a
+        rebuild of derived state (the catalog) needs while the index is open."""
+        if not self._replayed:
+            raise RuntimeError("replay() the journal before reading it back")
+        raw = os.pread(self._fd, self.end, 0)
+        buf = memoryview(raw)
+        offset = _FILE_HEADER.size
+        while offset < self.end:
+            parsed = _parse_at(buf, offset, self.zdim)
+            if parsed is None:
+                raise CorruptIndexError(
+                    f"{self.path}: the record at offset {offset} was valid at open and is not "
+                    "now; the file changed under the index"
+                )
+            record, offset = parsed
+            yield record
+
     def _check_tail(self, raw: bytes, bad: int) -> None:
         buf = memoryview(raw)
         at = raw.find(RECORD_MAGIC, bad + 1)
@@ -210,17 +236,34 @@ class Journal:
         failure the file is left as before."""
         if not self._replayed:
             raise RuntimeError("replay() the journal before appending to it")
+        if self.damaged:
+            raise OSError(errno.EIO, f"{self.path} refuses appends: {self.damaged}")
         blob = b"".join(map(encode, records))
         try:
             written = os.pwrite(self._fd, blob, self.end)
-            if written != len(blob):
-                raise OSError(f"short write to {self.path}: {written} of {len(blob)} bytes")
+            if written != len(blob):  # what a filling disk does before it says ENOSPC
+                raise OSError(errno.ENOSPC, f"short write to {self.path}: {written} of "
+                              f"{len(blob)} bytes (disk full?)")
             _fsync(self._fd)
         except BaseException:
-            os.ftruncate(self._fd, self.end)
+            self._roll_back()
             raise
         self.end += len(blob)
         self.n_records += len(records)
+
+    def _roll_back(self) -> None:
+        """Cut a failed append off again, so that the next append starts at the valid end (its
+        fsync makes the cut durable too). When even that fails the file may hold a partial
+        record in front of the next one: `damaged` says so and appends are refused until the
+        journal is reopened, whose replay cuts the torn tail."""
+        try:
+            os.ftruncate(self._fd, self.end)
+            size = os.fstat(self._fd).st_size
+            if size != self.end:
+                raise OSError(errno.EIO, f"{size} bytes after truncating to {self.end}")
+        except OSError as e:
+            self.damaged = f"a failed append could not be cut back to {self.end} bytes ({e})"
+            log.error("%s: %s", self.path, self.damaged)
 
     def reset(self) -> None:
         """Drop every record (they are covered by a durable snapshot)."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from .backends import AnnIndex
 from .catalog import Catalog
-from .files import CATALOG_FILE, JOURNAL_FILE, SNAPSHOT_DIR
+from .files import BACKUP_HINT, CATALOG_FILE, JOURNAL_FILE, MANIFEST_FILE, SNAPSHOT_DIR
 from .journal import Journal, Op, Record
 from .snapshot import Manifest, collect_garbage, iter_tracks, load_ann, load_store, read_manifest
 from .types import CorruptIndexError, IndexOptions
@@ -84,7 +84,7 @@ def _load_ann(
     return ann
 
 
-def _rebuild_catalog(
+def rebuild_catalog(
     path: Path, catalog: Catalog, manifest: Manifest, records: list[Record], why: str
 ) -> None:
     log.warning("%s: rebuilding the catalog from the snapshot and journal (%s)", path, why)
@@ -97,10 +97,32 @@ def _rebuild_catalog(
         catalog.apply(record)
 
 
+def _unexplained_snapshot_files(snapdir: Path) -> list[str]:
+    """Snapshot files (not temporaries) in a snapshot folder that has no manifest."""
+    if (snapdir / MANIFEST_FILE).exists() or not snapdir.is_dir():
+        return []
+    return sorted(p.name for p in snapdir.iterdir() if not p.name.endswith(".tmp"))
+
+
+def _check_orphans(snapdir: Path, orphans: list[str], records: list[Record]) -> None:
+    """Without a manifest, snapshot files are leftovers only if the journal holds the whole
+    history (it starts at seq 1: no snapshot ever truncated it). Otherwise the manifest was
+    lost, and those files hold acknowledged writes that exist nowhere else."""
+    if not orphans or (records and records[0].seq == 1):
+        return
+    journal = f"starts at seq {records[0].seq}" if records else "is empty"
+    listed = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+    raise CorruptIndexError(
+        f"{snapdir / MANIFEST_FILE} is missing, but {snapdir} holds {len(orphans)} snapshot "
+        f"files ({listed}) and the journal {journal}, so they may hold the only copy of "
+        f"acknowledged writes; {BACKUP_HINT}"
+    )
+
+
 def recover(path: Path, zdim: int, factory: str, dtype: np.dtype, options: IndexOptions) -> State:
     snapdir = path / SNAPSHOT_DIR
+    orphans = _unexplained_snapshot_files(snapdir)
     manifest = read_manifest(snapdir)
-    collect_garbage(snapdir, manifest)
     store = VectorStore(zdim, dtype)
     load_store(snapdir, manifest, store)
     ann = _load_ann(path, manifest, store, factory, options)
@@ -109,11 +131,13 @@ def recover(path: Path, zdim: int, factory: str, dtype: np.dtype, options: Index
     catalog = None
     try:
         records = [r for r in journal.replay() if r.seq > manifest.seq]
+        _check_orphans(snapdir, orphans, records)
         if records and records[0].seq != manifest.seq + 1:
             raise CorruptIndexError(
                 f"{journal.path} starts at seq {records[0].seq}, "
                 f"the snapshot covers up to {manifest.seq}"
             )
+        collect_garbage(snapdir, manifest)  # only now: recovery has proven them superseded
         if journal.n_records and not records:
             journal.reset()  # all covered by the snapshot: a crash came before truncation
         seq = records[-1].seq if records else manifest.seq
@@ -123,12 +147,12 @@ def recover(path: Path, zdim: int, factory: str, dtype: np.dtype, options: Index
         catalog, reset = Catalog.open_or_reset(path / CATALOG_FILE)
         applied = catalog.applied_seq()
         if reset or not manifest.seq <= applied <= seq:
-            _rebuild_catalog(path, catalog, manifest, records, "it is missing or out of step")
+            rebuild_catalog(path, catalog, manifest, records, "it is missing or out of step")
         else:
             for record in records:
                 catalog.apply(record)  # skips those already applied
         if catalog.count() != len(store):
-            _rebuild_catalog(path, catalog, manifest, records, "its track count differs")
+            rebuild_catalog(path, catalog, manifest, records, "its track count differs")
     except BaseException:
         journal.close()
         if catalog is not None:

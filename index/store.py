@@ -27,16 +27,21 @@ training), excluding them only while memory is being changed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
 from .backends import make_factory_index
+from .catalog import Catalog, is_damage
 from .files import (
     INDEX_FILE,
     SNAPSHOT_DIR,
@@ -50,15 +55,17 @@ from .files import (
     validate_identity,
 )
 from .journal import Op, Record
-from .recovery import apply_record, recover
+from .recovery import apply_record, rebuild_catalog, recover
 from .rwlock import RWLock
 from .snapshot import collect_garbage, load_chunk, write_snapshot
 from .types import (
     AddResult,
+    CatalogUnavailableError,
     IndexClosedError,
     IndexNotFoundError,
     IndexOptions,
     IndexStats,
+    InsufficientStorageError,
     SegmentIndexError,
     TrackExistsError,
     TrackNotFoundError,
@@ -69,6 +76,8 @@ from .validate import check_k, check_queries, check_segments, check_track
 log = logging.getLogger(__name__)
 
 VECTOR_DTYPES = ("float32", "float16")
+
+T = TypeVar("T")
 
 
 def open_index(
@@ -150,6 +159,7 @@ class SegmentIndex:
         self._manifest = state.manifest
         self._journal = state.journal
         self._catalog = state.catalog
+        self._catalog_behind: str | None = None  # why the catalog lags the journal, if it does
         self._seq = state.seq
 
     # -- writes ---------------------------------------------------------------------------
@@ -167,20 +177,102 @@ class SegmentIndex:
         try:
             self._journal.append_many(records)
         except OSError as e:
-            self._failed = f"journal write failed: {e}"
-            raise SegmentIndexError(f"could not write {self._journal.path}: {e}") from e
+            # the journal cut the failed append off again: nothing was written, and the next
+            # write may succeed (once space is freed); unless even that cut failed
+            if self._journal.damaged:
+                self._failed = f"journal write failed and could not be undone: {e}"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorageError(
+                    f"the disk holding {self._journal.path} is full ({e}); nothing was "
+                    "written: free some space and write again"
+                ) from e
+            raise SegmentIndexError(
+                f"could not write {self._journal.path} ({e}); nothing was written"
+            ) from e
         self._seq = records[-1].seq
         with self._rw.write():
             try:
                 for record in records:
                     apply_record(self._store, self._ann, record)
-                self._catalog.apply_many(records)
-            except Exception as e:  # memory or catalog may now lag the journal
+            except Exception as e:  # memory may now lag the journal
                 self._failed = f"applying journal seq {records[0].seq}.. failed: {e}"
                 raise SegmentIndexError(
                     f"the write of {[r.track_id for r in records][:5]} is durable in the "
                     f"journal but applying it failed ({e}); reopen the index to complete it"
                 ) from e
+            try:
+                self._catalog.apply_many(records)
+            except sqlite3.Error as e:  # derived data: caught up from the journal later
+                self._catalog_behind = f"{type(e).__name__}: {e}"
+                log.error("%s: catalog write failed, it is behind the journal: %s",
+                          self.path, e)
+        # the write is durable and in memory: acknowledged even if the catalog lags
+        with contextlib.suppress(CatalogUnavailableError):
+            self._catch_up_catalog()
+
+    # -- the catalog: derived, repaired from the snapshot and journal -----------------------
+
+    def _catch_up_catalog(self) -> None:
+        """Apply to the catalog the journal records it missed after a failed write; rebuild
+        it when it is damaged. Caller holds `self._writer`."""
+        if self._catalog_behind is None:
+            return
+        try:
+            records = [r for r in self._journal.records() if r.seq > self._manifest.seq]
+            with self._rw.write():
+                self._catalog.apply_many(records)  # skips those it has
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise CatalogUnavailableError(
+                    f"{self._catalog.path} is behind the journal ({self._catalog_behind}) and "
+                    f"still cannot be written ({e}); it catches up once it can"
+                ) from e
+            self._rebuild_catalog(f"damaged: {e}")
+        self._catalog_behind = None
+
+    def _rebuild_catalog(self, why: str) -> None:
+        """Recreate the catalog from the snapshot's track list and the journal, the source of
+        truth. Caller holds `self._writer`."""
+        records = [r for r in self._journal.records() if r.seq > self._manifest.seq]
+        with self._rw.write():
+            self._catalog.close()
+            self._catalog = Catalog.reset(self._catalog.path)
+            rebuild_catalog(self.path, self._catalog, self._manifest, records, why)
+        self._catalog_behind = None
+
+    def _read_catalog(self, read: Callable[[Catalog], T]) -> T:
+        """`read(catalog)` under the read lock, after catching the catalog up if a write left
+        it behind; a read that meets page damage rebuilds the catalog and reads again."""
+        if self._catalog_behind is not None:
+            with self._writer:
+                self._check_open()
+                self._catch_up_catalog()
+        try:
+            with self._rw.read():
+                self._check_open()
+                return read(self._catalog)
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            log.error("%s: %s is damaged (%s); rebuilding it", self.path, self._catalog.path, e)
+            with self._writer:
+                self._check_open()
+                self._rebuild_catalog(f"a read met damage: {e}")
+        with self._rw.read():
+            self._check_open()
+            return read(self._catalog)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the index cannot serve every request now (None: it can): writes refused after
+        a failure that needs a reopen, or a catalog still behind the journal."""
+        if self._closed:
+            return "closed"
+        if self._failed:
+            return f"writes refused until reopened: {self._failed}"
+        if self._catalog_behind:
+            return f"{self._catalog.path} is behind the journal ({self._catalog_behind})"
+        return None
 
     def add_track(
         self,
@@ -309,8 +401,16 @@ class SegmentIndex:
             ann = ann.rebuild(
                 store.batches, lambda n: store.sample(n, self.options.train_seed), store.n_segments
             )
+        self._catch_up_catalog()  # a snapshot lists the catalog's rows: they must be whole
+        try:
+            rows = list(self._catalog.dump())
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            self._rebuild_catalog(f"a snapshot met damage: {e}")
+            rows = list(self._catalog.dump())
         manifest, moved = write_snapshot(
-            self._snapdir, self._manifest, self._seq, store, self._catalog.dump(), ann, compact
+            self._snapdir, self._manifest, self._seq, store, rows, ann, compact
         )
         # committed: swap in what was built, then drop what the manifest no longer names
         chunk = None
@@ -404,9 +504,7 @@ class SegmentIndex:
             return slot.ids
 
     def get_track(self, track_id: str) -> TrackRecord | None:
-        with self._rw.read():
-            self._check_open()
-            return self._catalog.get(track_id)
+        return self._read_catalog(lambda catalog: catalog.get(track_id))
 
     def list_tracks(
         self, limit: int = 100, cursor: str | None = None
@@ -415,9 +513,7 @@ class SegmentIndex:
         (None on the last page). Pages are stable under concurrent writes."""
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
             raise ValueError(f"limit must be an int in 1..10000, got {limit!r}")
-        with self._rw.read():
-            self._check_open()
-            rows = self._catalog.page(limit + 1, cursor)
+        rows = self._read_catalog(lambda catalog: catalog.page(limit + 1, cursor))
         if len(rows) > limit:
             return rows[:limit], rows[limit - 1].track_id
         return rows, None

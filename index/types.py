@@ -8,6 +8,7 @@ from typing import Any
 
 __all__ = [
     "AddResult",
+    "CatalogUnavailableError",
     "CorruptIndexError",
     "IdentityMismatchError",
     "IndexClosedError",
@@ -15,6 +16,7 @@ __all__ = [
     "IndexNotFoundError",
     "IndexOptions",
     "IndexStats",
+    "InsufficientStorageError",
     "SegmentIndexError",
     "TrackExistsError",
     "TrackNotFoundError",
@@ -44,6 +46,16 @@ class IndexClosedError(SegmentIndexError):
 
 class CorruptIndexError(SegmentIndexError):
     """Files on disk contradict each other in a way recovery must not guess about."""
+
+
+class InsufficientStorageError(SegmentIndexError):
+    """The disk holding the index is full: the write was not made and nothing changed.
+    Writes succeed again once space is freed, with no reopen."""
+
+
+class CatalogUnavailableError(SegmentIndexError):
+    """The SQLite catalog could not take a write (disk full, I/O error) and is behind the
+    journal; reads of it resume once it has caught up, which every later call retries."""
 
 
 class TrackExistsError(SegmentIndexError):

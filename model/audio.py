@@ -37,6 +37,9 @@ _PYAV_ERRORS = (av.error.FFmpegError, OSError, EOFError, ValueError, RuntimeErro
 _SOUNDFILE_ERRORS = (sf.SoundFileError, RuntimeError, ValueError, OSError, EOFError)
 _INT_SCALES = {"u8": 128.0, "s16": 2.0**15, "s32": 2.0**31, "s64": 2.0**63}
 _EXPECTED_FORMATS = "WAV, FLAC, OGG/Vorbis, Opus, MP3 or M4A/AAC"
+# Full scale is 1. Float files may exceed it a little (or hold integer-scaled values), but a
+# sample beyond this is not audio, and its square overflows float32 inside the CQT.
+MAX_ABS_SAMPLE = 1e6
 
 
 class AudioDecodeError(ValueError):
@@ -79,14 +82,25 @@ def load_audio(
         x, sr = _decode(file, max_duration_s)
     if x.size == 0:
         raise AudioDecodeError("expected at least one audio sample, got a zero-length stream")
-    bad = int(np.count_nonzero(~np.isfinite(x)))
-    if bad:
-        raise AudioDecodeError(f"expected finite samples, got {bad} NaN/inf of {x.size}")
+    check_samples(x)
     if sr != sample_rate:
         x = resample(x, sr, sample_rate)
         if x.size == 0:
             raise AudioDecodeError(f"expected audio of at least 1/{sample_rate} s, got less")
     return x
+
+
+def check_samples(x: np.ndarray) -> None:
+    """AudioDecodeError unless every sample is finite and within +-MAX_ABS_SAMPLE."""
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        raise AudioDecodeError(f"expected finite samples, got {bad} NaN/inf of {x.size}")
+    peak = float(np.abs(x).max())
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioDecodeError(
+            f"expected samples within +-{MAX_ABS_SAMPLE:g} (full scale is 1), got a peak of "
+            f"{peak:.3g}"
+        )
 
 
 def audio_duration(source: Source) -> float | None:

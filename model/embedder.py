@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from model.audio import AudioDecodeError, AudioTooLongError, load_audio
+from model.audio import AudioDecodeError, AudioTooLongError, check_samples, load_audio
 from model.checkpoint import ModelIdentity, load_checkpoint, weights_sha256
 from model.config import ModelConfig
 from model.network import CLEWSNet
@@ -81,8 +81,9 @@ class Embedder:
                 raise AudioDecodeError(
                     f"expected a 1-D mono waveform at {self.sample_rate} Hz, got shape {x.shape}"
                 )
-            if x.size == 0 or not np.isfinite(x).all():
-                raise AudioDecodeError("waveform is empty or has non-finite samples")
+            if x.size == 0:
+                raise AudioDecodeError("waveform is empty")
+            check_samples(x)
             if max_duration_s is not None and x.size > max_duration_s * self.sample_rate:
                 raise AudioTooLongError(x.size / self.sample_rate, max_duration_s)
         else:
@@ -129,7 +130,7 @@ class Embedder:
         """Audio (path, bytes, file object, 16 kHz mono array or tensor) -> (S, zdim) float32."""
         x = self.waveform(audio, max_duration_s=max_duration_s)
         z = self.embed_spectrograms(self.spectrogram(x, hop))
-        return z.cpu().numpy().astype(np.float32, copy=False)
+        return check_embeddings(z.cpu().numpy().astype(np.float32, copy=False))
 
     def embed_many(
         self,
@@ -167,8 +168,11 @@ class Embedder:
                 z = self.embed_spectrograms(cqt, batch_size).cpu().numpy()
                 pos = 0
                 for i, c in pending:
-                    results[i] = z[pos : pos + len(c)]
+                    zi = z[pos : pos + len(c)]
                     pos += len(c)
+                    if errors == "raise":
+                        check_embeddings(zi)
+                    results[i] = zi if np.isfinite(zi).all() else None  # skipped as undecodable
                     bar.update(1)
                 pending.clear()
 
@@ -188,6 +192,14 @@ class Embedder:
             flush(force=True)
         bar.close()
         return results
+
+
+def check_embeddings(z: np.ndarray) -> np.ndarray:
+    """`z` unchanged, or AudioDecodeError when the network gave NaN or infinite values (audio
+    that decodes but that the network cannot represent): such vectors are never stored."""
+    if not np.isfinite(z).all():
+        raise AudioDecodeError("the network gave non-finite embeddings for this audio")
+    return z
 
 
 def transposed(cqt: torch.Tensor, shifts: Sequence[int]) -> torch.Tensor:

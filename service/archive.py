@@ -3,9 +3,13 @@
 Nothing in an archive is trusted. Every member name is checked before anything is written
 (no absolute paths, no `..`), and tar links, devices and FIFOs refuse the whole archive.
 Extracted files never take their names from the archive: they are numbered inside the
-destination folder, so no member can land anywhere else. Sizes are bounded three ways: the
-member count, the sum of the sizes the headers declare, and the bytes actually written while
-extracting (a header may lie); zip members with an absurd compression ratio are refused.
+destination folder, so no member can land anywhere else. Sizes are bounded four ways: the
+member count, the sum of the sizes the headers declare, the bytes actually written while
+extracting (a header may lie), and each audio member's size (the per-file upload limit).
+Decompression bombs are refused by ratio, for zip members one by one and for the whole archive
+of either kind (a tar.gz compresses as one stream): the archive may not inflate to more than
+MAX_RATIO times its own size. Both are checked on the headers, as each is read, so a bomb is
+refused at its first oversized header, before its data is ever inflated.
 Only audio files and a root `manifest.csv` / `manifest.json` are taken; the rest is counted.
 
 Every header is read and checked before the first file is written, so a refused archive
@@ -46,6 +50,12 @@ _CORRUPT = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EO
 class ArchiveLimits:
     max_files: int  # members of any kind
     max_bytes: int  # uncompressed bytes, declared and extracted
+    max_file_bytes: int | None = None  # one audio member, uncompressed (None: no limit)
+
+    def inflated(self, archive_bytes: int) -> int:
+        """Uncompressed bytes allowed for an archive of `archive_bytes`: the size limit, or
+        MAX_RATIO times the archive (never below RATIO_FLOOR), whichever is smaller."""
+        return min(self.max_bytes, max(RATIO_FLOOR, MAX_RATIO * archive_bytes))
 
 
 @dataclass
@@ -66,6 +76,28 @@ class _Budget:
         self.left -= n
         if self.left < 0:
             raise _too_large(f"member {name!r} inflates the archive past {self.limit} bytes")
+
+
+def _check_declared(declared: int, name: str, archive_bytes: int, limits: ArchiveLimits) -> None:
+    """Refuse once the sizes declared so far (through member `name`) cross a limit."""
+    if declared > limits.max_bytes:
+        raise _too_large(
+            f"archive declares more than {limits.max_bytes} uncompressed bytes "
+            f"(reached at member {name!r})"
+        )
+    if declared > limits.inflated(archive_bytes):
+        raise _unsafe(
+            name,
+            f"takes the archive of {archive_bytes} bytes past {declared} uncompressed "
+            f"(more than {MAX_RATIO}:1): refusing a likely decompression bomb",
+        )
+
+
+def _check_file(size: int, name: str, limits: ArchiveLimits) -> None:
+    if limits.max_file_bytes is not None and size > limits.max_file_bytes:
+        raise ApiError(413, "file_too_large",
+                       f"archive member {name[:200]!r} has {size} bytes, at most "
+                       f"{limits.max_file_bytes} per file")
 
 
 def _too_large(message: str) -> ApiError:
@@ -145,19 +177,20 @@ def extract_archive(
     files already written are left for the caller to remove. `check_space` gets the bytes
     the audio members declare before anything is written."""
     check = check_space or _no_check
+    size = src.seek(0, os.SEEK_END)
     src.seek(0)
     head = src.read(4)
     src.seek(0)
     if head in _ZIP_MAGIC:
-        return _extract_zip(src, dest, limits, check)
+        return _extract_zip(src, size, dest, limits, check)
     try:
         with tarfile.open(fileobj=src, mode="r:*") as tar:
-            return _extract_tar(tar, dest, limits, check)
+            return _extract_tar(tar, size, dest, limits, check)
     except tarfile.TarError as e:  # not a tar in any compression (members are checked inside)
         src.seek(0)
         if zipfile.is_zipfile(src):  # a zip with a prefix (self-extracting)
             src.seek(0)
-            return _extract_zip(src, dest, limits, check)
+            return _extract_zip(src, size, dest, limits, check)
         raise _bad(str(e) or type(e).__name__) from None
 
 
@@ -166,7 +199,7 @@ def _no_check(n: int) -> None:
 
 
 def _extract_zip(
-    src: BinaryIO, dest: Path, limits: ArchiveLimits, check: SpaceCheck
+    src: BinaryIO, size: int, dest: Path, limits: ArchiveLimits, check: SpaceCheck
 ) -> Extracted:
     try:
         zf = zipfile.ZipFile(src)
@@ -194,39 +227,37 @@ def _extract_zip(
                     f"(more than {MAX_RATIO}:1): refusing a likely decompression bomb",
                 )
             declared += info.file_size
+            _check_declared(declared, name, size, limits)
             if not info.is_dir() and _kind(name) == "audio":
+                _check_file(info.file_size, name, limits)
                 audio += info.file_size
             names.append(name)
-        if declared > limits.max_bytes:
-            raise _too_large(
-                f"archive declares {declared} uncompressed bytes, at most {limits.max_bytes}"
-            )
         check(audio)
         return _extract_members(
             [(name, info.is_dir(), lambda info=info: zf.open(info))
              for info, name in zip(infos, names)],
-            dest, limits,
+            dest, limits.inflated(size),
         )
 
 
 def _extract_tar(
-    tar: tarfile.TarFile, dest: Path, limits: ArchiveLimits, check: SpaceCheck
+    tar: tarfile.TarFile, size: int, dest: Path, limits: ArchiveLimits, check: SpaceCheck
 ) -> Extracted:
-    members = _tar_members(tar, limits)
+    members = _tar_members(tar, size, limits)
     check(sum(m.size for m, name in members if m.isreg() and _kind(name) == "audio"))
     return _extract_members(
         [(name, m.isdir(), lambda m=m: tar.extractfile(m)) for m, name in members],
-        dest, limits,
+        dest, limits.inflated(size),
     )
 
 
 def _extract_members(
-    members: list[tuple[str, bool, Callable[[], BinaryIO]]], dest: Path, limits: ArchiveLimits
+    members: list[tuple[str, bool, Callable[[], BinaryIO]]], dest: Path, max_bytes: int
 ) -> Extracted:
     """Store the audio members and read the top-level manifest of an archive whose members
-    (clean name, is a folder, opener) have all been checked."""
+    (clean name, is a folder, opener) have all been checked; at most `max_bytes` in all."""
     out = Extracted()
-    budget = _Budget(limits.max_bytes)
+    budget = _Budget(max_bytes)
     for name, is_dir, open_member in members:
         kind = "dir" if is_dir else _kind(name)
         try:
@@ -244,7 +275,7 @@ def _extract_members(
 
 
 def _tar_members(
-    tar: tarfile.TarFile, limits: ArchiveLimits
+    tar: tarfile.TarFile, size: int, limits: ArchiveLimits
 ) -> list[tuple[tarfile.TarInfo, str]]:
     """Every member with its clean name, all checked; nothing is extracted yet."""
     found: list[tuple[tarfile.TarInfo, str]] = []
@@ -265,11 +296,9 @@ def _tar_members(
         if not (member.isreg() or member.isdir()):
             raise _unsafe(member.name, "is a device, FIFO or other special file")
         declared += member.size
-        if declared > limits.max_bytes:
-            raise _too_large(
-                f"archive declares more than {limits.max_bytes} uncompressed bytes "
-                f"(reached at member {name!r})"
-            )
+        _check_declared(declared, name, size, limits)  # before the member's data is read
+        if member.isreg() and _kind(name) == "audio":
+            _check_file(member.size, name, limits)
         found.append((member, name))
 
 

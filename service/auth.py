@@ -1,4 +1,9 @@
-"""API keys: `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+"""API keys: `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+
+Writes need a key unless REFRAIN_OPEN_WRITES (loopback use). Reads (search, tracks, jobs,
+stats) need one once keys are configured, unless REFRAIN_OPEN_READS=true. /healthz and /readyz
+are always open (probes carry no keys); /metrics is open unless REFRAIN_PROTECT_METRICS=true.
+"""
 
 from __future__ import annotations
 
@@ -35,4 +40,8 @@ def require_write(request: Request) -> None:
 
 
 def require_read(request: Request) -> None:
-    _check(request, request.app.state.settings.open_reads)
+    _check(request, request.app.state.settings.reads_open)
+
+
+def require_metrics(request: Request) -> None:
+    _check(request, not request.app.state.settings.protect_metrics)

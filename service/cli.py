@@ -55,6 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("writes are open without an API key (loopback, no REFRAIN_API_KEYS set)")
     elif not settings.keys:
         log.warning("no REFRAIN_API_KEYS set: writes are refused until keys are configured")
+    if settings.keys and settings.reads_open:
+        log.warning("searches and reads are open without an API key (REFRAIN_OPEN_READS=true)")
     log.warning("serving on http://%s:%d, data in %s", args.host, args.port,
                 settings.data_dir.resolve())
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")

@@ -9,7 +9,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from index import IdentityMismatchError, SegmentIndexError, TrackExistsError, TrackNotFoundError
+from index import (
+    CatalogUnavailableError,
+    IdentityMismatchError,
+    InsufficientStorageError,
+    SegmentIndexError,
+    TrackExistsError,
+    TrackNotFoundError,
+)
 from index.milvus import BackendUnavailableError
 from model.audio import AudioDecodeError, AudioTooLongError, UnsupportedAudioError
 from service.remote_worker import WorkerRejected, WorkersUnavailable
@@ -58,6 +65,10 @@ def classify(exc: Exception) -> ApiError:
     if isinstance(exc, TrackExistsError):
         return ApiError(409, "track_exists", str(exc))
     if isinstance(exc, BackendUnavailableError):
+        return ApiError(503, "index_unavailable", f"{exc}; retry later", {"Retry-After": "5"})
+    if isinstance(exc, InsufficientStorageError):
+        return ApiError(507, "insufficient_storage", str(exc))
+    if isinstance(exc, CatalogUnavailableError):
         return ApiError(503, "index_unavailable", f"{exc}; retry later", {"Retry-After": "5"})
     if isinstance(exc, IdentityMismatchError):
         return ApiError(503, "index_model_mismatch", str(exc))

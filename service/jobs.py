@@ -36,7 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index import IdentityMismatchError, SegmentIndexError, TrackExistsError, TrackNotFoundError
+from index import (
+    CatalogUnavailableError,
+    IdentityMismatchError,
+    InsufficientStorageError,
+    SegmentIndexError,
+    TrackExistsError,
+    TrackNotFoundError,
+)
 from index.files import fsync_dir
 from service.errors import ApiError, classify
 from service.jobstore import JOB_ID, ItemState, JobState, JobStore
@@ -296,12 +303,15 @@ class JobManager:
 
 
 def _transient(e: Exception) -> bool:
-    """Errors that say 'later', not 'never': overload and not-ready."""
-    return isinstance(e, Overloaded) or (isinstance(e, ApiError) and e.status == 503)
+    """Errors that say 'later', not 'never': overload, not-ready, a catalog catching up."""
+    return (isinstance(e, (Overloaded, CatalogUnavailableError))
+            or (isinstance(e, ApiError) and e.status == 503))
 
 
 def _index_failure(e: Exception) -> bool:
-    """The index refuses writes altogether (closed or failed), as opposed to this one item."""
+    """The index refuses writes altogether (closed or failed), as opposed to this one item
+    (a full disk fails the item, 507, as the free-space guard does: the index stays usable)."""
     return isinstance(e, SegmentIndexError) and not isinstance(
-        e, (TrackExistsError, TrackNotFoundError, IdentityMismatchError)
+        e, (TrackExistsError, TrackNotFoundError, IdentityMismatchError,
+            InsufficientStorageError, CatalogUnavailableError)
     )

@@ -102,7 +102,8 @@ class JobStore:
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite itself rolls back on some errors (disk full)
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 

@@ -19,11 +19,12 @@ from index import AddResult, IndexOptions, SegmentIndex, TrackRecord, open_index
 from index.search import QuerySegments, SearchOptions, TrackHit, key_shifts, rank_tracks
 from model.audio import load_audio
 from model.calibrate import Calibration, uncalibrated_score
-from model.embedder import Embedder, load_model
+from model.embedder import Embedder, check_embeddings, load_model
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.remote_worker import RemoteWorkers
 from service.settings import Settings
+from service.storage import SpaceGuard, index_write_bytes, segment_count
 from service.worker import InferenceWorker
 
 log = logging.getLogger("refrain.service")
@@ -147,12 +148,26 @@ class Runtime:
                            f"the audio is silent (RMS {rms:.1e} below {self.settings.silence_rms:g})")
         return wave
 
+    def require_space_for(self, duration_s: float) -> None:
+        """507 unless the index write of a reference of `duration_s` fits on the data volume
+        with the reserve left: checked before embedding, so nothing is written on refusal."""
+        assert self.model is not None
+        s = self.settings
+        n = segment_count(duration_s, self.model.config.shingling.len, s.reference_hop_s)
+        SpaceGuard(s.data_dir, s.min_free_bytes).require(
+            index_write_bytes(n, self.model.zdim), f"the index write of {n} segments"
+        )
+
+    def index_failure(self) -> str | None:
+        """Why the open index cannot serve every request (None: it can); see /readyz."""
+        return getattr(self.index, "failure", None) if self.index is not None else None
+
     def embed(
         self, wave: np.ndarray, hop_s: float, shifts: tuple[int, ...] = (0,)
     ) -> tuple[np.ndarray, np.ndarray]:
         """(len(shifts) * S, zdim) vectors and the S segment starts."""
         assert self.worker is not None
-        z = self.worker.embed(wave, hop_s, shifts=shifts)
+        z = check_embeddings(self.worker.embed(wave, hop_s, shifts=shifts))  # local or remote
         return z, np.arange(len(z) // len(shifts), dtype=np.float64) * hop_s
 
     # -- operations ----------------------------------------------------------------------------
@@ -172,6 +187,7 @@ class Runtime:
             raise ApiError(409, "track_exists",
                            f"track {track_id!r} exists with other content; send replace=true")
         wave = self.decode(data, self.settings.max_reference_s, min_s=0.5)
+        self.require_space_for(len(wave) / self.model.sample_rate)
         z, starts = self.embed(wave, self.settings.reference_hop_s)
         record = reference_record(meta, len(wave), self.model.sample_rate, digest)
         result = self.index.add_track(record, z, starts, replace=replace)

@@ -24,7 +24,10 @@ class Settings(BaseSettings):
 
     api_keys: str = Field("", description="comma-separated API keys")
     open_writes: bool = Field(False, description="allow writes without a key (loopback use)")
-    open_reads: bool = Field(True, description="allow searches and reads without a key")
+    open_reads: bool | None = Field(
+        None, description="allow searches and reads without a key; unset = only when no "
+        "REFRAIN_API_KEYS are configured")
+    protect_metrics: bool = Field(False, description="/metrics needs a key too")
 
     max_upload_bytes: int = Field(200 << 20, gt=0, description="largest request body")
     max_query_s: float = Field(120.0, gt=0, description="longest query clip")
@@ -86,6 +89,12 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def reads_open(self) -> bool:
+        """Reads need no key when REFRAIN_OPEN_READS says so or, unset, when no keys are
+        configured: configuring keys protects searches and reads along with writes."""
+        return self.open_reads if self.open_reads is not None else not self.keys
 
     @property
     def index_dir(self) -> Path:

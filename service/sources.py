@@ -27,6 +27,9 @@ from service.errors import ApiError
 TRACK_ID = re.compile(r"^[\w.\-:@+()' ]{1,200}$")  # one '/'-separated part of an id
 
 MANIFEST_FIELDS = ("filename", "track_id", "title", "artist", "work_id")
+# Longest metadata values, in characters: a title is returned with every search hit and
+# listing, so an unbounded one (a 900 kB title) would weigh on every answer.
+MAX_METADATA_CHARS = {"title": 500, "artist": 500, "work_id": 200}
 MAX_LISTED = 20  # names quoted in one error message
 _UNSAFE_ID_CHARS = re.compile(r"[^\w.\-:@+()' ]")
 
@@ -110,6 +113,23 @@ def _json_rows(text: str, name: str) -> list[dict]:
     return rows
 
 
+def metadata_problem(fields: dict[str, str | None]) -> str | None:
+    """What is wrong with a track's title, artist and work id (None: nothing)."""
+    for name, limit in MAX_METADATA_CHARS.items():
+        value = fields.get(name) or ""
+        if len(value) > limit:
+            return f"{name} must be at most {limit} characters, got {len(value)}"
+        if "\x00" in value:
+            return f"{name} must not contain NUL characters"
+    return None
+
+
+def check_metadata(fields: dict[str, str | None]) -> None:
+    problem = metadata_problem(fields)
+    if problem:
+        raise ApiError(422, "invalid_metadata", problem)
+
+
 def valid_track_id(track_id: str) -> bool:
     """The rule of POST /v1/tracks, applied to each '/'-separated part of the id."""
     return len(track_id) <= 200 and all(
@@ -157,6 +177,9 @@ def build_items(
         if not valid_track_id(track_id):
             bad_ids.append(track_id)
         title = row.get("title") or PurePosixPath(filename.replace("\\", "/")).stem
+        problem = metadata_problem({**row, "title": title})
+        if problem:
+            raise ApiError(422, "invalid_metadata", f"{filename[:200]!r}: {problem}")
         items.append(Item(filename, path, owned, track_id, title, row.get("artist", ""),
                           row.get("work_id")))
     if bad_ids:
@@ -179,6 +202,8 @@ def resolve_under(root: Path | None, path: str, what: str = "path") -> Path:
         raise ApiError(403, "path_ingest_disabled",
                        "ingestion by path is disabled; set REFRAIN_IMPORT_ROOT to the folder "
                        "under which catalogs may be read")
+    if "\x00" in path:  # no file name holds one; the OS would refuse it
+        raise ApiError(422, "invalid_path", f"{what} {path[:200]!r} contains a NUL character")
     base = root.resolve()
     target = (base / path).resolve()
     if not target.is_relative_to(base):
@@ -209,13 +234,13 @@ def scan_folder(
         for name in sorted(filenames):
             file = Path(dirpath) / name
             rel = file.relative_to(folder).as_posix()
+            if file.is_symlink() and not file.resolve().is_relative_to(base):
+                ignored += 1  # never read, manifests included: their text may be echoed
+                continue
             if rel.lower() in MANIFEST_NAMES:
                 manifests[rel.lower()] = read_manifest_file(file)
                 continue
             if file.suffix.lower() not in AUDIO_EXTENSIONS or name.startswith("._"):
-                ignored += 1
-                continue
-            if file.is_symlink() and not file.resolve().is_relative_to(base):
                 ignored += 1
                 continue
             found.append((rel, file))

@@ -1,15 +1,36 @@
 """Free space on the data volume: a write that would leave less than `min_free_bytes` free is
-refused with 507 before anything is written, so a full disk never takes the index down."""
+refused with 507 before anything is written, so a full disk never takes the index down.
+
+What a track costs on disk is its index write, not its upload: a 28 KB FLAC of 600 s becomes
+a journal record of 120 segment vectors. `index_write_bytes` estimates that record (exactly,
+as the journal encodes it, with room for the metadata) plus the catalog's SQLite pages.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from index.journal import record_size
 from service.errors import ApiError
+
+META_ALLOWANCE = 16 << 10  # a track's metadata JSON in its journal record, at most
+CATALOG_ALLOWANCE = 64 << 10  # the catalog's WAL pages for one written row and its index
+
+
+def segment_count(duration_s: float, shingle_s: float, hop_s: float) -> int:
+    """Segments of a track at the reference hop (one for audio shorter than a shingle)."""
+    return max(1, math.ceil((duration_s - shingle_s) / hop_s - 1e-9) + 1)
+
+
+def index_write_bytes(n_segments: int, zdim: int) -> int:
+    """Disk bytes an index write of `n_segments` float32 vectors may take: its journal record
+    and the catalog rows."""
+    return record_size(n_segments, zdim, 4, META_ALLOWANCE) + CATALOG_ALLOWANCE
 
 
 def free_bytes(path: Path) -> int:

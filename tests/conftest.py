@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -70,6 +73,53 @@ def live_server():
     yield start
     for s in servers:
         s.stop()
+
+
+class SmallDisk:
+    """A mounted 8 MiB tmpfs that `fill(leave)` fills up to `leave` free bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self, leave: int = 0) -> None:
+        self.filler.unlink(missing_ok=True)
+        block = bytes(1 << 16)
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    if os.write(fd, block) < len(block):
+                        break
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    break
+            size = os.fstat(fd).st_size
+            os.ftruncate(fd, max(0, size - leave))
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small filesystem to fill (a tmpfs; needs the right to mount, else skips)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                           check=False, capture_output=True, text=True)
+    except OSError as e:
+        pytest.skip(f"cannot mount a tmpfs to fill: {e}")
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs to fill: {(r.stderr or r.stdout).strip()}")
+    try:
+        yield SmallDisk(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
 
 
 def pytest_collection_modifyitems(config, items):

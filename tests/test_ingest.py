@@ -101,7 +101,9 @@ def test_ingest_requires_a_valid_key(server, tmp_path):
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         r = anon.post("/v1/ingest", files=files, headers={"X-API-Key": "nope"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-        r = anon.get("/v1/jobs/" + "0" * 32)
+        r = anon.get("/v1/jobs/" + "0" * 32)  # reading a job needs the key too
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = anon.get("/v1/jobs/" + "0" * 32, headers=KEY)
         assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
 
 

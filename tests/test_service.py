@@ -53,7 +53,7 @@ def add_catalog(client, songs) -> None:
 def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
     # The shipped default model: clips must be told apart, which an untrained network cannot.
     server = live_server(settings(tmp_path, model=None))
-    with server.client() as c:
+    with server.client(headers=AUTH) as c:
         add_catalog(c, songs)
         for i, song in enumerate(songs):
             start = 8.0 + 5 * i
@@ -86,7 +86,7 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
     server.stop()
 
     again = live_server(settings(tmp_path, model=None))
-    with again.client() as c:
+    with again.client(headers=AUTH) as c:
         stats = c.get("/v1/stats").json()
         assert stats["index"]["tracks"] == 6 and stats["index"]["segments"] >= 42
         clip = songs[3][int(20 * SR) : int(32 * SR)]
@@ -112,7 +112,7 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
 def test_transformed_clips_find_their_source(live_server, tmp_path, songs, name, transform):
     """Pitch-shifted and time-stretched clips still rank their source first (default model)."""
     server = live_server(settings(tmp_path, model=None))
-    with server.client() as c:
+    with server.client(headers=AUTH) as c:
         add_catalog(c, songs)
         for i, song in enumerate(songs):
             clip = transform(song[int(18 * SR) : int(30 * SR)])
@@ -125,7 +125,8 @@ def test_transformed_clips_find_their_source(live_server, tmp_path, songs, name,
 
 
 def test_bad_requests_get_json_errors_and_service_keeps_serving(live_server, tmp_path, songs):
-    server = live_server(settings(tmp_path, max_upload_bytes=12 << 20))
+    # reads open without a key (REFRAIN_OPEN_READS=true); writes still need one
+    server = live_server(settings(tmp_path, max_upload_bytes=12 << 20, open_reads=True))
     silent = np.zeros((30 * SR, 2), dtype=np.float32)
     mp3 = encode(songs[0][: 20 * SR], "mp3")
     wav_header_only = wav_bytes(songs[0][:SR])[:44]
@@ -181,12 +182,26 @@ def test_bad_requests_get_json_errors_and_service_keeps_serving(live_server, tmp
 
 
 def test_readiness_and_closed_reads(live_server, tmp_path):
-    server = live_server(settings(tmp_path, open_reads=False))
+    """With keys configured, reads need one by default; probes and metrics stay open."""
+    server = live_server(settings(tmp_path))
     with server.client() as c:
         assert c.get("/readyz").status_code == 200
-        assert c.get("/v1/tracks").status_code == 401
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/metrics").status_code == 200
+        for path in ("/v1/tracks", "/v1/tracks/x", "/v1/stats", "/v1/jobs/" + "0" * 32):
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"X-API-Key": "wrong"}).status_code == 403, path
+        files = {"audio": ("q.wav", b"RIFF")}
+        assert c.post("/v1/search", files=files).status_code == 401
         assert c.get("/v1/tracks", headers=AUTH).status_code == 200
         assert c.get("/v1/stats", headers={"X-API-Key": KEY}).json()["model"]["zdim"] == 128
+        server.app.state.settings.protect_metrics = True
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=AUTH).status_code == 200
+        assert c.get("/readyz").status_code == 200
+        server.app.state.settings.open_reads = True  # REFRAIN_OPEN_READS=true
+        assert c.get("/v1/tracks").status_code == 200
+        assert c.post("/v1/tracks", files=files).status_code == 401  # writes still need one
 
 
 def test_index_refuses_another_model(live_server, tmp_path):

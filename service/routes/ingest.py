@@ -122,7 +122,8 @@ async def _from_form(request: Request, jobs: JobManager, settings: Settings) -> 
         space = SpaceGuard(settings.data_dir, settings.min_free_bytes)
         if files:
             return await run_in_threadpool(submit_files, jobs, files, manifest, replace, space)
-        limits = ArchiveLimits(settings.max_archive_files, settings.max_archive_bytes)
+        limits = ArchiveLimits(settings.max_archive_files, settings.max_archive_bytes,
+                               settings.max_upload_bytes)
         return await run_in_threadpool(
             submit_archive, jobs, archives[0], manifest, replace, limits, space
         )

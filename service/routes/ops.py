@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.auth import require_read
+from service.auth import require_metrics, require_read
 
 router = APIRouter()
 
@@ -22,13 +22,17 @@ async def healthz() -> dict:
 @router.get("/readyz", tags=["ops"])
 async def readyz(request: Request) -> JSONResponse:
     runtime = request.app.state.runtime
+    failure = runtime.index_failure() if runtime.ready else None
+    if failure:  # loaded, but the index needs a catch-up or a reopen to serve everything
+        return JSONResponse({"status": "degraded", "error": failure}, status_code=503,
+                            headers={"Retry-After": "5"})
     if runtime.ready:
         return JSONResponse({"status": "ready"})
     body = {"status": "failed" if runtime.load_error else "loading", "error": runtime.load_error}
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics)])
 async def metrics(request: Request) -> Response:
     runtime = request.app.state.runtime
     if runtime.ready:

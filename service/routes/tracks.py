@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from index import AddResult
 from service.auth import require_read, require_write
 from service.errors import ApiError
-from service.sources import valid_track_id
+from service.sources import check_metadata, valid_track_id
 from service.storage import SpaceGuard, stream_size
 
 router = APIRouter()
@@ -43,6 +43,7 @@ async def add_track(
         "track_id": check_track_id(track_id) if track_id else uuid.uuid4().hex,
         "title": title, "artist": artist, "work_id": work_id,
     }
+    check_metadata(meta)
     # the index stores far less than the audio; its size is the bound the guard can know
     space = SpaceGuard(runtime.settings.data_dir, runtime.settings.min_free_bytes)
     await run_in_threadpool(space.require, stream_size(audio.file), "the track")

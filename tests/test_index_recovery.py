@@ -1,0 +1,137 @@
+"""Recovery refuses what it cannot prove and repairs what is derived: a lost snapshot manifest,
+a damaged catalog, a failed journal append, journal loss and damaged snapshot chunks."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from test_index_journal import IDENTITY, assert_tracks, build, vectors_of
+
+from index import (
+    CatalogUnavailableError,
+    CorruptIndexError,
+    InsufficientStorageError,
+    TrackRecord,
+    open_index,
+)
+from index.catalog import Catalog
+
+
+def snapshot_files(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((path / "snapshot").iterdir())}
+
+
+@pytest.mark.parametrize("journal_records", [0, 2], ids=["empty-journal", "journal-records"])
+def test_missing_manifest_refuses_and_keeps_every_file(tmp_path, journal_records):
+    path = tmp_path / "idx"
+    build(path, n=4 + journal_records, snapshot_after=4)
+    (path / "snapshot" / "MANIFEST.json").unlink()
+    before = snapshot_files(path)
+    journal = (path / "journal.log").read_bytes()
+    with pytest.raises(CorruptIndexError) as e:
+        open_index(path, IDENTITY)
+    message = str(e.value)
+    assert "MANIFEST.json" in message and "deploy/README.md" in message
+    assert "Backup and restore" in message
+    assert snapshot_files(path) == before  # nothing deleted
+    assert (path / "journal.log").read_bytes() == journal
+
+
+def test_snapshot_files_without_manifest_are_dropped_when_the_journal_holds_everything(tmp_path):
+    """An interrupted first snapshot: the journal still starts at seq 1, so it is complete."""
+    path = tmp_path / "idx"
+    build(path, n=3)
+    (path / "snapshot").mkdir()
+    (path / "snapshot" / "chunk-1.vectors.npy").write_bytes(b"partial")
+    (path / "snapshot" / "tracks-1.jsonl").write_bytes(b"partial")
+    assert_tracks(path, [0, 1, 2])
+    assert list((path / "snapshot").iterdir()) == []
+
+
+def assert_stored(path, n: int) -> None:
+    """Tracks t0..t<n-1> listed, with their vectors and metadata (ids sort as text)."""
+    with open_index(path, IDENTITY) as ix:
+        tracks, _ = ix.list_tracks(100)
+        assert [t.track_id for t in tracks] == sorted(f"t{i}" for i in range(n))
+        for i in range(n):
+            assert ix.get_track(f"t{i}").content_sha256 == str(i)
+            np.testing.assert_array_equal(ix.get_vectors(f"t{i}")[0], vectors_of(i)[0])
+
+
+def flip(file, offset: int, n: int) -> None:
+    data = bytearray(file.read_bytes())
+    for i in range(offset, offset + n):
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_page_corruption_of_the_catalog_is_detected_and_rebuilt(tmp_path):
+    path = tmp_path / "idx"
+    build(path, n=12, snapshot_after=8)  # 8 tracks in the snapshot, 4 in the journal
+    catalog = path / "catalog.sqlite"
+    flip(catalog, 8000, 64)  # the cells of the tracks table's page (page 2)
+    with sqlite3.connect(catalog) as db:  # the damage is real: SQLite sees it too
+        assert db.execute("PRAGMA quick_check").fetchone()[0] != "ok"
+    assert_stored(path, 12)
+    with sqlite3.connect(catalog) as db:
+        assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+
+
+def test_catalog_damage_met_while_open_is_repaired(tmp_path):
+    path = tmp_path / "idx"
+    build(path, n=12, snapshot_after=8)
+    with open_index(path, IDENTITY) as ix:
+        flip(path / "catalog.sqlite", 8000, 64)
+        tracks, _ = ix.list_tracks(100)  # rebuilt from the snapshot and journal, then read
+        assert [t.track_id for t in tracks] == sorted(f"t{i}" for i in range(12))
+        assert ix.get_track("t11").content_sha256 == "11"
+        ix.add_track(TrackRecord("t12", content_sha256="12"), *vectors_of(12))
+        assert ix.failure is None
+    assert_stored(path, 13)
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+def test_a_full_disk_refuses_the_write_and_writes_resume_once_space_is_back(small_disk):
+    path = small_disk.path / "idx"
+    build(path, n=3)
+    with open_index(path, IDENTITY) as ix:
+        journal = (path / "journal.log").stat().st_size
+        small_disk.fill()
+        big = np.ones((400, 8), np.float32), np.arange(400) * 5.0  # a 16 kB journal record
+        for _ in range(2):
+            with pytest.raises(InsufficientStorageError, match="full"):
+                ix.add_track(TrackRecord("big", content_sha256="big"), *big)
+        assert (path / "journal.log").stat().st_size == journal  # the partial record is gone
+        assert ix.failure is None and "big" not in ix and len(ix) == 3
+        small_disk.free()
+        ix.add_track(TrackRecord("t3", content_sha256="3"), *vectors_of(3))  # no reopen
+        ix.add_track(TrackRecord("t4", content_sha256="4"), *vectors_of(4))
+    assert_tracks(path, [0, 1, 2, 3, 4])
+
+
+def test_a_catalog_write_that_fails_is_caught_up_from_the_journal(tmp_path, monkeypatch):
+    path = tmp_path / "idx"
+    build(path, n=2)
+    with open_index(path, IDENTITY) as ix:
+        real = Catalog.apply_many
+        full = {"on": True}
+
+        def apply_many(self, records):
+            if full["on"]:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(self, records)
+
+        monkeypatch.setattr(Catalog, "apply_many", apply_many)
+        ix.add_track(TrackRecord("t2", content_sha256="2"), *vectors_of(2))  # durable
+        assert "catalog.sqlite is behind the journal" in ix.failure
+        with pytest.raises(CatalogUnavailableError, match="behind the journal"):
+            ix.get_track("t2")  # never a stale answer
+        full["on"] = False
+        assert ix.get_track("t2").content_sha256 == "2"
+        assert ix.failure is None
+        ix.add_track(TrackRecord("t3", content_sha256="3"), *vectors_of(3))
+    assert_tracks(path, [0, 1, 2, 3])
