@@ -233,7 +233,7 @@ def _render(args) -> int:
         f"{len(summary.failed)} failed) in {time.monotonic() - start:.0f} s"
     )
     found = summary.families if args.collection == "bach-eval" else summary.works
-    if args.works and found < args.works:
+    if args.works and found < args.works and not args.only_split:
         kind = "tunes" if args.collection == "bach-eval" else "works"
         print(f"only {found} usable {kind} in {args.collection!r}", file=sys.stderr)
     for failure in summary.failed:
