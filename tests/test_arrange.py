@@ -25,51 +25,10 @@ from model.corpus.versions import VersionOptions, VersionParams, sample_version
 from model.corpus.works import Part, Work
 
 SOUNDFONTS = ["a.sf2", "b.sf2"]
-# "Twinkle, twinkle" in C major, two bars per phrase, in quarters.
-_TWINKLE = [
-    60,
-    60,
-    67,
-    67,
-    69,
-    69,
-    67,
-    65,
-    65,
-    64,
-    64,
-    62,
-    62,
-    60,
-    67,
-    67,
-    65,
-    65,
-    64,
-    64,
-    62,
-    67,
-    67,
-    65,
-    65,
-    64,
-    64,
-    62,
-    60,
-    60,
-    67,
-    67,
-    69,
-    69,
-    67,
-    65,
-    65,
-    64,
-    64,
-    62,
-    62,
-    60,
-]
+# "Twinkle, twinkle" in C major (A B B A), in quarters.
+_TWINKLE_A = [60, 60, 67, 67, 69, 69, 67, 65, 65, 64, 64, 62, 62, 60]
+_TWINKLE_B = [67, 67, 65, 65, 64, 64, 62]
+_TWINKLE = _TWINKLE_A + _TWINKLE_B + _TWINKLE_B + _TWINKLE_A
 
 
 def _tune(pitches=_TWINKLE, meter=(4, 4), rhythm=None) -> Work:

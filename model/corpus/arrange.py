@@ -23,6 +23,7 @@ import numpy as np
 
 from model.corpus.harmony import (
     Chord,
+    Key,
     estimate_key,
     harmonise,
     mode_change,
@@ -110,17 +111,7 @@ def beat_length(meter: tuple[int, int]) -> float:
 
 def tune_of(work: Work) -> list[Note]:
     """The tune: the highest note at each onset of the melody part, each ending by the next."""
-    part = work.parts[work.melody_part()]
-    highest: dict[float, Note] = {}
-    for note in part.notes:
-        if note[0] not in highest or note[2] > highest[note[0]][2]:
-            highest[note[0]] = note
-    notes = [highest[k] for k in sorted(highest)]
-    out = []
-    for i, (onset, dur, pitch, vel) in enumerate(notes):
-        nxt = notes[i + 1][0] if i + 1 < len(notes) else onset + dur
-        out.append((onset, min(dur, nxt - onset), pitch, vel))
-    return out
+    return work.top_notes()
 
 
 @dataclass(frozen=True)
@@ -152,20 +143,29 @@ def harmony_slots(work: Work, rhythm: str) -> list[tuple[float, float]]:
     return spans
 
 
-def arrange(work: Work, arrangement: Arrangement) -> Work:
-    """The arranged work: tune, new accompaniment parts, the same measure grid and tempo."""
+def harmonisation(
+    work: Work, arrangement: Arrangement, rng: np.random.Generator
+) -> tuple[list[Note], Key, list[Slot]]:
+    """The tune an arrangement plays (in its mode), its key, and the chords drawn for it from
+    `rng` (seeded by the arrangement: the first draws of every use are these)."""
     a = arrangement
-    rng = np.random.default_rng(a.seed)
     tune = tune_of(work)
-    if not tune:
-        return work
     key = estimate_key(tune)
     if a.mode_change:
         tune, key = mode_change(tune, key)
-    scale = scale_of(key)
     spans = harmony_slots(work, a.rhythm)
     chords = harmonise(tune, spans, key, rng, a.temperature, a.sevenths, a.inversions)
-    slots = [Slot(s, e, c) for (s, e), c in zip(spans, chords)]
+    return tune, key, [Slot(s, e, c) for (s, e), c in zip(spans, chords)]
+
+
+def arrange(work: Work, arrangement: Arrangement) -> Work:
+    """The arranged work: tune, new accompaniment parts, the same measure grid and tempo."""
+    a = arrangement
+    if not work.parts[work.melody_part()].notes:  # no tune to arrange
+        return work
+    rng = np.random.default_rng(a.seed)
+    tune, key, slots = harmonisation(work, a, rng)
+    scale = scale_of(key)
 
     melody = _vary_tune(tune, work, scale, a, rng)
     beat = beat_length(work.meter)
@@ -211,16 +211,8 @@ def arrange(work: Work, arrangement: Arrangement) -> Work:
 def chord_track(work: Work, arrangement: Arrangement) -> list[tuple[float, float, tuple[int, ...]]]:
     """The chords an arrangement plays, as (start, end, pitch classes) in the work's quarters
     (before a meter change), for comparing the harmonisations of two versions."""
-    rng = np.random.default_rng(arrangement.seed)
-    tune = tune_of(work)
-    key = estimate_key(tune)
-    if arrangement.mode_change:
-        tune, key = mode_change(tune, key)
-    spans = harmony_slots(work, arrangement.rhythm)
-    chords = harmonise(
-        tune, spans, key, rng, arrangement.temperature, arrangement.sevenths, arrangement.inversions
-    )
-    return [(s, e, c.pitch_classes) for (s, e), c in zip(spans, chords)]
+    _, _, slots = harmonisation(work, arrangement, np.random.default_rng(arrangement.seed))
+    return [(s.start, s.end, s.chord.pitch_classes) for s in slots]
 
 
 def _vary_tune(

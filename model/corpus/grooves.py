@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.corpus.arrange import Arrangement, beat_length
+
 if TYPE_CHECKING:
-    from model.corpus.arrange import Arrangement
     from model.corpus.works import Work
 
 KICK, SNARE, SIDE_STICK, CLOSED_HAT, PEDAL_HAT, OPEN_HAT, RIDE, CRASH = (
@@ -107,8 +108,6 @@ def _pattern(beats: int, compound: bool, groove: str, variant: int) -> list[tupl
 def groove_notes(work: Work, arrangement: Arrangement, start: float, stop: float) -> list[tuple]:
     """(start, end, key, level) drum hits, in quarters, on the bars of `work` that begin in
     [start, stop)."""
-    from model.corpus.arrange import beat_length
-
     numerator, _denominator = work.meter
     beat = beat_length(work.meter)
     compound = beat == 1.5

@@ -195,7 +195,7 @@ def harmonise(
     inside = weights @ member.T
     fit = np.where(total > 0, (inside - 1.3 * (total - inside)) / np.maximum(total, 1e-9), 0.0)
     emission = _FIT * fit + np.log([w for _, _, w in vocab])[None, :]
-    tonic = [j for j, (r, q, _) in enumerate(vocab) if r == key.tonic and j == 0]
+    tonic = 0  # the vocabulary opens with the tonic chord
     dominant = [
         j
         for j, (r, q, _) in enumerate(vocab)

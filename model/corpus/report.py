@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.corpus.arrange import Arrangement, chord_difference, chord_track, tune_of
-from model.corpus.harmony import estimate_key, mode_change
+from model.corpus.arrange import Arrangement, chord_difference, harmonisation
 from model.corpus.works import Work
 
 _QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -60,11 +59,8 @@ class HarmonyReport:
 
 def tune_fit(work: Work, arrangement: Arrangement) -> float:
     """Share of the tune's notes starting on a chord change whose pitch class is in the chord."""
-    tune = tune_of(work)
-    if arrangement.mode_change:
-        tune, _ = mode_change(tune, estimate_key(tune))
-    track = chord_track(work, arrangement)
-    starts = {round(s, 6): pcs for s, _, pcs in track}
+    tune, _, slots = harmonisation(work, arrangement, np.random.default_rng(arrangement.seed))
+    starts = {round(s.start, 6): s.chord.pitch_classes for s in slots}
     hits = [
         pitch % 12 in starts[round(onset, 6)]
         for onset, _, pitch, _ in tune

@@ -125,14 +125,25 @@ class Work:
         others = [{round(n[0], 4) for n in p.notes} for j, p in enumerate(self.parts) if j != k]
         return float(np.mean([np.mean([t in o for o in others]) for t in onsets]))
 
+    def top_notes(self) -> list[tuple[float, float, int, int]]:
+        """The melody as notes: the highest note at each onset of the part named as the tune
+        (soprano, cantus, melody...), else of the first part (which is not always the tune:
+        Bach's chorales put obbligato instruments above the soprano), each ending by the
+        next onset."""
+        highest: dict[float, tuple[float, float, int, int]] = {}
+        for note in self.parts[self.melody_part()].notes:
+            if note[0] not in highest or note[2] > highest[note[0]][2]:
+                highest[note[0]] = note
+        notes = [highest[k] for k in sorted(highest)]
+        out = []
+        for i, (onset, dur, pitch, vel) in enumerate(notes):
+            nxt = notes[i + 1][0] if i + 1 < len(notes) else onset + dur
+            out.append((onset, min(dur, nxt - onset), pitch, vel))
+        return out
+
     def top_line(self) -> list[int]:
-        """The melody: the highest pitch at each onset of the part named as the tune (soprano,
-        cantus, melody...), else of the first part (which is not always the tune: Bach's
-        chorales put obbligato instruments above the soprano)."""
-        highest: dict[float, int] = {}
-        for onset, _, pitch, _ in self.parts[self.melody_part()].notes:
-            highest[onset] = max(pitch, highest.get(onset, 0))
-        return [highest[k] for k in sorted(highest)]
+        """The melody's pitches (`top_notes`)."""
+        return [n[2] for n in self.top_notes()]
 
     def to_json(self) -> dict:
         return asdict(self)
