@@ -40,6 +40,7 @@ COPY README.md ./
 COPY model ./model
 COPY index ./index
 COPY service ./service
+COPY refrain ./refrain
 RUN pip install --no-deps --no-build-isolation . && rm -rf /src
 
 ############################################################################################
@@ -86,6 +87,7 @@ COPY README.md ./
 COPY model ./model
 COPY index ./index
 COPY service ./service
+COPY refrain ./refrain
 RUN pip install --no-deps --no-build-isolation . && rm -rf /src
 
 ############################################################################################

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import load_model
-from model.evaluate import evaluate, read_manifest
-from model.losses import LOSSES
-from model.train import RunConfig, train
+from refrain.model import load_model
+from refrain.model.evaluate import evaluate, read_manifest
+from refrain.model.losses import LOSSES
+from refrain.model.train import RunConfig, train
 
 REDUCTIONS = ("bpwr-5", "meanmin", "min")
 TAUS = (5.0, 10.0, 20.0, 30.0)

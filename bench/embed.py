@@ -12,7 +12,6 @@ figures are seconds of audio embedded per wall-clock second.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,15 +19,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import load_model
-from model.audio import load_audio
-from model.config import ModelConfig
-from model.embedder import Embedder
-from model.network import CLEWSNet
-from model.shingle import cut_shingles
+from refrain.model import load_model
+from refrain.model.audio import load_audio
+from refrain.model.config import ModelConfig
+from refrain.model.embedder import Embedder
+from refrain.model.network import CLEWSNet
+from refrain.model.shingle import cut_shingles
 
 FIXTURE_A = Path(__file__).resolve().parents[1] / "tests/data/clews-official-A/checkpoint_best.ckpt"
 

@@ -14,17 +14,13 @@ of 256 dimensions), and how well an ANN index works depends on it.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import load_model
-from model.evaluate import read_manifest
+from refrain.model import load_model
+from refrain.model.evaluate import read_manifest
 
 HOP_S = 5.0
 

@@ -12,17 +12,13 @@ candidates with the exact vectors from `get_vectors`.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from index import IndexOptions, TrackRecord, open_index
+from refrain.index import IndexOptions, TrackRecord, open_index
 
 SEGMENTS_PER_TRACK = 50
 

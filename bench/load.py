@@ -115,7 +115,7 @@ class Server:
         env = {**os.environ, "REFRAIN_MAX_QUEUE": str(max_queue), "REFRAIN_API_KEYS": ""}
         self.log = open(log, "wb")  # noqa: SIM115 - open for the process's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+            [sys.executable, "-m", "refrain.service.cli", "serve", "--port", str(self.port),
              "--data", str(data), "--device", "cpu", "--open-writes"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )

@@ -51,13 +51,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from index import IndexOptions, SegmentIndex, TrackRecord, open_index
-from index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
-from model.reduce import nsqeuc
-from service.settings import Settings
+from refrain.index import IndexOptions, SegmentIndex, TrackRecord, open_index
+from refrain.index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
+from refrain.model.reduce import nsqeuc
+from refrain.service.settings import Settings
 
 SEGMENTS = 40  # segments per reference track
 HOP_S = 5.0  # reference and query hop
@@ -545,7 +542,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     # a plain `kill` must still remove the index folders: on tmpfs they hold memory
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from model import load_model
+    from refrain.model import load_model
 
     model = load_model()  # the shipped model gives zdim and the segment (shingle) length
     zdim = args.zdim or model.zdim

@@ -26,17 +26,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import helpers
-
-from index.search import key_shifts
-from model import load_model
-from model.embedder import transposed
-from model.evaluate import read_manifest
-from model.metrics import average_precision
-from model.reduce import nsqeuc
+from refrain.index.search import key_shifts
+from refrain.model import load_model
+from refrain.model.embedder import transposed
+from refrain.model.evaluate import read_manifest
+from refrain.model.metrics import average_precision
+from refrain.model.reduce import nsqeuc
 
 
 def pitch_shift(x: np.ndarray, semitones: int, sr: int) -> np.ndarray:

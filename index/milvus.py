@@ -1,12 +1,12 @@
 """`MilvusSegmentIndex`: reference segments in Milvus, for catalogs beyond one machine's memory.
 
-    from index.milvus import MilvusOptions, open_milvus_index
+    from refrain.index.milvus import MilvusOptions, open_milvus_index
 
     with open_milvus_index("data/index", identity, MilvusOptions(uri="http://milvus:19530")) as ix:
         ix.add_track(TrackRecord("t1"), vectors, starts_s)
         distances, segment_ids = ix.search(queries, k=100)
 
-It has the interface of `SegmentIndex`, so the reducer (`index.search`) and the service use
+It is a `SegmentStore`, as `SegmentIndex` is, so the reducer (`index.search`) and the service use
 either. Where things live:
 
 - the Milvus collection (default `refrain_segments`): one row per segment, `segment_id` (int64
@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
@@ -52,16 +52,15 @@ from .files import (
 )
 from .milvus_catalog import MilvusCatalog, Range, Spans
 from .rwlock import RWLock
+from .segment_store import Item, StoreBase, write_decision
 from .types import (
     AddResult,
     CorruptIndexError,
     IdentityMismatchError,
-    IndexClosedError,
     IndexNotFoundError,
     IndexOptions,
     IndexStats,
     SegmentIndexError,
-    TrackExistsError,
     TrackNotFoundError,
     TrackRecord,
 )
@@ -185,7 +184,7 @@ def _client(path: Path, opts: MilvusOptions):
         raise BackendUnavailableError(f"cannot connect to Milvus at {kwargs['uri']}: {e}") from e
 
 
-class MilvusSegmentIndex:
+class MilvusSegmentIndex(StoreBase):
     """Reference segments in Milvus with their tracks in SQLite. Use `open_milvus_index`."""
 
     def __init__(self, path: Path, info: dict[str, Any], milvus: MilvusOptions,
@@ -300,42 +299,22 @@ class MilvusSegmentIndex:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _check_writable(self) -> None:
-        if self._closed:
-            raise IndexClosedError(f"index at {self.path} is closed")
-
-    def add_track(self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray, *,
-                  replace: bool = False) -> AddResult:
-        """Store `track` with its segment `vectors` (n, zdim) starting at `starts_s` (n,)."""
-        return self._write_track(track, vectors, starts_s, replace, must_exist=False)
-
-    def add_tracks(self, items: list[tuple[TrackRecord, np.ndarray, np.ndarray]], *,
-                   replace: bool = False) -> list[AddResult]:
-        """`add_track` for each of `items` in turn (Milvus has its own durability)."""
-        return [self.add_track(*item, replace=replace) for item in items]
-
-    def replace_track(self, track: TrackRecord, vectors: np.ndarray,
-                      starts_s: np.ndarray) -> AddResult:
-        """Replace an existing track (`TrackNotFoundError` if absent); UNCHANGED if identical."""
-        return self._write_track(track, vectors, starts_s, True, must_exist=True)
+    def _write_tracks(self, items: list[Item], replace: bool,
+                      must_exist: bool) -> list[AddResult]:
+        """Each of `items` in turn (Milvus has its own durability)."""
+        return [self._write_track(*item, replace, must_exist) for item in items]
 
     def _write_track(self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray,
                      replace: bool, must_exist: bool) -> AddResult:
         check_track(track)
         stored, starts = check_segments(vectors, starts_s, self.zdim, np.dtype(np.float32))
         with self._writer:
-            self._check_writable()
-            existing = self._catalog.get(track.track_id)
-            if existing is None and must_exist:
-                raise TrackNotFoundError(f"no track {track.track_id!r} to replace")
-            if existing is not None:
-                if track.content_sha256 and existing.content_sha256 == track.content_sha256:
-                    return AddResult.UNCHANGED
-                if not replace:
-                    raise TrackExistsError(
-                        f"track {track.track_id!r} is already stored with content_sha256 "
-                        f"{existing.content_sha256!r}, got {track.content_sha256!r}; "
-                        "pass replace=True to replace it")
+            self._check_open()
+            decision = write_decision(
+                track, self._catalog.get(track.track_id), replace, must_exist
+            )
+            if decision is AddResult.UNCHANGED:
+                return decision
             first = self._catalog.reserve(len(starts))
             self._hidden += len(starts)
             try:
@@ -353,12 +332,12 @@ class MilvusSegmentIndex:
                 self._hidden += (old_range[1] if old_range else 0) - len(starts)
             if old_range is not None:
                 self._collect("garbage", old_range)
-        return AddResult.REPLACED if existing is not None else AddResult.ADDED
+        return decision
 
     def delete_track(self, track_id: str) -> bool:
         """Remove a track and its segments; False if there was none."""
         with self._writer:
-            self._check_writable()
+            self._check_open()
             span = self._spans.get(track_id)
             if span is None:
                 return False
@@ -374,15 +353,11 @@ class MilvusSegmentIndex:
     def snapshot(self) -> None:
         """Flush Milvus's growing segments and checkpoint the catalog (before a backup)."""
         with self._writer:
-            self._check_writable()
+            self._check_open()
             self._call("flush", self._client.flush, self.collection)
             self._catalog.set_snapshot_seq(self._seq)
 
     # -- reads ----------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise IndexClosedError(f"index at {self.path} is closed")
 
     def __len__(self) -> int:
         return len(self._spans)
@@ -482,17 +457,9 @@ class MilvusSegmentIndex:
         self._check_open()
         return self._catalog.get(track_id)
 
-    def list_tracks(self, limit: int = 100,
-                    cursor: str | None = None) -> tuple[list[TrackRecord], str | None]:
-        """Up to `limit` tracks by track id after `cursor`, and the next cursor (None at the
-        end)."""
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
-            raise ValueError(f"limit must be an int in 1..10000, got {limit!r}")
+    def _page(self, n: int, cursor: str | None) -> list[TrackRecord]:
         self._check_open()
-        rows = self._catalog.page(limit + 1, cursor)
-        if len(rows) > limit:
-            return rows[:limit], rows[limit - 1].track_id
-        return rows, None
+        return self._catalog.page(n, cursor)
 
     def stats(self) -> IndexStats:
         self._check_open()
@@ -518,12 +485,6 @@ class MilvusSegmentIndex:
             finally:
                 self._catalog.close()
                 self._lock.release()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"MilvusSegmentIndex({str(self.path)!r}, collection={self.collection!r}, "

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from refrain.model.calibrate import uncalibrated_score
+from refrain.model.reduce import Reduction, best_pairs_batch, nsqeuc, reduce
 
-from model.calibrate import uncalibrated_score
-from model.reduce import Reduction, best_pairs_batch, nsqeuc, reduce
-
-from .store import SegmentIndex
+from .segment_store import SegmentStore
 from .types import TrackRecord
 
 LONG_CLIP_S = 40.0  # clips at least this long are ranked with bpwr-10, shorter with min
@@ -129,7 +128,7 @@ def _matching_run(row: torch.Tensor, j: int) -> tuple[int, int]:
     return j0, j1
 
 
-def candidate_tracks(index: SegmentIndex, vectors: np.ndarray, k: int, n: int) -> list[str]:
+def candidate_tracks(index: SegmentStore, vectors: np.ndarray, k: int, n: int) -> list[str]:
     """Tracks owning the nearest neighbours of the query segments, closest first."""
     k = max(1, min(k, max(index.n_segments, 1)))
     distances, ids = index.search(vectors, k)
@@ -154,7 +153,7 @@ def _reduce_by_track(
 
 
 def rank_tracks(
-    index: SegmentIndex,
+    index: SegmentStore,
     query: QuerySegments,
     options: SearchOptions,
     score=uncalibrated_score,
@@ -223,7 +222,7 @@ def rank_tracks(
 
 
 def exhaustive_rank(
-    index: SegmentIndex, query: QuerySegments, reduction: str, top_k: int
+    index: SegmentStore, query: QuerySegments, reduction: str, top_k: int
 ) -> list[tuple[str, float]]:
     """Every stored track compared with the query: the ground truth `rank_tracks` approximates."""
     q = torch.from_numpy(np.ascontiguousarray(query.vectors, dtype=np.float32))

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -57,6 +57,7 @@ from .files import (
 from .journal import Op, Record
 from .recovery import apply_record, rebuild_catalog, recover
 from .rwlock import RWLock
+from .segment_store import StoreBase, write_decision
 from .snapshot import collect_garbage, load_chunk, write_snapshot
 from .types import (
     AddResult,
@@ -67,7 +68,6 @@ from .types import (
     IndexStats,
     InsufficientStorageError,
     SegmentIndexError,
-    TrackExistsError,
     TrackNotFoundError,
     TrackRecord,
 )
@@ -136,7 +136,7 @@ def open_index(
         raise
 
 
-class SegmentIndex:
+class SegmentIndex(StoreBase):
     """Reference segments with their tracks; see the module docstring. Use `open_index`."""
 
     def __init__(
@@ -274,45 +274,6 @@ class SegmentIndex:
             return f"{self._catalog.path} is behind the journal ({self._catalog_behind})"
         return None
 
-    def add_track(
-        self,
-        track: TrackRecord,
-        vectors: np.ndarray,
-        starts_s: np.ndarray,
-        *,
-        replace: bool = False,
-    ) -> AddResult:
-        """Store `track` with its segment `vectors` (n, zdim) starting at `starts_s` (n,).
-
-        The same track id with the same `content_sha256` is UNCHANGED (nothing written); with
-        other content it raises `TrackExistsError`, unless `replace` is set. Durable on return.
-        """
-        return self._write_tracks([(track, vectors, starts_s)], replace, must_exist=False)[0]
-
-    def add_tracks(
-        self,
-        items: list[tuple[TrackRecord, np.ndarray, np.ndarray]],
-        *,
-        replace: bool = False,
-    ) -> list[AddResult]:
-        """`add_track` for many (track, vectors, starts) at once, with one journal write and
-        one fsync: durable together on return, and much faster on disk than one by one.
-
-        Everything is checked before anything is written: a track id twice in `items`
-        raises `ValueError`, a conflict (`TrackExistsError`) fails the whole batch.
-        """
-        ids = [track.track_id for track, _, _ in items]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"track ids repeated in one batch: "
-                             f"{sorted({t for t in ids if ids.count(t) > 1})[:5]}")
-        return self._write_tracks(items, replace, must_exist=False)
-
-    def replace_track(
-        self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray
-    ) -> AddResult:
-        """Replace an existing track (`TrackNotFoundError` if absent); UNCHANGED if identical."""
-        return self._write_tracks([(track, vectors, starts_s)], True, must_exist=True)[0]
-
     def _write_tracks(
         self,
         items: list[tuple[TrackRecord, np.ndarray, np.ndarray]],
@@ -330,27 +291,18 @@ class SegmentIndex:
             seq, segment_id = self._seq, self._store.next_segment_id
             now = time.time()
             for track, stored, starts in checked:
-                existing = self._store.get(track.track_id)
-                op = Op.ADD
-                if existing is None and must_exist:
-                    raise TrackNotFoundError(f"no track {track.track_id!r} to replace")
-                if existing is not None:
-                    if track.content_sha256 and existing.content_sha256 == track.content_sha256:
-                        results.append(AddResult.UNCHANGED)
-                        continue
-                    if not replace:
-                        raise TrackExistsError(
-                            f"track {track.track_id!r} is already stored with content_sha256 "
-                            f"{existing.content_sha256!r}, got {track.content_sha256!r}; "
-                            "pass replace=True to replace it"
-                        )
-                    op = Op.REPLACE
+                decision = write_decision(
+                    track, self._store.get(track.track_id), replace, must_exist
+                )
+                results.append(decision)
+                if decision is AddResult.UNCHANGED:
+                    continue
+                op = Op.REPLACE if decision is AddResult.REPLACED else Op.ADD
                 meta = dataclasses.replace(track, n_segments=len(starts), added_at=now)
                 seq += 1
                 records.append(Record(seq, op, track.track_id, meta.to_json(), segment_id,
                                       starts, stored))
                 segment_id += len(starts)
-                results.append(AddResult.REPLACED if op is Op.REPLACE else AddResult.ADDED)
             if records:
                 self._commit(records)
                 self._auto_snapshot()
@@ -430,10 +382,6 @@ class SegmentIndex:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise IndexClosedError(f"index at {self.path} is closed")
-
     def __len__(self) -> int:
         return len(self._store)
 
@@ -506,17 +454,8 @@ class SegmentIndex:
     def get_track(self, track_id: str) -> TrackRecord | None:
         return self._read_catalog(lambda catalog: catalog.get(track_id))
 
-    def list_tracks(
-        self, limit: int = 100, cursor: str | None = None
-    ) -> tuple[list[TrackRecord], str | None]:
-        """Up to `limit` tracks by track id after `cursor`, and the cursor of the next page
-        (None on the last page). Pages are stable under concurrent writes."""
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
-            raise ValueError(f"limit must be an int in 1..10000, got {limit!r}")
-        rows = self._read_catalog(lambda catalog: catalog.page(limit + 1, cursor))
-        if len(rows) > limit:
-            return rows[:limit], rows[limit - 1].track_id
-        return rows, None
+    def _page(self, n: int, cursor: str | None) -> list[TrackRecord]:
+        return self._read_catalog(lambda catalog: catalog.page(n, cursor))
 
     def stats(self) -> IndexStats:
         with self._rw.read():
@@ -548,12 +487,6 @@ class SegmentIndex:
             self._journal.close()
             self._catalog.close()
             self._lock.release()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import BinaryIO
 
 import av
@@ -366,3 +367,23 @@ def _frame_cap(sr: int, max_duration_s: float | None) -> int | None:
     if max_duration_s is None:
         return None
     return math.ceil((max_duration_s + _DURATION_SLACK_S) * sr)
+
+
+# file name extensions read as audio when a folder is scanned
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".mp4")
+
+
+def find_audio(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """Inputs -> (file, path relative to its input root) for every audio file."""
+    found = []
+    for item in inputs:
+        root = Path(item)
+        if root.is_dir():
+            for f in sorted(root.rglob("*")):
+                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS:
+                    found.append((f, f.relative_to(root)))
+        elif root.is_file():
+            found.append((root, Path(root.name)))
+        else:
+            raise FileNotFoundError(f"no such file or folder: {root}")
+    return found

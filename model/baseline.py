@@ -14,12 +14,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-
-from model.checkpoint import ModelIdentity
-from model.config import ModelConfig
-from model.embedder import AudioInput
-from model.network import CLEWSNet
-from model.shingle import ShingleCQT, cut_shingles
+from refrain.model.checkpoint import ModelIdentity
+from refrain.model.config import ModelConfig
+from refrain.model.embedder import AudioInput
+from refrain.model.network import CLEWSNet
+from refrain.model.shingle import ShingleCQT, cut_shingles
 
 TIME_BINS = 40  # low temporal-modulation bins kept from the 2-D spectrum
 
@@ -42,7 +41,7 @@ class ChromaBaseline:
         return self.config.sample_rate
 
     def waveform(self, audio: AudioInput) -> torch.Tensor:
-        from model.embedder import Embedder
+        from refrain.model.embedder import Embedder
 
         return Embedder.waveform(self, audio)  # same decoding and checks as the network
 

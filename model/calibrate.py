@@ -97,8 +97,7 @@ def validation_pairs(model, items, query_seconds=(5.0, 10.0, 20.0, 30.0), seed: 
     a clip of tau seconds (seeded offset) against every other whole track, reduced with
     `min` (the reduction for clips under 40 s). Items are `model.evaluate.Item`s."""
     import torch
-
-    from model.reduce import track_distance
+    from refrain.model.reduce import track_distance
 
     rng = np.random.default_rng(seed)
     sr = model.sample_rate
@@ -132,9 +131,9 @@ def calibrate_model(model_dir, manifest, split: str = "valid",
     """Fit the calibration of a Refrain model folder on a manifest split; stored in place."""
     from pathlib import Path
 
-    from model import load_model
-    from model.checkpoint import save_refrain
-    from model.evaluate import read_manifest
+    from refrain.model import load_model
+    from refrain.model.checkpoint import save_refrain
+    from refrain.model.evaluate import read_manifest
 
     model = load_model(model_dir)
     if model.info.get("format") != "refrain":

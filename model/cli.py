@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".mp4")
-
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed audio files into per-segment .npy arrays")
@@ -76,8 +74,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
-
-    from model.train import RunConfig, train
+    from refrain.model.train import RunConfig, train
 
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
     for item in args.set:
@@ -92,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from model.corpus.cli import main
+    from refrain.model.corpus.cli import main
 
     return main(args.args or ["--help"])
 
@@ -100,33 +97,17 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import json
 
-    from model.calibrate import calibrate_model
+    from refrain.model.calibrate import calibrate_model
 
     cal = calibrate_model(args.model, args.manifest, args.split, args.target_precision, args.seed)
     print(json.dumps(cal.to_dict(), indent=1))
     return 0
 
 
-def find_audio(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """Inputs -> (file, path relative to its input root) for every audio file."""
-    found = []
-    for item in inputs:
-        root = Path(item)
-        if root.is_dir():
-            for f in sorted(root.rglob("*")):
-                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS:
-                    found.append((f, f.relative_to(root)))
-        elif root.is_file():
-            found.append((root, Path(root.name)))
-        else:
-            raise FileNotFoundError(f"no such file or folder: {root}")
-    return found
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
-
-    from model import load_model
+    from refrain.model import load_model
+    from refrain.model.audio import AUDIO_EXTENSIONS, find_audio
 
     files = find_audio(args.inputs)
     if not files:
@@ -151,7 +132,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from model.checkpoint import convert
+    from refrain.model.checkpoint import convert
 
     out = convert(args.checkpoint, args.out)
     print(f"wrote {out}")
@@ -159,6 +140,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from model.evaluate import run_evaluation
+    from refrain.model.evaluate import run_evaluation
 
     return run_evaluation(args)

@@ -11,12 +11,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-
-from model.audio import AudioDecodeError, AudioTooLongError, check_samples, load_audio
-from model.checkpoint import ModelIdentity, load_checkpoint, weights_sha256
-from model.config import ModelConfig
-from model.network import CLEWSNet
-from model.shingle import ShingleCQT, cut_shingles
+from refrain.model.audio import AudioDecodeError, AudioTooLongError, check_samples, load_audio
+from refrain.model.checkpoint import ModelIdentity, load_checkpoint, weights_sha256
+from refrain.model.config import ModelConfig
+from refrain.model.network import CLEWSNet
+from refrain.model.shingle import ShingleCQT, cut_shingles
 
 AudioInput = str | os.PathLike | bytes | BinaryIO | np.ndarray | torch.Tensor
 

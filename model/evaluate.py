@@ -10,8 +10,8 @@ A `PairwiseScorer` (the Qmax baseline of `model.qmax`) may stand in for the `Emb
 per-track features go through the same decoding and query clips, and it scores every
 (query, candidate) pair itself in place of the segment reductions.
 
-    from model import load_model
-    from model.evaluate import evaluate, read_manifest
+    from refrain.model import load_model
+    from refrain.model.evaluate import evaluate, read_manifest
     results = evaluate(load_model(), read_manifest("test.csv"), query_seconds=(10,))
 """
 
@@ -33,13 +33,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-
-from model.audio import AudioDecodeError
-from model.metrics import EvalResult, format_table, retrieval_metrics
-from model.reduce import Reduction, track_distance
+from refrain.model.audio import AudioDecodeError
+from refrain.model.metrics import EvalResult, format_table, retrieval_metrics
+from refrain.model.reduce import Reduction, track_distance
 
 if TYPE_CHECKING:
-    from model.embedder import Embedder
+    from refrain.model.embedder import Embedder
 
 __all__ = [
     "EvalOptions",
@@ -514,7 +513,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
 
     Returns 0, or 1 when some files could not be decoded (the results then cover the rest).
     """
-    from model import load_model
+    from refrain.model import load_model
 
     start = time.perf_counter()
     items = read_manifest(args.manifest, split=args.split)
@@ -533,11 +532,11 @@ def run_evaluation(args: argparse.Namespace) -> int:
     )
     baseline = getattr(args, "baseline", None)
     if baseline is True or baseline == "2dftm":  # True: the former on/off flag
-        from model.baseline import ChromaBaseline
+        from refrain.model.baseline import ChromaBaseline
 
         model = ChromaBaseline()
     elif baseline == "qmax":
-        from model.qmax import QmaxScorer
+        from refrain.model.qmax import QmaxScorer
 
         try:
             model = QmaxScorer(workers=getattr(args, "jobs", None))

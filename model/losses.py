@@ -19,9 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+from refrain.model.reduce import nsqeuc, reduce
 from torch import Tensor
-
-from model.reduce import nsqeuc, reduce
 
 LOSSES = ("clews", "triplet", "supcon", "align_uniform")
 

@@ -10,9 +10,8 @@ import math
 
 import torch
 from nnAudio.features import CQT1992v2
+from refrain.model.config import ModelConfig
 from torch import nn
-
-from model.config import ModelConfig
 
 
 class CQTNormalize(nn.Module):

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from model.config import ModelConfig
-from model.embedder import AudioInput
+from refrain.model.config import ModelConfig
+from refrain.model.embedder import AudioInput
 
 NAME = "qmax"
 _TASKS_PER_WORKER = 32  # query chunks per worker process: balance and progress granularity
@@ -225,8 +224,8 @@ class QmaxScorer:
 
     def __init__(self, params: QmaxParams | None = None, config: ModelConfig | None = None,
                  workers: int | None = None) -> None:
-        from model.network import make_cqt
-        from model.shingle import CroppedCQT
+        from refrain.model.network import make_cqt
+        from refrain.model.shingle import CroppedCQT
 
         _librosa()  # fail before any audio is decoded
         self.params = params or QmaxParams()
@@ -244,7 +243,7 @@ class QmaxScorer:
         return self.config.sample_rate
 
     def waveform(self, audio: AudioInput) -> torch.Tensor:
-        from model.embedder import Embedder
+        from refrain.model.embedder import Embedder
 
         return Embedder.waveform(self, audio)  # same decoding and checks as the network
 

@@ -24,15 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from refrain.model.audio import AudioDecodeError, load_audio
+from refrain.model.augment import AugmentConfig, augment, stretch_rate, time_stretch
+from refrain.model.checkpoint import save_refrain
+from refrain.model.config import ModelConfig
+from refrain.model.losses import LossConfig, contrastive_loss
+from refrain.model.network import CLEWSNet
+from refrain.model.shingle import CroppedCQT, repeat_pad
 from tqdm import tqdm
-
-from model.audio import AudioDecodeError, load_audio
-from model.augment import AugmentConfig, augment, stretch_rate, time_stretch
-from model.checkpoint import save_refrain
-from model.config import ModelConfig
-from model.losses import LossConfig, contrastive_loss
-from model.network import CLEWSNet
-from model.shingle import CroppedCQT, repeat_pad
 
 log = logging.getLogger("refrain.train")
 
@@ -265,7 +264,7 @@ def embed_cached(net: CLEWSNet, tracks: list[Track], seg_frames: int, hop_frames
 
 
 def validate(net: CLEWSNet, tracks: list[Track], config: RunConfig, device: torch.device) -> dict:
-    from model.evaluate import Item, evaluate
+    from refrain.model.evaluate import Item, evaluate
 
     c = config.model
     seg_frames = round(c.shingling.len / (c.cqt.hoplen * c.cqt.pool))
@@ -280,7 +279,7 @@ def validate(net: CLEWSNet, tracks: list[Track], config: RunConfig, device: torc
 def init_weights(net: CLEWSNet, path: str | Path) -> None:
     """Copy the weights of checkpoint `path` (either format) into `net`; the model
     configurations must agree."""
-    from model.checkpoint import load_checkpoint
+    from refrain.model.checkpoint import load_checkpoint
 
     source, _ = load_checkpoint(path)
     if source.config.to_dict() != net.config.to_dict():

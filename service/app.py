@@ -8,13 +8,12 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from refrain.service import errors
+from refrain.service.metrics import Metrics
+from refrain.service.routes import ingest, ops, search, tracks
+from refrain.service.runtime import Runtime
+from refrain.service.settings import Settings
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service import errors
-from service.metrics import Metrics
-from service.routes import ingest, ops, search, tracks
-from service.runtime import Runtime
-from service.settings import Settings
 
 log = logging.getLogger("refrain.service")
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from model.cli import AUDIO_EXTENSIONS
-from service.errors import ApiError
+from refrain.model.audio import AUDIO_EXTENSIONS
+from refrain.service.exceptions import InvalidInput, RefrainError, TooLarge, UnsafeArchive
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.json")
 MAX_MANIFEST_BYTES = 16 << 20
@@ -95,22 +95,21 @@ def _check_declared(declared: int, name: str, archive_bytes: int, limits: Archiv
 
 def _check_file(size: int, name: str, limits: ArchiveLimits) -> None:
     if limits.max_file_bytes is not None and size > limits.max_file_bytes:
-        raise ApiError(413, "file_too_large",
+        raise TooLarge("file_too_large",
                        f"archive member {name[:200]!r} has {size} bytes, at most "
                        f"{limits.max_file_bytes} per file")
 
 
-def _too_large(message: str) -> ApiError:
-    return ApiError(413, "archive_too_large", message)
+def _too_large(message: str) -> RefrainError:
+    return TooLarge("archive_too_large", message)
 
 
-def _unsafe(name: str, why: str) -> ApiError:
-    return ApiError(422, "unsafe_archive", f"archive member {name[:200]!r} {why}")
+def _unsafe(name: str, why: str) -> RefrainError:
+    return UnsafeArchive("unsafe_archive", f"archive member {name[:200]!r} {why}")
 
 
-def _bad(message: str) -> ApiError:
-    return ApiError(
-        422, "bad_archive",
+def _bad(message: str) -> RefrainError:
+    return InvalidInput("bad_archive",
         f"expected a zip or tar archive (.tar, .tar.gz, .tar.bz2, .tar.xz): {message}",
     )
 
@@ -122,7 +121,7 @@ def _unreadable(name: str, e: Exception) -> Exception:
 
 
 def safe_name(raw: str) -> str:
-    """A member name as a clean relative path, or ApiError(unsafe_archive)."""
+    """A member name as a clean relative path, or UnsafeArchive."""
     if "\x00" in raw:
         raise _unsafe(raw, "has a NUL character in its name")
     if raw.startswith(("/", "\\")) or (len(raw) > 1 and raw[1] == ":"):
@@ -160,7 +159,7 @@ def copy_to_file(src: BinaryIO, dst: Path, budget: _Budget | None = None, name: 
 def _read_manifest(src: BinaryIO, name: str, budget: _Budget) -> bytes:
     data = src.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
-        raise ApiError(413, "manifest_too_large",
+        raise TooLarge("manifest_too_large",
                        f"{name} is larger than {MAX_MANIFEST_BYTES} bytes")
     budget.take(len(data), name)
     return data
@@ -173,7 +172,7 @@ def extract_archive(
     src: BinaryIO, dest: Path, limits: ArchiveLimits, check_space: SpaceCheck | None = None
 ) -> Extracted:
     """Extract the audio files of the archive in `src` (seekable) into `dest` (an existing,
-    empty folder). Raises ApiError (413/422) on unsafe, oversized or unreadable archives;
+    empty folder). Raises TooLarge or UnsafeArchive on unsafe, oversized or unreadable archives;
     files already written are left for the caller to remove. `check_space` gets the bytes
     the audio members declare before anything is written."""
     check = check_space or _no_check

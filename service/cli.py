@@ -7,8 +7,8 @@ import ipaddress
 import logging
 import sys
 
-from model import cli as model_cli
-from service import ingest_cli
+from refrain.model import cli as model_cli
+from refrain.service import ingest_cli
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -36,9 +36,8 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from service.app import create_app
-    from service.settings import Settings
+    from refrain.service.app import create_app
+    from refrain.service.settings import Settings
 
     overrides = {
         k: v for k, v in
@@ -74,9 +73,8 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from service.settings import Settings
-    from service.worker_app import create_worker_app
+    from refrain.service.settings import Settings
+    from refrain.service.worker_app import create_worker_app
 
     overrides = {k: v for k, v in {"model": args.model, "device": args.device}.items()
                  if v is not None}

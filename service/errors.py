@@ -1,4 +1,8 @@
-"""Every failure becomes a JSON error `{"error": {"code", "message"}}` with a 4xx/5xx status."""
+"""Every failure becomes a JSON error `{"error": {"code", "message"}}` with a 4xx/5xx status.
+
+Domain errors (`exceptions`) get their status from `STATUS`, the only table of them; `ApiError`
+is for the HTTP layer's own refusals (authentication, the shape of a request).
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,34 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from refrain.index import SegmentIndexError
+from refrain.model.audio import AudioDecodeError
+from refrain.service import exceptions as ex
+from refrain.service.remote_worker import WorkerRejected
+from refrain.service.worker import Overloaded
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from index import (
-    CatalogUnavailableError,
-    IdentityMismatchError,
-    InsufficientStorageError,
-    SegmentIndexError,
-    TrackExistsError,
-    TrackNotFoundError,
-)
-from index.milvus import BackendUnavailableError
-from model.audio import AudioDecodeError, AudioTooLongError, UnsupportedAudioError
-from service.remote_worker import WorkerRejected, WorkersUnavailable
-from service.worker import Overloaded
 
 log = logging.getLogger("refrain.service")
 
+# the one place where a kind of failure becomes an HTTP status
+STATUS: dict[type[ex.RefrainError], int] = {
+    ex.InvalidInput: 422,
+    ex.UnsupportedMedia: 415,
+    ex.TooLarge: 413,
+    ex.NotFound: 404,
+    ex.Conflict: 409,
+    ex.Forbidden: 403,
+    ex.InsufficientStorage: 507,
+    ex.Unavailable: 503,
+    ex.Misconfigured: 503,
+    ex.UpstreamFailed: 502,
+    ex.Internal: 500,
+}
+
 
 class ApiError(Exception):
+    """An error of the HTTP layer itself (authentication, the request's shape)."""
+
     def __init__(
         self, status: int, code: str, message: str, headers: dict[str, str] | None = None
     ) -> None:
@@ -44,36 +57,22 @@ def error_response(
     )
 
 
-def classify(exc: Exception) -> ApiError:
-    """Map library exceptions to API errors."""
+def status_of(err: ex.RefrainError) -> int:
+    for kind in type(err).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return 500
+
+
+def classify(exc: BaseException) -> ApiError:
+    """Any exception as the API error it is answered with."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, AudioTooLongError):
-        return ApiError(422, "audio_too_long", str(exc))
-    if isinstance(exc, UnsupportedAudioError):
-        return ApiError(415, "unsupported_audio", str(exc))
-    if isinstance(exc, AudioDecodeError):
-        return ApiError(422, "bad_audio", str(exc))
-    if isinstance(exc, WorkersUnavailable):
-        return ApiError(503, "workers_unavailable", f"{exc}; retry later", {"Retry-After": "5"})
-    if isinstance(exc, WorkerRejected):
-        return ApiError(502, "worker_rejected", str(exc))
-    if isinstance(exc, Overloaded):
-        return ApiError(503, "overloaded", f"{exc}; retry later", {"Retry-After": "1"})
-    if isinstance(exc, TrackNotFoundError):
-        return ApiError(404, "track_not_found", str(exc))
-    if isinstance(exc, TrackExistsError):
-        return ApiError(409, "track_exists", str(exc))
-    if isinstance(exc, BackendUnavailableError):
-        return ApiError(503, "index_unavailable", f"{exc}; retry later", {"Retry-After": "5"})
-    if isinstance(exc, InsufficientStorageError):
-        return ApiError(507, "insufficient_storage", str(exc))
-    if isinstance(exc, CatalogUnavailableError):
-        return ApiError(503, "index_unavailable", f"{exc}; retry later", {"Retry-After": "5"})
-    if isinstance(exc, IdentityMismatchError):
-        return ApiError(503, "index_model_mismatch", str(exc))
-    log.error("unhandled error", exc_info=exc)
-    return ApiError(500, "internal", f"internal error ({type(exc).__name__})")
+    err = ex.as_domain_error(exc)
+    headers = None
+    if err.retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, round(err.retry_after_s)))}
+    return ApiError(status_of(err), err.code, err.message, headers)
 
 
 def install(app: FastAPI) -> None:
@@ -104,6 +103,7 @@ def install(app: FastAPI) -> None:
 
     # Known failures are answered by the exception middleware (no traceback in the log);
     # anything else reaches the server-error handler as a logged 500.
-    for known in (ApiError, AudioDecodeError, Overloaded, SegmentIndexError, WorkerRejected):
+    for known in (ApiError, ex.RefrainError, AudioDecodeError, Overloaded, SegmentIndexError,
+                  WorkerRejected):
         app.add_exception_handler(known, _known)
     app.add_exception_handler(Exception, _known)

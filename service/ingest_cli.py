@@ -12,36 +12,14 @@ become a second job: harmless, its items are then 'skipped' (ingestion is idempo
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
-import json
 import os
 import sys
 import time
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from model.cli import AUDIO_EXTENSIONS, find_audio
+from refrain.service.catalog_files import batches, read_catalog
 
 STATE_FILE = ".refrain-ingest-state.json"
-CATALOG_FIELDS = ("path", "track_id", "title", "artist", "work_id")
-IN_FLIGHT = 2  # jobs submitted and not finished: upload the next batch while one is processed
-MAX_BACKOFF_S = 60.0
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One file of a catalog."""
-
-    path: Path
-    name: str  # path relative to the catalog folder (or as the manifest wrote it), '/' separated
-    track_id: str
-    title: str = ""
-    artist: str = ""
-    work_id: str = ""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -78,107 +56,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_index_build)
 
 
-# -- catalogs -------------------------------------------------------------------------------------
-
-
-def read_catalog(source: Path) -> list[Entry]:
-    """A folder (audio files, recursively) or a manifest CSV -> entries, validated."""
-    from service.sources import default_track_id
-
-    if source.is_dir():
-        entries = [
-            Entry(f, rel.as_posix(), default_track_id(rel.as_posix()), rel.stem)
-            for f, rel in find_audio([str(source)])
-        ]
-    elif source.is_file():
-        entries = _read_manifest(source)
-    else:
-        raise FileNotFoundError(f"no such folder or manifest: {source}")
-    if not entries:
-        raise ValueError(f"no audio files ({' '.join(AUDIO_EXTENSIONS)}) in {source}")
-    _check_entries(entries, source)
-    return entries
-
-
-def _read_manifest(manifest: Path) -> list[Entry]:
-    from service.sources import default_track_id
-
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in reader.fieldnames or []]
-        if "path" not in fields or set(fields) - set(CATALOG_FIELDS):
-            raise ValueError(
-                f"{manifest}: expected a CSV header of {','.join(CATALOG_FIELDS)} "
-                f"(only path is required), got {','.join(fields)}"
-            )
-        reader.fieldnames = fields
-        entries = []
-        for n, row in enumerate(reader, 2):
-            row = {k: (v or "").strip() for k, v in row.items() if k is not None}
-            if not row.get("path"):
-                raise ValueError(f"{manifest} line {n}: no path")
-            rel = row["path"].replace("\\", "/")
-            path = manifest.parent / rel
-            if not path.is_file():
-                raise FileNotFoundError(f"{manifest} line {n}: no such file {path}")
-            entries.append(Entry(
-                path, rel, row.get("track_id") or default_track_id(rel),
-                row.get("title") or Path(rel).stem, row.get("artist", ""), row.get("work_id", ""),
-            ))
-    return entries
-
-
-def _check_entries(entries: list[Entry], source: Path) -> None:
-    from service.sources import valid_track_id
-
-    bad = [e.track_id for e in entries if not valid_track_id(e.track_id)]
-    if bad:
-        raise ValueError(f"{source}: invalid track ids {bad[:10]} (letters, digits, spaces, "
-                         "._-:@+()' and '/' between parts, at most 200 characters)")
-    seen: dict[str, str] = {}
-    for key, what in ((lambda e: e.track_id, "track id"), (lambda e: e.name, "file")):
-        seen.clear()
-        dup = sorted({key(e) for e in entries if seen.setdefault(key(e), e.name) != e.name})
-        if dup:
-            raise ValueError(f"{source}: {what}s used more than once: {dup[:10]}")
-
-
-def batches(entries: list[Entry], max_files: int, max_bytes: float) -> list[list[Entry]]:
-    out: list[list[Entry]] = [[]]
-    size = 0
-    for e in entries:
-        n = e.path.stat().st_size
-        if out[-1] and (len(out[-1]) >= max_files or size + n > max_bytes):
-            out.append([])
-            size = 0
-        out[-1].append(e)
-        size += n
-    return out
-
-
-def batch_key(batch: list[Entry]) -> str:
-    h = hashlib.sha256()
-    for e in batch:
-        st = e.path.stat()
-        h.update(json.dumps([e.name, e.track_id, e.title, e.artist, e.work_id, st.st_size,
-                             st.st_mtime_ns]).encode())
-    return h.hexdigest()[:32]
-
-
-def manifest_csv(batch: list[Entry]) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("filename", "track_id", "title", "artist", "work_id"))
-    for e in batch:
-        w.writerow((e.name, e.track_id, e.title, e.artist, e.work_id))
-    return buf.getvalue().encode()
-
-
 # -- refrain ingest -------------------------------------------------------------------------------
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from service.ingest_client import Uploader
+    from refrain.service.ingest_client import Uploader
 
     source = Path(args.source)
     entries = read_catalog(source)
@@ -198,24 +80,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from service.index_build import build_index
+    from refrain.service.index_build import BuildOptions, build_index
 
     entries = read_catalog(Path(args.source))
+    options = BuildOptions(
+        data=Path(args.data), checkpoint=args.checkpoint, factory=args.factory, hop_s=args.hop,
+        chunk=args.chunk, batch_size=args.batch_size, device=args.device, replace=args.replace,
+    )
     t0 = time.perf_counter()
-    counts, failures = build_index(entries, args)
+    counts, failures = build_index(entries, options)
     print(f"index build: added {counts['added']}, replaced {counts['replaced']}, "
           f"skipped {counts['skipped']} (already present), failed {len(failures)} "
           f"in {time.perf_counter() - t0:.1f} s")
     for name, code, message in failures:
         print(f"  failed {name}: {code}: {message}", file=sys.stderr)
     return 1 if failures else 0
-
-
-def open_files(stack: ExitStack, batch: list[Entry]) -> list[tuple[str, Any]]:
-    """Multipart parts of one batch: the files and the generated manifest."""
-    parts: list[tuple[str, Any]] = [
-        ("files", (e.name, stack.enter_context(e.path.open("rb")), "application/octet-stream"))
-        for e in batch
-    ]
-    parts.append(("manifest", ("manifest.csv", manifest_csv(batch), "text/csv")))
-    return parts

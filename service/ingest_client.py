@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
+from refrain.service.catalog_files import Entry, batch_key, open_files
 from tqdm import tqdm
 
-from service.ingest_cli import IN_FLIGHT, MAX_BACKOFF_S, Entry, batch_key, open_files
+IN_FLIGHT = 2  # jobs submitted and not finished: upload the next batch while one is processed
+MAX_BACKOFF_S = 60.0
 
 RETRY_STATUS = (429, 503)
 

@@ -3,19 +3,19 @@
 Durability. A job is acknowledged (202) only after its files are written and fsynced under
 `jobs_dir/<job_id>/files/` and its rows are committed to the job database (`jobstore`), so an
 acknowledged job survives a crash. An item is marked final only after
-`Runtime.add_reference` returned, when the index write is already durable; its stored file
+the engine's `ingest_item` returned, when the index write is already durable; its stored file
 is deleted after that mark, and the job's folder once the job is final.
 
 Restart. `start()` resumes every queued or running job: items still pending are processed
 again. A crash between an index write and the item's 'done' mark leaves the item pending;
-`add_reference` is idempotent on (track id, content), so the redo finds the track stored and
+adding a reference is idempotent on (track id, content), so the redo finds the track stored and
 the item ends 'skipped' instead of 'done'. No track is ever added twice.
 
 Outcomes. ADDED/REPLACED -> 'done', UNCHANGED -> 'skipped' (ingesting a catalog twice adds
 nothing twice), a per-item error (bad audio, track exists with other content...) -> 'failed'
 with the API error code and message, and the job goes on. A job ends 'done' once every item is
 final, 'failed' only when the index itself refuses writes (remaining items fail with it).
-Overload and not-ready (503) are retried; an item in progress at `stop()` is finished or
+Transient failures (overload, not ready, a backend or the workers down) are retried; an item in progress at `stop()` is finished or
 abandoned, and then redone after the restart.
 
 Retention. Finished jobs (done or failed) are deleted, rows and any files left, once they
@@ -30,13 +30,14 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index import (
+from refrain.index import (
+    AddResult,
     CatalogUnavailableError,
     IdentityMismatchError,
     InsufficientStorageError,
@@ -44,15 +45,18 @@ from index import (
     TrackExistsError,
     TrackNotFoundError,
 )
-from index.files import fsync_dir
-from service.errors import ApiError, classify
-from service.jobstore import JOB_ID, ItemState, JobState, JobStore
-from service.sources import Item
-from service.worker import Overloaded
+from refrain.index.files import fsync_dir
+from refrain.service.exceptions import Unavailable, as_domain_error
+from refrain.service.jobstore import JOB_ID, ItemState, JobState, JobStore
+from refrain.service.metrics import Metrics
+from refrain.service.settings import Settings
+from refrain.service.sources import Item
 
 log = logging.getLogger("refrain.jobs")
 
-RETRY_DELAY_S = 1.0  # after a 503 from the runtime (overloaded, not ready)
+Ingest = Callable[[Item, bool], AddResult]  # (item, replace) -> what the index did
+
+RETRY_DELAY_S = 1.0  # after a transient failure (overloaded, not ready)
 IDLE_WAIT_S = 5.0  # a waiting worker re-checks for work at least this often
 STOP_TIMEOUT_S = 30.0  # wait this long for the items in progress at stop()
 PURGE_EVERY_S = 3600.0  # look for finished jobs past their retention this often
@@ -75,12 +79,15 @@ class _Claim:
 class JobManager:
     """Creates jobs, runs them on `settings.ingest_workers` threads, reports on them."""
 
-    def __init__(self, runtime: Any) -> None:
-        self.runtime = runtime
-        settings = runtime.settings
+    def __init__(
+        self, settings: Settings, metrics: Metrics, ingest: Ingest,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.metrics = metrics
+        self.ingest = ingest  # one item into the index (the engine's `ingest_item`)
+        self.ready = ready  # resumed jobs wait until this says the engine is up
         self.dir: Path = settings.jobs_dir
         self.n_workers: int = settings.ingest_workers
-        self.max_item_bytes: int = settings.max_upload_bytes
         self.retention_s: float = settings.job_retention_hours * 3600  # 0: keep forever
         self.store: JobStore | None = None
         self._wake = threading.Condition()
@@ -143,7 +150,7 @@ class JobManager:
         for job_id in purged:
             shutil.rmtree(self.dir / job_id, ignore_errors=True)
         if purged:
-            self.runtime.metrics.ingest_jobs_purged.inc(len(purged))
+            self.metrics.ingest_jobs_purged.inc(len(purged))
             log.info("purged %d jobs finished more than %g h ago", len(purged),
                      self.retention_s / 3600)
         return len(purged)
@@ -199,7 +206,7 @@ class JobManager:
 
     def _store(self) -> JobStore:
         if self.store is None:
-            raise ApiError(503, "not_ready", "the job store is not open", {"Retry-After": "5"})
+            raise Unavailable("not_ready", "the job store is not open")
         return self.store
 
     def _notify(self) -> None:
@@ -211,7 +218,7 @@ class JobManager:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if not self.runtime.ready:  # resumed jobs wait for the model and index
+            if not self.ready():  # resumed jobs wait for the model and index
                 self._stop.wait(0.1)
                 continue
             with self._wake:
@@ -246,13 +253,9 @@ class JobManager:
             self._claimed.discard((claim.job_id, claim.position))
 
     def _process(self, claim: _Claim) -> None:
-        it = claim.item
-        meta = {"track_id": it.track_id, "title": it.title, "artist": it.artist,
-                "work_id": it.work_id}
         try:
             try:
-                data = self._read(it)
-                result, _ = self.runtime.add_reference(data, meta, replace=claim.replace)
+                result = self.ingest(claim.item, claim.replace)
             except Exception as e:  # noqa: BLE001 - sorted below: retry, job failure, item failure
                 if self._stop.is_set() or _transient(e):  # stays pending: redone later
                     self._stop.wait(RETRY_DELAY_S)
@@ -261,25 +264,13 @@ class JobManager:
                     self._store().fail(claim.job_id, f"the index refused the write: {e}")
                     self._close_job(claim.job_id)
                 else:
-                    err = classify(e)
+                    err = as_domain_error(e)
                     self._finish(claim, ItemState.FAILED, None, err.code, err.message)
                 return
-            skipped = result.value == "unchanged"
+            skipped = result is AddResult.UNCHANGED
             self._finish(claim, ItemState.SKIPPED if skipped else ItemState.DONE, result.value)
         finally:
             self._release(claim)
-
-    def _read(self, it: Item) -> bytes:
-        try:
-            size = it.path.stat().st_size
-            if size > self.max_item_bytes:
-                raise ApiError(413, "file_too_large",
-                               f"{it.filename} has {size} bytes, at most {self.max_item_bytes}")
-            return it.path.read_bytes()
-        except FileNotFoundError:
-            raise ApiError(422, "file_missing", f"{it.filename} no longer exists") from None
-        except OSError as e:
-            raise ApiError(422, "file_unreadable", f"cannot read {it.filename}: {e}") from None
 
     def _finish(
         self, claim: _Claim, state: ItemState, result: str | None, code: str | None = None,
@@ -291,7 +282,7 @@ class JobManager:
         run = self._runs.get(claim.job_id)
         if run is not None:
             run[1] += 1
-        self.runtime.metrics.ingest_items.labels(state.value).inc()
+        self.metrics.ingest_items.labels(state.value).inc()
         if claim.item.owned:
             claim.item.path.unlink(missing_ok=True)
         if job_done:
@@ -303,9 +294,9 @@ class JobManager:
 
 
 def _transient(e: Exception) -> bool:
-    """Errors that say 'later', not 'never': overload, not-ready, a catalog catching up."""
-    return (isinstance(e, (Overloaded, CatalogUnavailableError))
-            or (isinstance(e, ApiError) and e.status == 503))
+    """Errors that say 'later', not 'never': overload, not-ready, a catalog catching up, a
+    backend or the inference workers down for a while."""
+    return as_domain_error(e).transient
 
 
 def _index_failure(e: Exception) -> bool:

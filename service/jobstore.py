@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.errors import ApiError
-from service.sources import Item
+from refrain.service.exceptions import Unavailable
+from refrain.service.sources import Item
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -92,7 +92,7 @@ class JobStore:
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._db is None:
-                raise ApiError(503, "not_ready", "the job store is closed", {"Retry-After": "5"})
+                raise Unavailable("not_ready", "the job store is closed")
             yield self._db
 
     @contextmanager

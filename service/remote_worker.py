@@ -23,9 +23,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-
-from service.metrics import Metrics
-from service.worker import Overloaded
+from refrain.service.metrics import Metrics
+from refrain.service.worker import Overloaded
 
 log = logging.getLogger("refrain.remote_worker")
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from model.cli import AUDIO_EXTENSIONS
-from service.archive import MANIFEST_NAMES, MAX_MANIFEST_BYTES
-from service.errors import ApiError
+from refrain.model.audio import AUDIO_EXTENSIONS
+from refrain.service.archive import MANIFEST_NAMES, MAX_MANIFEST_BYTES
+from refrain.service.exceptions import Forbidden, InvalidInput, RefrainError, TooLarge
 
 TRACK_ID = re.compile(r"^[\w.\-:@+()' ]{1,200}$")  # one '/'-separated part of an id
 
@@ -50,8 +50,8 @@ def _listed(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:MAX_LISTED]) + more
 
 
-def _invalid_manifest(message: str) -> ApiError:
-    return ApiError(422, "invalid_manifest", message)
+def _invalid_manifest(message: str) -> RefrainError:
+    return InvalidInput("invalid_manifest", message)
 
 
 def parse_manifest(data: bytes, name: str = "manifest") -> dict[str, dict[str, str]]:
@@ -127,7 +127,7 @@ def metadata_problem(fields: dict[str, str | None]) -> str | None:
 def check_metadata(fields: dict[str, str | None]) -> None:
     problem = metadata_problem(fields)
     if problem:
-        raise ApiError(422, "invalid_metadata", problem)
+        raise InvalidInput("invalid_metadata", problem)
 
 
 def valid_track_id(track_id: str) -> bool:
@@ -158,16 +158,16 @@ def build_items(
 ) -> list[Item]:
     """(filename, path) pairs + manifest -> validated items, in the order found."""
     if not found:
-        raise ApiError(422, "no_audio_files",
+        raise InvalidInput("no_audio_files",
                        f"the request holds no audio files ({' '.join(AUDIO_EXTENSIONS)})")
     names = [f for f, _ in found]
     dup_names = sorted(n for n, c in Counter(names).items() if c > 1)
     if dup_names:
-        raise ApiError(422, "duplicate_filename", f"files named twice: {_listed(dup_names)}")
+        raise InvalidInput("duplicate_filename", f"files named twice: {_listed(dup_names)}")
     manifest = manifest or {}
     missing = sorted(set(manifest) - set(names))
     if missing:
-        raise ApiError(422, "manifest_files_missing",
+        raise InvalidInput("manifest_files_missing",
                        f"the manifest names files that were not sent: {_listed(missing)}")
     items = []
     bad_ids = []
@@ -179,18 +179,17 @@ def build_items(
         title = row.get("title") or PurePosixPath(filename.replace("\\", "/")).stem
         problem = metadata_problem({**row, "title": title})
         if problem:
-            raise ApiError(422, "invalid_metadata", f"{filename[:200]!r}: {problem}")
+            raise InvalidInput("invalid_metadata", f"{filename[:200]!r}: {problem}")
         items.append(Item(filename, path, owned, track_id, title, row.get("artist", ""),
                           row.get("work_id")))
     if bad_ids:
-        raise ApiError(
-            422, "invalid_track_id",
+        raise InvalidInput("invalid_track_id",
             "track ids must be 1-200 characters of letters, digits, spaces and ._-:@+()' "
             f"(and '/' between parts), got {_listed(bad_ids)}",
         )
     dup_ids = sorted(t for t, c in Counter(i.track_id for i in items).items() if c > 1)
     if dup_ids:
-        raise ApiError(422, "duplicate_track_id",
+        raise InvalidInput("duplicate_track_id",
                        f"track ids used by more than one file: {_listed(dup_ids)}")
     return items
 
@@ -199,21 +198,21 @@ def resolve_under(root: Path | None, path: str, what: str = "path") -> Path:
     """A client-given path, relative to the import root or absolute, resolved (symlinks
     too) and required to stay inside the root; 403 otherwise."""
     if root is None:
-        raise ApiError(403, "path_ingest_disabled",
+        raise Forbidden("path_ingest_disabled",
                        "ingestion by path is disabled; set REFRAIN_IMPORT_ROOT to the folder "
                        "under which catalogs may be read")
     if "\x00" in path:  # no file name holds one; the OS would refuse it
-        raise ApiError(422, "invalid_path", f"{what} {path[:200]!r} contains a NUL character")
+        raise InvalidInput("invalid_path", f"{what} {path[:200]!r} contains a NUL character")
     base = root.resolve()
     target = (base / path).resolve()
     if not target.is_relative_to(base):
-        raise ApiError(403, "path_forbidden", f"{what} {path!r} is outside the import root")
+        raise Forbidden("path_forbidden", f"{what} {path!r} is outside the import root")
     return target
 
 
 def read_manifest_file(file: Path) -> bytes:
     if file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ApiError(413, "manifest_too_large",
+        raise TooLarge("manifest_too_large",
                        f"{file.name} is larger than {MAX_MANIFEST_BYTES} bytes")
     return file.read_bytes()
 
@@ -224,7 +223,7 @@ def scan_folder(
     """Audio files under `folder` (recursively, sorted) as (relative path, file), the count of
     other files, and the root manifests found. Links leading outside `root` are skipped."""
     if not folder.is_dir():
-        raise ApiError(422, "path_not_found", f"{folder} is not a folder")
+        raise InvalidInput("path_not_found", f"{folder} is not a folder")
     base = root.resolve()
     found: list[tuple[str, Path]] = []
     ignored = 0
@@ -245,6 +244,6 @@ def scan_folder(
                 continue
             found.append((rel, file))
             if len(found) > max_files:
-                raise ApiError(413, "too_many_files",
+                raise TooLarge("too_many_files",
                                f"{folder} holds more than {max_files} audio files")
     return found, ignored, manifests

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from index.journal import record_size
-from service.errors import ApiError
+from refrain.index.journal import record_size
+from refrain.service.exceptions import InsufficientStorage
 
 META_ALLOWANCE = 16 << 10  # a track's metadata JSON in its journal record, at most
 CATALOG_ALLOWANCE = 64 << 10  # the catalog's WAL pages for one written row and its index
@@ -53,11 +53,10 @@ class SpaceGuard:
     keep_free: int  # bytes that must stay free after the write
 
     def require(self, needed: int, what: str = "the upload") -> None:
-        """ApiError(507, insufficient_storage) unless `needed` more bytes leave `keep_free`."""
+        """InsufficientStorage(insufficient_storage) unless `needed` more bytes leave `keep_free`."""
         free = free_bytes(self.path)
         if free - needed < self.keep_free:
-            raise ApiError(
-                507, "insufficient_storage",
+            raise InsufficientStorage("insufficient_storage",
                 f"{what} needs {needed} bytes, but the data volume has {free} bytes free and "
                 f"keeps {self.keep_free} in reserve (REFRAIN_MIN_FREE_BYTES); free some space "
                 "and send it again",

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from model.embedder import Embedder, transposed
-from service.metrics import Metrics
+from refrain.model.embedder import Embedder, transposed
+from refrain.service.metrics import Metrics
 
 log = logging.getLogger("refrain.worker")
 

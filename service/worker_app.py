@@ -28,14 +28,13 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from model.embedder import Embedder, load_model
-from service import errors
-from service.app import BodyLimitMiddleware, MetricsMiddleware
-from service.errors import ApiError
-from service.metrics import Metrics
-from service.settings import Settings
-from service.worker import InferenceWorker
+from refrain.model.embedder import Embedder, load_model
+from refrain.service import errors
+from refrain.service.app import BodyLimitMiddleware, MetricsMiddleware
+from refrain.service.errors import ApiError
+from refrain.service.metrics import Metrics
+from refrain.service.settings import Settings
+from refrain.service.worker import InferenceWorker
 
 log = logging.getLogger("refrain.worker")
 

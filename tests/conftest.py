@@ -28,7 +28,7 @@ class LiveServer:
     """`create_app(settings)` served by uvicorn in a thread; `stop()` shuts it down cleanly."""
 
     def __init__(self, settings) -> None:
-        from service.app import create_app
+        from refrain.service.app import create_app
 
         self.app = create_app(settings)
         self.port = free_port()

@@ -13,9 +13,8 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
-
-from model import audio
-from model.audio import (
+from refrain.model import audio
+from refrain.model.audio import (
     SAMPLE_RATE,
     AudioDecodeError,
     AudioTooLongError,

@@ -6,9 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
-from model import load_model
-from service.cli import main
+from refrain.model import load_model
+from refrain.service.cli import main
 
 DATA = Path(__file__).parent / "data"
 CKPT_A = DATA / "clews-official-A" / "checkpoint_best.ckpt"
@@ -45,7 +44,7 @@ def test_embed_many_skips_undecodable(model_a):
     good = DATA / "audio" / "song75s_first12s.flac"
     out = model_a.embed_many([good, b"not audio", good], errors="skip")
     assert out[1] is None and out[0].shape == out[2].shape == (1, 128)
-    from model.audio import AudioDecodeError
+    from refrain.model.audio import AudioDecodeError
 
     with pytest.raises(AudioDecodeError):
         model_a.embed_many([good, b"not audio"])
@@ -92,8 +91,8 @@ def test_default_model_is_trained_and_calibrated(caplog):
 
 
 def test_untrained_model_warns(tmp_path, caplog):
-    from model.checkpoint import save_refrain
-    from model.network import CLEWSNet
+    from refrain.model.checkpoint import save_refrain
+    from refrain.model.network import CLEWSNet
 
     save_refrain(CLEWSNet(load_model().config), tmp_path / "m", extra={"trained": False})
     with caplog.at_level(logging.WARNING, logger="refrain"):

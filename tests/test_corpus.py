@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from refrain.model.corpus import degrade
+from refrain.model.corpus.catalogue import BachGuard, Facts, split_of
+from refrain.model.corpus.degrade import Band, Compressor, Eq, Mp3, Noise, Reverb
+from refrain.model.corpus.midi import TICKS_PER_SECOND, version_events, version_midi
+from refrain.model.corpus.versions import FAMILIES, VersionOptions, VersionParams, sample_version
+from refrain.model.corpus.works import Part, Work
 from scipy import signal
-
-from model.corpus import degrade
-from model.corpus.catalogue import BachGuard, Facts, split_of
-from model.corpus.degrade import Band, Compressor, Eq, Mp3, Noise, Reverb
-from model.corpus.midi import TICKS_PER_SECOND, version_events, version_midi
-from model.corpus.versions import FAMILIES, VersionOptions, VersionParams, sample_version
-from model.corpus.works import Part, Work
 
 SR = 16000
 
@@ -240,7 +239,7 @@ def test_bach_guard_recognises_chorale_tunes_elsewhere():
 
 
 def test_selection_skips_reserved_short_derived_and_duplicate_works(monkeypatch):
-    from model.corpus import catalogue as cat
+    from refrain.model.corpus import catalogue as cat
 
     guard = BachGuard.shipped()
     chorale = next(m for m in guard.melodies.values() if len(m["intervals"]) > 30)
@@ -281,7 +280,7 @@ def test_selection_skips_reserved_short_derived_and_duplicate_works(monkeypatch)
 
 def test_catalogue_survives_a_torn_last_line(tmp_path):
     pytest.importorskip("music21")
-    from model.corpus.catalogue import Catalogue, reader_version
+    from refrain.model.corpus.catalogue import Catalogue, reader_version
 
     path = tmp_path / "catalogue.jsonl"
     first = Facts("a/x.abc", seconds=30.0, intervals=(1, 2), reader=reader_version())
@@ -297,7 +296,7 @@ def test_catalogue_survives_a_torn_last_line(tmp_path):
 
 def test_default_sources_hold_no_bach_and_bach_eval_only_chorales():
     pytest.importorskip("music21")
-    from model.corpus.works import list_sources
+    from refrain.model.corpus.works import list_sources
 
     default = list_sources("default")
     assert len(default) > 10000
@@ -321,7 +320,7 @@ _TWINS = ("bach/bwv197.7-a.mxl", "bach/bwv398.mxl")
 @pytest.fixture(scope="module")
 def chorales():
     pytest.importorskip("music21")
-    from model.corpus.works import Source, load_work
+    from refrain.model.corpus.works import Source, load_work
 
     return {i: load_work(Source(i)) for i in (*_HERZLICH, _OTHER_BEFIEHL, *_TWINS)}
 
@@ -335,13 +334,18 @@ def _transposed(work: Work, semitones: int, suffix: str) -> Work:
 
 
 def _melodies(works) -> dict:
-    from model.corpus.works import intervals
+    from refrain.model.corpus.works import intervals
 
     return {w.id: intervals(w.top_line()) for w in works}
 
 
 def test_families_group_the_harmonisations_of_a_tune_and_separate_other_tunes(chorales):
-    from model.corpus.families import TUNE_THRESHOLD, chorale_families, melody, tune_similarity
+    from refrain.model.corpus.families import (
+        TUNE_THRESHOLD,
+        chorale_families,
+        melody,
+        tune_similarity,
+    )
 
     groups = chorale_families(_melodies(chorales.values()))
     assert sorted(groups) == sorted([sorted(_HERZLICH), [_OTHER_BEFIEHL], sorted(_TWINS)])
@@ -353,7 +357,7 @@ def test_families_group_the_harmonisations_of_a_tune_and_separate_other_tunes(ch
 
 
 def test_families_are_transposition_invariant(chorales):
-    from model.corpus.families import chorale_families, melody, tune_similarity
+    from refrain.model.corpus.families import chorale_families, melody, tune_similarity
 
     a, b = (chorales[i] for i in _HERZLICH)
     up = _transposed(b, 5, "-up5")
@@ -365,7 +369,11 @@ def test_families_are_transposition_invariant(chorales):
 
 
 def test_families_collapse_copies_of_one_harmonisation(chorales):
-    from model.corpus.families import harmonisation_overlap, same_harmonisation, select_families
+    from refrain.model.corpus.families import (
+        harmonisation_overlap,
+        same_harmonisation,
+        select_families,
+    )
 
     twin, copy = (chorales[i] for i in _TWINS)
     a, b = (chorales[i] for i in _HERZLICH)
@@ -401,7 +409,7 @@ def test_families_collapse_copies_of_one_harmonisation(chorales):
 
 
 def _soundfonts() -> tuple[str, ...] | None:
-    from model.corpus.render import find_soundfonts
+    from refrain.model.corpus.render import find_soundfonts
 
     found = find_soundfonts()
     quick = [str(p) for p in found if p.suffix == ".sf2"]  # .sf3 fonts load slowly
@@ -417,8 +425,8 @@ def corpus(tmp_path_factory):
     soundfonts = _soundfonts()
     if not soundfonts:
         pytest.skip("no soundfont installed (Debian: apt-get install fluid-soundfont-gm)")
-    from model.corpus import main
-    from model.corpus.pipeline import CorpusOptions
+    from refrain.model.corpus import main
+    from refrain.model.corpus.pipeline import CorpusOptions
 
     root = tmp_path_factory.mktemp("corpus")
     options = CorpusOptions(
@@ -450,7 +458,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def test_tiny_corpus_manifest_and_audio(corpus):
-    from model.corpus.pipeline import MANIFEST_COLUMNS
+    from refrain.model.corpus.pipeline import MANIFEST_COLUMNS
 
     options = corpus
     out = options.out
@@ -484,7 +492,7 @@ def test_tiny_corpus_holds_no_bach_and_splits_by_work(corpus):
 
 
 def test_tiny_corpus_is_deterministic_and_resumable(corpus):
-    from model.corpus.pipeline import build_corpus
+    from refrain.model.corpus.pipeline import build_corpus
 
     options = corpus
     again = replace(options, out=options.out.parent / "b", jobs=1)
@@ -526,9 +534,9 @@ def test_bach_eval_renders_the_harmonisations_of_a_tune_as_one_clique(tmp_path, 
     soundfonts = _soundfonts()
     if not soundfonts:
         pytest.skip("no soundfont installed (Debian: apt-get install fluid-soundfont-gm)")
-    from model.corpus import catalogue as cat
-    from model.corpus import main
-    from model.corpus.works import Source
+    from refrain.model.corpus import catalogue as cat
+    from refrain.model.corpus import main
+    from refrain.model.corpus.works import Source
 
     # three of music21's chorale files, not all 412: two harmonisations of one tune, another
     chosen = [Source(i) for i in (*_HERZLICH, _OTHER_BEFIEHL)]

@@ -33,8 +33,7 @@ K8S = DEPLOY / "k8s"
 def exported() -> tuple[set[str], set[str]]:
     """Every sample name service/metrics.py can expose, and every label name."""
     from prometheus_client.metrics import MetricWrapperBase
-
-    from service.metrics import Metrics
+    from refrain.service.metrics import Metrics
 
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
                 "histogram": ("_bucket", "_count", "_sum", "_created")}
@@ -336,7 +335,7 @@ def test_kubernetes_manifests_structure():
             assert metric["pods"]["metric"]["name"] in names
     config = by_kind["ConfigMap"]["refrain-config"]["data"]
     assert config["REFRAIN_WORKER_URLS"] == "http://refrain-worker:8001"
-    from service.settings import Settings
+    from refrain.service.settings import Settings
 
     fields = {f"REFRAIN_{k.upper()}" for k in Settings.model_fields}
     secret = by_kind["Secret"]["refrain-secrets"]["stringData"]

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
-from model import load_model
-from model.evaluate import EvalOptions, Item, evaluate, evaluate_detailed, read_manifest
-from service.cli import main
+from refrain.model import load_model
+from refrain.model.evaluate import EvalOptions, Item, evaluate, evaluate_detailed, read_manifest
+from refrain.service.cli import main
 
 DATA = Path(__file__).parent / "data"
 CKPT = DATA / "clews-official-A" / "checkpoint_best.ckpt"

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from index import (
+from refrain.index import (
     AddResult,
     IdentityMismatchError,
     IndexClosedError,
@@ -436,7 +435,7 @@ GOLDEN_INDEX_JSON = (
 
 
 def _golden_journal() -> bytes:
-    from index.journal import Op, Record, encode
+    from refrain.index.journal import Op, Record, encode
 
     head = b"RFRNJRNL" + (1).to_bytes(4, "little") + (4).to_bytes(4, "little")
     meta = {
@@ -493,7 +492,13 @@ def test_golden_v1_index_still_loads(tmp_path):
 
 
 def test_transposed_query_is_ranked_by_its_best_key(index):
-    from index.search import QuerySegments, SearchOptions, exhaustive_rank, key_shifts, rank_tracks
+    from refrain.index.search import (
+        QuerySegments,
+        SearchOptions,
+        exhaustive_rank,
+        key_shifts,
+        rank_tracks,
+    )
 
     assert key_shifts(0) == (0,) and key_shifts(2) == (0, -1, 1, -2, 2)
     with pytest.raises(ValueError):

@@ -9,17 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_index import (
-    IDENTITY,
-    ZDIM,
-    exact_neighbours,
-    fill,
-    list_all,
-    make_track,
-    segment_ids_of,
-)
-
-from index import (
+from refrain.index import (
     AddResult,
     CorruptIndexError,
     IdentityMismatchError,
@@ -30,7 +20,16 @@ from index import (
     TrackRecord,
     open_index,
 )
-from index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
+from refrain.index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
+from test_index import (
+    IDENTITY,
+    ZDIM,
+    exact_neighbours,
+    fill,
+    list_all,
+    make_track,
+    segment_ids_of,
+)
 
 HAVE_MILVUS = all(importlib.util.find_spec(m) for m in ("pymilvus", "milvus_lite"))
 needs_milvus = pytest.mark.skipif(
@@ -43,7 +42,7 @@ EXACT = {"faiss": "Flat", "milvus": "FLAT"}
 def open_backend(backend: str, path, identity=IDENTITY, factory: str | None = None, **milvus):
     if backend == "faiss":
         return open_index(path, identity, factory)
-    from index.milvus import MilvusOptions, open_milvus_index
+    from refrain.index.milvus import MilvusOptions, open_milvus_index
 
     opts = MilvusOptions(index_type=factory or "FLAT", **milvus)
     return open_milvus_index(path, identity, opts)
@@ -303,7 +302,7 @@ def test_milvus_top10_matches_exact_faiss(tmp_path):
 
 @needs_milvus
 def test_milvus_uncommitted_write_never_surfaces_and_is_cleaned(tmp_path, monkeypatch):
-    from index.milvus_catalog import MilvusCatalog
+    from refrain.index.milvus_catalog import MilvusCatalog
 
     path = tmp_path / "idx"
     with open_backend("milvus", path) as ix:
@@ -328,7 +327,7 @@ def test_milvus_uncommitted_write_never_surfaces_and_is_cleaned(tmp_path, monkey
 
 @needs_milvus
 def test_milvus_collection_of_another_model_or_catalog_is_refused(tmp_path):
-    from index.milvus import MilvusOptions, open_milvus_index
+    from refrain.index.milvus import MilvusOptions, open_milvus_index
 
     shared = MilvusOptions(uri=str(tmp_path / "shared.db"))
     with open_milvus_index(tmp_path / "a", IDENTITY, shared) as ix:
@@ -341,7 +340,7 @@ def test_milvus_collection_of_another_model_or_catalog_is_refused(tmp_path):
     with open_milvus_index(tmp_path / "a", IDENTITY, shared) as ix:
         assert len(ix) == 2
     with pytest.raises(ValueError, match="float32"):
-        from index import IndexOptions
+        from refrain.index import IndexOptions
 
         open_milvus_index(tmp_path / "d", IDENTITY, options=IndexOptions(vector_dtype="float16"))
 
@@ -351,8 +350,7 @@ def test_milvus_collection_of_another_model_or_catalog_is_refused(tmp_path):
 def test_service_on_the_milvus_backend(live_server, tmp_path):
     from conftest import CKPT_A
     from helpers import SR, encode, synth_song
-
-    from service.settings import Settings
+    from refrain.service.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "data", model=str(CKPT_A), open_writes=True,
                         index_backend="milvus")
@@ -374,8 +372,8 @@ def test_service_on_the_milvus_backend(live_server, tmp_path):
 
 
 def test_unreachable_milvus_is_a_503():
-    from index.milvus import BackendUnavailableError
-    from service.errors import classify
+    from refrain.index.milvus import BackendUnavailableError
+    from refrain.service.errors import classify
 
     err = classify(BackendUnavailableError("Milvus search on 'refrain_segments' failed"))
     assert (err.status, err.code, err.headers) == (503, "index_unavailable", {"Retry-After": "5"})

@@ -41,8 +41,8 @@ def writer(path: str, run: int, factory: str, snapshot_every: int, die_at: int) 
     (fsync, rename, truncate) inside the first explicit snapshot; negative values count the
     steps of the first add instead, and kill just after the step.
     """
-    import index.files
-    from index import IndexOptions, TrackRecord, open_index
+    import refrain.index.files
+    from refrain.index import IndexOptions, TrackRecord, open_index
 
     armed = False
     calls = 0
@@ -71,10 +71,10 @@ def writer(path: str, run: int, factory: str, snapshot_every: int, die_at: int) 
     if die_at:
         for name in ("fsync", "fdatasync", "replace", "ftruncate"):
             setattr(os, name, deadly(getattr(os, name), after=die_at < 0))
-        import index.journal
+        import refrain.index.journal
 
-        index.journal._fsync = os.fdatasync
-        index.files.os = os
+        refrain.index.journal._fsync = os.fdatasync
+        refrain.index.files.os = os
 
     opts = IndexOptions(snapshot_every_records=snapshot_every)
     ix = open_index(path, IDENTITY, factory, options=opts)
@@ -148,7 +148,7 @@ class Expected:
                 self.in_flight = None
 
     def check(self, path: Path) -> None:
-        from index import open_index
+        from refrain.index import open_index
 
         with open_index(path, IDENTITY) as ix:
             allowed = {tid: {v} for tid, v in self.version.items()}
@@ -263,7 +263,7 @@ def run_dying_writer(path: Path, die_at: int, factory: str = "HNSW8") -> list[st
 
 
 def still_writable(path: Path) -> None:
-    from index import TrackRecord, open_index
+    from refrain.index import TrackRecord, open_index
 
     with open_index(path, IDENTITY) as ix:
         n = len(ix)
@@ -325,7 +325,7 @@ def test_sigkill_after_the_journal_fsync_of_a_write(tmp_path, writes):
     tid = expected.in_flight[1]
     expected.check(path)
     assert expected.version[tid] == 1  # the record was fsynced: the write survived
-    from index import open_index
+    from refrain.index import open_index
 
     with open_index(path, IDENTITY) as ix:
         assert len(ix) == writes and ix.get_track(tid).n_segments > 0

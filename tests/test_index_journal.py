@@ -6,8 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-
-from index import CorruptIndexError, TrackRecord, open_index
+from refrain.index import CorruptIndexError, TrackRecord, open_index
 
 ZDIM = 8
 IDENTITY = {"weights_sha256": "journal-test", "zdim": ZDIM}

@@ -7,16 +7,15 @@ import sqlite3
 
 import numpy as np
 import pytest
-from test_index_journal import IDENTITY, assert_tracks, build, vectors_of
-
-from index import (
+from refrain.index import (
     CatalogUnavailableError,
     CorruptIndexError,
     InsufficientStorageError,
     TrackRecord,
     open_index,
 )
-from index.catalog import Catalog
+from refrain.index.catalog import Catalog
+from test_index_journal import IDENTITY, assert_tracks, build, vectors_of
 
 
 def snapshot_files(path) -> dict[str, bytes]:

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import CKPT_A, DATA, LiveServer
-
-from service import ingest_cli
-from service.archive import ArchiveLimits, extract_archive
-from service.errors import ApiError
-from service.settings import Settings
+from refrain.service import ingest_cli
+from refrain.service.archive import ArchiveLimits, extract_archive
+from refrain.service.exceptions import RefrainError, TooLarge
+from refrain.service.settings import Settings
 
 KEY = {"Authorization": "Bearer k1"}
 FORMATS = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3", ".ogg": "OGG"}
@@ -292,13 +291,13 @@ def test_extract_archive_rules(tmp_path):
                                                    ("dir/b.flac", "000001.flac")]
     assert out.manifest == ("manifest.csv", b"filename\n") and out.ignored == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.wav", "000001.flac"]
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RefrainError) as e:
         extract_archive(_zip({"a.wav": b""}, symlink="link.wav"), tmp_path / "x", limits)
     assert e.value.code == "unsafe_archive" and "link.wav" in e.value.message
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RefrainError) as e:
         extract_archive(_zip({f"{i}.wav": b"" for i in range(6)}), tmp_path / "x", limits)
-    assert e.value.status == 413
-    with pytest.raises(ApiError) as e:
+    assert isinstance(e.value, TooLarge)
+    with pytest.raises(RefrainError) as e:
         extract_archive(_zip({"C:\\x.wav": b""}), tmp_path / "x", limits)
     assert e.value.code == "unsafe_archive"
 
@@ -340,14 +339,14 @@ def test_job_survives_a_restart(tmp_path):
     data = tmp_path / "data"
     paths = [clip(tmp_path / "in" / f"r{i}.wav") for i in range(5)]
     first = LiveServer(settings(data))
-    runtime = first.app.state.runtime
-    real = runtime.add_reference
+    engine = first.app.state.runtime.engine
+    real = engine.add_reference
 
     def slow(*args, **kwargs):
         time.sleep(0.4)
         return real(*args, **kwargs)
 
-    runtime.add_reference = slow
+    engine.add_reference = slow
     with first.client(headers=KEY) as c:
         job_id = c.post("/v1/ingest", files=upload(paths)).json()["job_id"]
         deadline = time.monotonic() + 60
@@ -435,7 +434,7 @@ def test_ingest_cli_without_key_fails_cleanly(server, tmp_path, monkeypatch):
 
 
 def test_ingest_cli_retries_connection_errors_and_503(tmp_path, monkeypatch):
-    from service import ingest_client
+    from refrain.service import ingest_client
 
     clip(tmp_path / "r" / "r1.wav")
     entries = ingest_cli.read_catalog(tmp_path / "r")

@@ -29,7 +29,7 @@ class Service:
                "REFRAIN_API_KEYS": "k1", "REFRAIN_OPEN_WRITES": "false"}
         self.log = open(log, "ab")  # noqa: SIM115 - open for the process's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+            [sys.executable, "-m", "uvicorn", "--factory", "refrain.service.app:create_app",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )

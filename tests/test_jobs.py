@@ -7,28 +7,27 @@ import io
 import sqlite3
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import soundfile as sf
 from conftest import CKPT_A, DATA, LiveServer
-
-from service import jobs as jobs_module
-from service.jobs import JobManager
-from service.jobstore import ItemState
-from service.metrics import Metrics
-from service.settings import Settings
-from service.sources import Item
+from refrain.service import jobs as jobs_module
+from refrain.service.jobs import JobManager
+from refrain.service.jobstore import ItemState
+from refrain.service.metrics import Metrics
+from refrain.service.settings import Settings
+from refrain.service.sources import Item
 
 HOUR = 3600.0
 KEY = {"Authorization": "Bearer k1"}
 
 
 def manager(data: Path, **kw) -> JobManager:
-    """A started JobManager over a real job folder and SQLite store; its runtime is never
+    """A started JobManager over a real job folder and SQLite store; its engine is never
     ready, so the workers leave every job as the test puts it."""
-    runtime = SimpleNamespace(settings=Settings(data_dir=data, **kw), metrics=Metrics(),
-                              ready=False)
-    m = JobManager(runtime)
+    def never(item, replace):
+        raise AssertionError("a job was processed while the engine was not ready")
+
+    m = JobManager(Settings(data_dir=data, **kw), Metrics(), never, ready=lambda: False)
     m.start()
     return m
 
@@ -62,7 +61,7 @@ def spooled(data: Path, job_id: str) -> list[str]:
 
 
 def purged_count(m: JobManager) -> float:
-    return m.runtime.metrics.registry.get_sample_value("refrain_ingest_jobs_purged_total")
+    return m.metrics.registry.get_sample_value("refrain_ingest_jobs_purged_total")
 
 
 def test_old_finished_jobs_are_purged_at_start_up_and_on_demand(tmp_path):

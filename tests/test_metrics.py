@@ -4,9 +4,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from model import metrics
-from model.metrics import (
+from refrain.model import metrics
+from refrain.model.metrics import (
     Estimate,
     EvalResult,
     average_precision,

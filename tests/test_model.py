@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from model import CheckpointError, ModelConfig, load_model
-from model.checkpoint import convert, load_checkpoint, save_refrain
-from model.config import BackboneConfig, CQTConfig, FrontendConfig, ShinglingConfig
-from model.network import CLEWSNet
-from model.shingle import cut_shingles, num_shingles, padded_length
+from refrain.model import CheckpointError, ModelConfig, load_model
+from refrain.model.checkpoint import convert, load_checkpoint, save_refrain
+from refrain.model.config import BackboneConfig, CQTConfig, FrontendConfig, ShinglingConfig
+from refrain.model.network import CLEWSNet
+from refrain.model.shingle import cut_shingles, num_shingles, padded_length
 
 DATA = Path(__file__).parent / "data"
 FIXTURE_A = DATA / "clews-official-A"
@@ -44,8 +43,7 @@ def test_reproduces_official_embeddings(model_a, ref, hop, decoder):
     expected = np.load(FIXTURE_A / ref["file"])
     if decoder == "soundfile":
         import soundfile as sf
-
-        from model.audio import resample
+        from refrain.model.audio import resample
 
         x, sr = sf.read(audio, dtype="float32", always_2d=True)
         wave = resample(x.mean(1), sr, 16000)

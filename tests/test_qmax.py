@@ -9,13 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+import refrain.model.qmax as qmax_module
 import soundfile as sf
 from helpers import SR, pitch_shift, synth_song, time_stretch
-
-import model.qmax as qmax_module
-from model.audio import resample
-from model.evaluate import Item, evaluate_detailed
-from model.qmax import (
+from refrain.model.audio import resample
+from refrain.model.evaluate import Item, evaluate_detailed
+from refrain.model.qmax import (
     QmaxParams,
     QmaxScorer,
     cross_recurrence,
@@ -24,7 +23,7 @@ from model.qmax import (
     qmax,
     qmax_pair,
 )
-from service.cli import build_parser, main
+from refrain.service.cli import build_parser, main
 
 pytest.importorskip("librosa")  # the train extra
 

@@ -4,8 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from model.reduce import (
+from refrain.model.reduce import (
     Reduction,
     ReductionKind,
     best_pairs,

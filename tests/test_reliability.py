@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import CKPT_A, LiveServer
+from refrain.model.audio import AudioDecodeError, load_audio
+from refrain.service import storage
+from refrain.service.archive import ArchiveLimits, extract_archive
+from refrain.service.exceptions import RefrainError, TooLarge
+from refrain.service.settings import Settings
 from test_ingest import clip, wait_job
 from test_storage import tgz_of, zip_of
-
-from model.audio import AudioDecodeError, load_audio
-from service import storage
-from service.archive import ArchiveLimits, extract_archive
-from service.errors import ApiError
-from service.settings import Settings
 
 KEY = {"Authorization": "Bearer k1"}
 
@@ -157,7 +156,7 @@ def test_decompression_bombs_are_refused_before_anything_is_written(tmp_path, bo
     data = bomb()
     assert len(data) < 1 << 20
     limits = ArchiveLimits(max_files=10_000, max_bytes=8 << 30, max_file_bytes=200 << 20)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RefrainError) as e:
         extract_archive(io.BytesIO(data), tmp_path, limits)
     assert e.value.code == "unsafe_archive" and "decompression bomb" in e.value.message
     assert list(tmp_path.iterdir()) == []
@@ -174,9 +173,9 @@ def test_archive_bombs_via_the_service_leave_nothing(client, server):
 def test_the_per_file_limit_applies_before_writing(tmp_path):
     member = os.urandom(5000)
     for pack in (lambda: zip_of({"a.wav": member}), lambda: tgz_of({"a.wav": member})):
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(RefrainError) as e:
             extract_archive(io.BytesIO(pack()), tmp_path, ArchiveLimits(10, 1 << 20, 4000))
-        assert e.value.status == 413 and e.value.code == "file_too_large"
+        assert isinstance(e.value, TooLarge) and e.value.code == "file_too_large"
         assert "'a.wav' has 5000 bytes" in e.value.message
         assert list(tmp_path.iterdir()) == []
 

@@ -9,9 +9,8 @@ import faiss
 import pytest
 import soundfile as sf
 from conftest import CKPT_A, DATA, LiveServer
-
-from service.runtime import omp_threads
-from service.settings import Settings
+from refrain.service.engine import omp_threads
+from refrain.service.settings import Settings
 
 
 def in_fresh_thread(fn):
@@ -38,13 +37,13 @@ def test_searches_run_with_the_configured_faiss_threads(tmp_path):
     try:
         runtime = server.app.state.runtime
         seen = []
-        real = runtime.index.search
+        real = runtime.engine.store.search
 
         def search(*args, **kwargs):
             seen.append(faiss.omp_get_max_threads())
             return real(*args, **kwargs)
 
-        runtime.index.search = search
+        runtime.engine.store.search = search
         with server.client(headers={"Authorization": "Bearer k1"}) as c:
             r = c.post("/v1/tracks", files={"audio": ("t.wav", wav(30))}, data={"track_id": "t"})
             assert r.status_code == 201, r.text

@@ -10,8 +10,7 @@ import pytest
 import soundfile as sf
 from conftest import CKPT_A
 from helpers import SR, encode, pitch_shift, synth_song, time_stretch
-
-from service.settings import Settings
+from refrain.service.settings import Settings
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

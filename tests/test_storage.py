@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 from conftest import CKPT_A, DATA, LiveServer
-
-from service import storage
-from service.archive import ArchiveLimits, extract_archive
-from service.errors import ApiError
-from service.settings import Settings
+from refrain.service import storage
+from refrain.service.archive import ArchiveLimits, extract_archive
+from refrain.service.exceptions import InsufficientStorage, RefrainError
+from refrain.service.settings import Settings
 
 KEY = {"Authorization": "Bearer k1"}
 MIN_FREE = 1 << 30
@@ -132,22 +131,22 @@ def test_extract_archive_checks_space_before_writing(tmp_path, pack):
     assert seen == [150] and len(out.files) == 2  # the audio members, declared sizes
 
     def full(n: int) -> None:
-        raise ApiError(507, "insufficient_storage", f"no room for {n} bytes")
+        raise InsufficientStorage("insufficient_storage", f"no room for {n} bytes")
 
     dest = tmp_path / "refused"
     dest.mkdir()
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RefrainError) as e:
         extract_archive(io.BytesIO(pack(members)), dest, ArchiveLimits(10, 1 << 20), full)
-    assert e.value.status == 507 and list(dest.iterdir()) == []
+    assert isinstance(e.value, InsufficientStorage) and list(dest.iterdir()) == []
 
 
 def test_space_guard_counts_the_write_and_the_reserve(tmp_path):
     free = storage.free_bytes(tmp_path)
     assert abs(free - shutil.disk_usage(tmp_path).free) < 64 << 20
     storage.SpaceGuard(tmp_path, 0).require(0)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(RefrainError) as e:
         storage.SpaceGuard(tmp_path, free).require(64 << 20, "the upload")
-    assert e.value.status == 507 and e.value.code == "insufficient_storage"
+    assert isinstance(e.value, InsufficientStorage) and e.value.code == "insufficient_storage"
     assert "the upload needs 67108864 bytes" in e.value.message
 
     f = io.BytesIO(b"x" * 1000)

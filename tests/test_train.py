@@ -10,12 +10,11 @@ import pytest
 import soundfile as sf
 import torch
 from helpers import SR, pitch_shift, synth_song, time_stretch
-
-from model.augment import AugmentConfig, augment
-from model.augment import time_stretch as cqt_stretch
-from model.calibrate import calibrate, fit_logistic
-from model.losses import LOSSES, LossConfig, contrastive_loss
-from model.reduce import Reduction, reduce
+from refrain.model.augment import AugmentConfig, augment
+from refrain.model.augment import time_stretch as cqt_stretch
+from refrain.model.calibrate import calibrate, fit_logistic
+from refrain.model.losses import LOSSES, LossConfig, contrastive_loss
+from refrain.model.reduce import Reduction, reduce
 
 
 def literal_clews(z, labels, ids, pos, neg, gamma=5.0, epsilon=1e-6):
@@ -114,8 +113,8 @@ def tiny_corpus(tmp_path_factory):
 
 
 def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_path):
-    from model import load_model
-    from model.train import RunConfig, train
+    from refrain.model import load_model
+    from refrain.model.train import RunConfig, train
 
     raw = {
         "model": {"frontend": {"channels": [8, 16]},
@@ -140,8 +139,8 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
     assert z.shape == (3, 32) and np.isfinite(z).all()
 
     # A new run warm-started from that checkpoint begins from its weights, not at random.
-    from model.network import CLEWSNet
-    from model.train import init_weights
+    from refrain.model.network import CLEWSNet
+    from refrain.model.train import init_weights
 
     net = CLEWSNet(model.config)
     init_weights(net, best)
@@ -154,11 +153,11 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
 
 
 def test_chroma_baseline_is_transposition_invariant():
-    from model.baseline import ChromaBaseline
+    from refrain.model.baseline import ChromaBaseline
 
     base = ChromaBaseline()
     song = synth_song(25.0, 7)
-    from model.audio import resample
+    from refrain.model.audio import resample
 
     a = base.embed(resample(song.mean(1), SR, 16000))
     b = base.embed(resample(pitch_shift(song, 2).mean(1), SR, 16000))
@@ -176,8 +175,8 @@ def test_rendered_corpus_trains_end_to_end(tmp_path):
     pytest.importorskip("music21")
     if shutil.which("fluidsynth") is None:
         pytest.skip("fluidsynth is not installed (Debian package fluidsynth)")
-    from model.corpus.pipeline import CorpusOptions, build_corpus
-    from model.train import RunConfig, train
+    from refrain.model.corpus.pipeline import CorpusOptions, build_corpus
+    from refrain.model.train import RunConfig, train
 
     summary = build_corpus(
         CorpusOptions(out=tmp_path / "corpus", works=4, versions=2, seed=3, max_seconds=25.0,
@@ -198,7 +197,7 @@ def test_rendered_corpus_trains_end_to_end(tmp_path):
 
 
 def test_several_manifests_make_one_track_list(tmp_path):
-    from model.train import RunConfig, read_tracks
+    from refrain.model.train import RunConfig, read_tracks
 
     for name, rows in (("a", [["w1", "x.flac", "train"], ["w2", "y.flac", "valid"]]),
                        ("b", [["w1", "z.flac", "train"]])):
@@ -217,7 +216,7 @@ def test_several_manifests_make_one_track_list(tmp_path):
 
 
 def test_eq_curve_is_smooth_bounded_and_constant_over_time():
-    from model.augment import eq_curve
+    from refrain.model.augment import eq_curve
 
     gen = torch.Generator().manual_seed(3)
     for _ in range(50):
@@ -235,7 +234,7 @@ def test_eq_curve_is_smooth_bounded_and_constant_over_time():
 
 
 def test_grouped_batches_take_their_works_from_one_manifest():
-    from model.train import BatchSampler, RunConfig, Track
+    from refrain.model.train import BatchSampler, RunConfig, Track
 
     tracks = []
     for g, prefix, n in ((0, "a", 10), (1, "b", 6), (2, "c", 2)):  # group c cannot fill a batch
@@ -265,7 +264,7 @@ def test_grouped_batches_take_their_works_from_one_manifest():
 def test_shipped_configs_parse_and_chain_their_stages():
     from pathlib import Path
 
-    from model.train import RunConfig
+    from refrain.model.train import RunConfig
 
     folder = Path(__file__).resolve().parents[1] / "configs"
     configs = {p.stem: RunConfig.load(p) for p in sorted(folder.glob("*.yaml"))}

@@ -41,7 +41,7 @@ class Process:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", *self.args], cwd=ROOT, stdout=out,
+                [sys.executable, "-m", "refrain.service.cli", *self.args], cwd=ROOT, stdout=out,
                 stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + 120
@@ -110,8 +110,8 @@ def queue_depth(api: Process) -> float:
 
 @pytest.mark.slow
 def test_worker_protocol_and_identity_check(processes):
-    from model import load_model
-    from service.remote_worker import RemoteWorkers, WorkersUnavailable
+    from refrain.model import load_model
+    from refrain.service.remote_worker import RemoteWorkers, WorkersUnavailable
 
     good, _ = processes
     ready = httpx.get(good.url + "/readyz").json()
@@ -127,7 +127,7 @@ def test_worker_protocol_and_identity_check(processes):
     z = np.frombuffer(r.content, "<f4").reshape(rows, dim)
     np.testing.assert_allclose(z, model.embed(wave, hop=2.5), atol=1e-4)
     # transpositions: the rows of each shift in turn, each the embedding of the rolled CQT
-    from model.embedder import transposed
+    from refrain.model.embedder import transposed
 
     r = httpx.post(url, params={"hop": 5, "shifts": "0,-2,3"}, content=wave.tobytes(),
                    headers=auth, timeout=60)
@@ -214,9 +214,9 @@ def test_ingest_search_outage_and_recovery(processes, songs):
 
 
 def test_no_reachable_worker_is_a_503_with_retry_after():
-    from service.errors import classify
-    from service.remote_worker import RemoteWorkers, WorkersUnavailable
-    from service.worker import Overloaded
+    from refrain.service.errors import classify
+    from refrain.service.remote_worker import RemoteWorkers, WorkersUnavailable
+    from refrain.service.worker import Overloaded
 
     identity = {"weights_sha256": "ab" * 32, "zdim": 4}
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there

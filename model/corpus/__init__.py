@@ -5,19 +5,30 @@ different versions (transposed, re-timed, re-orchestrated, rearranged, with drum
 different soundfonts, then degraded as recordings are) so that the versions of one work form a
 clique. The Bach chorales are reserved for evaluation and never enter the default selection.
 
-    python -m model.corpus render --out data/corpus --works 200 --versions 6 --seed 0 --jobs 2
-    python -m model.corpus render --out data/bach --collection bach-eval --works 0 --versions 2
-    python -m model.corpus families         # the chorale tunes (bach-eval's cliques)
-    python -m model.corpus works            # how many usable works there are
+    python -m refrain.model.corpus render --out data/corpus --works 200 --versions 6 --seed 0 --jobs 2
+    python -m refrain.model.corpus render --out data/bach --collection bach-eval --works 0 --versions 2
+    python -m refrain.model.corpus families         # the chorale tunes (bach-eval's cliques)
+    python -m refrain.model.corpus works            # how many usable works there are
 
 Needs the `train` extra (music21, mido) and the fluidsynth program with soundfonts.
 """
 
-from model.corpus.catalogue import BachGuard, Catalogue, SelectOptions, select_works, split_of
-from model.corpus.cli import main
-from model.corpus.pipeline import MANIFEST_COLUMNS, CorpusOptions, build_corpus, render_version
-from model.corpus.versions import VersionOptions, VersionParams, sample_version
-from model.corpus.works import Source, Work, list_sources, load_work
+from refrain.model.corpus.catalogue import (
+    BachGuard,
+    Catalogue,
+    SelectOptions,
+    select_works,
+    split_of,
+)
+from refrain.model.corpus.cli import main
+from refrain.model.corpus.pipeline import (
+    MANIFEST_COLUMNS,
+    CorpusOptions,
+    build_corpus,
+    render_version,
+)
+from refrain.model.corpus.versions import VersionOptions, VersionParams, sample_version
+from refrain.model.corpus.works import Source, Work, list_sources, load_work
 
 __all__ = [
     "MANIFEST_COLUMNS",

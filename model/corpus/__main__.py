@@ -1,5 +1,5 @@
 import sys
 
-from model.corpus.cli import main
+from refrain.model.corpus.cli import main
 
 sys.exit(main())

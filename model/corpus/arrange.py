@@ -20,8 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from model.corpus.harmony import (
+from refrain.model.corpus.harmony import (
     Chord,
     Key,
     estimate_key,
@@ -29,8 +28,8 @@ from model.corpus.harmony import (
     mode_change,
     scale_of,
 )
-from model.corpus.textures import accompaniment, bass_line, counter_melody
-from model.corpus.works import Part, Work
+from refrain.model.corpus.textures import accompaniment, bass_line, counter_melody
+from refrain.model.corpus.works import Part, Work
 
 TEXTURES = ("block", "pad", "arpeggio", "alberti", "oompah", "strum", "hymn", "walking")
 BASS_STYLES = ("root", "root-fifth", "walking", "none")

@@ -17,7 +17,7 @@ from importlib import resources
 from multiprocessing import Pool
 from pathlib import Path
 
-from model.corpus.works import (
+from refrain.model.corpus.works import (
     INCIPIT_LEN,
     MELODY_KEY_LEN,
     Source,
@@ -151,7 +151,7 @@ class BachGuard:
     @classmethod
     def shipped(cls) -> BachGuard:
         """The guard built from music21's Bach chorales (`model/corpus/bach_melodies.json`)."""
-        text = resources.files("model.corpus").joinpath("bach_melodies.json").read_text()
+        text = resources.files("refrain.model.corpus").joinpath("bach_melodies.json").read_text()
         return cls(json.loads(text)["melodies"])
 
     @classmethod

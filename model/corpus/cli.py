@@ -1,4 +1,4 @@
-"""Command line: `python -m model.corpus render|works|bach-melodies ...`."""
+"""Command line: `python -m refrain.model.corpus render|works|bach-melodies ...`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
-
-from model.corpus.catalogue import (
+from refrain.model.corpus.catalogue import (
     BachGuard,
     Catalogue,
     SelectOptions,
@@ -19,10 +17,11 @@ from model.corpus.catalogue import (
     reader_version,
     select_works,
 )
-from model.corpus.pipeline import CorpusOptions, build_corpus
-from model.corpus.render import RenderError
-from model.corpus.versions import VersionOptions
-from model.corpus.works import list_sources
+from refrain.model.corpus.pipeline import CorpusOptions, build_corpus
+from refrain.model.corpus.render import RenderError
+from refrain.model.corpus.versions import VersionOptions
+from refrain.model.corpus.works import list_sources
+from tqdm import tqdm
 
 COLLECTIONS = ("default", "bach-eval")
 TUNE_HOMOPHONY = 0.65  # --tunes: most other parts start their notes with the top line's
@@ -259,7 +258,7 @@ def _works(args) -> int:
 
 
 def _harmony(args) -> int:
-    from model.corpus.report import harmony_report
+    from refrain.model.corpus.report import harmony_report
 
     try:
         report = harmony_report(args.corpus)
@@ -275,13 +274,13 @@ def _harmony(args) -> int:
 def _families(args) -> int:
     from multiprocessing import Pool
 
-    from model.corpus.families import (
+    from refrain.model.corpus.families import (
         catalogued_melodies,
         format_table,
         select_families,
         table,
     )
-    from model.corpus.works import Source, load_work
+    from refrain.model.corpus.works import Source, load_work
 
     catalogue = Catalogue(args.catalogue)
     options = SelectOptions("bach-eval", dedupe=False)

@@ -63,8 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from model.corpus.works import Part, Work, list_sources, normalise_title, stable_fraction
+from refrain.model.corpus.works import Part, Work, list_sources, normalise_title, stable_fraction
 
 TUNE_THRESHOLD = 0.60
 TITLED_THRESHOLD = 0.40  # for two files that music21's chorale lists give the same title

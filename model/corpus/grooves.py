@@ -13,11 +13,10 @@ import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from model.corpus.arrange import Arrangement, beat_length
+from refrain.model.corpus.arrange import Arrangement, beat_length
 
 if TYPE_CHECKING:
-    from model.corpus.works import Work
+    from refrain.model.corpus.works import Work
 
 KICK, SNARE, SIDE_STICK, CLOSED_HAT, PEDAL_HAT, OPEN_HAT, RIDE, CRASH = (
     36,

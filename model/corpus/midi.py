@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from model.corpus.grooves import groove_notes
-from model.corpus.versions import DRUM_CHANNEL, VersionParams, performed_work
-from model.corpus.works import Work
+from refrain.model.corpus.grooves import groove_notes
+from refrain.model.corpus.versions import DRUM_CHANNEL, VersionParams, performed_work
+from refrain.model.corpus.works import Work
 
 if TYPE_CHECKING:
     import mido

@@ -32,15 +32,19 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from refrain.model.corpus.catalogue import Catalogue, SelectOptions, select_works, split_of
+from refrain.model.corpus.degrade import apply_chain, describe, mp3_decode
+from refrain.model.corpus.families import catalogued_melodies, select_families, write_table
+from refrain.model.corpus.midi import Timeline, version_midi
+from refrain.model.corpus.render import RenderError, find_soundfonts, render_midi
+from refrain.model.corpus.versions import (
+    VersionOptions,
+    VersionParams,
+    performed_work,
+    sample_version,
+)
+from refrain.model.corpus.works import Source, Work, WorkError, clique_id, load_work
 from tqdm import tqdm
-
-from model.corpus.catalogue import Catalogue, SelectOptions, select_works, split_of
-from model.corpus.degrade import apply_chain, describe, mp3_decode
-from model.corpus.families import catalogued_melodies, select_families, write_table
-from model.corpus.midi import Timeline, version_midi
-from model.corpus.render import RenderError, find_soundfonts, render_midi
-from model.corpus.versions import VersionOptions, VersionParams, performed_work, sample_version
-from model.corpus.works import Source, Work, WorkError, clique_id, load_work
 
 MANIFEST_COLUMNS = (
     "clique",

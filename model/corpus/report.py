@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from model.corpus.arrange import Arrangement, chord_difference, harmonisation
-from model.corpus.works import Work
+from refrain.model.corpus.arrange import Arrangement, chord_difference, harmonisation
+from refrain.model.corpus.works import Work
 
 _QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 

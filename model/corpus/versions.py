@@ -12,10 +12,9 @@ import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from model.corpus.arrange import Arrangement, arrange, sample_arrangement
-from model.corpus.degrade import Degradation, degradation_from_json, sample_degradations
-from model.corpus.works import Work
+from refrain.model.corpus.arrange import Arrangement, arrange, sample_arrangement
+from refrain.model.corpus.degrade import Degradation, degradation_from_json, sample_degradations
+from refrain.model.corpus.works import Work
 
 # General MIDI programs by family. Bass programs only ever play a work's lowest part.
 FAMILIES: dict[str, tuple[int, ...]] = {

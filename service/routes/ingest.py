@@ -15,15 +15,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
-
-from model.cli import AUDIO_EXTENSIONS
-from service.archive import MAX_MANIFEST_BYTES, ArchiveLimits, copy_to_file, extract_archive
-from service.auth import require_read, require_write
-from service.errors import ApiError
-from service.jobs import JobManager
-from service.settings import Settings
-from service.sources import (
+from refrain.model.audio import AUDIO_EXTENSIONS
+from refrain.service.archive import MAX_MANIFEST_BYTES, ArchiveLimits, copy_to_file, extract_archive
+from refrain.service.auth import require_read, require_write
+from refrain.service.deps import JobsDep, SettingsDep
+from refrain.service.exceptions import InvalidInput, NotFound, TooLarge, UnsupportedMedia
+from refrain.service.jobs import JobManager
+from refrain.service.settings import Settings
+from refrain.service.sources import (
     basename_id,
     build_items,
     parse_manifest,
@@ -31,7 +30,8 @@ from service.sources import (
     resolve_under,
     scan_folder,
 )
-from service.storage import SpaceGuard, stream_size
+from refrain.service.storage import SpaceGuard, stream_size
+from starlette.datastructures import UploadFile
 
 router = APIRouter()
 
@@ -67,20 +67,18 @@ _BODY = {"required": True, "content": {
 
 @router.post("/v1/ingest", tags=["ingest"], status_code=202,
              dependencies=[Depends(require_write)], openapi_extra={"requestBody": _BODY})
-async def ingest(request: Request) -> JSONResponse:
+async def ingest(request: Request, jobs: JobsDep, settings: SettingsDep) -> JSONResponse:
     """multipart/form-data: `files` (one or more) or one `archive` (zip, tar, tar.gz/bz2/xz),
     optional `manifest` (CSV or JSON), optional `replace`. application/json: `{"path": ...,
     "manifest": ..., "replace": ...}` naming a folder under REFRAIN_IMPORT_ROOT."""
-    runtime = request.app.state.runtime
-    runtime.require_ready()
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        job = await _from_form(request, runtime.jobs, runtime.settings)
+        job = await _from_form(request, jobs, settings)
     elif kind == "application/json":
-        job = await _from_json(request, runtime.jobs, runtime.settings)
+        job = await _from_json(request, jobs, settings)
     else:
-        raise ApiError(
-            415, "unsupported_media_type",
+        raise UnsupportedMedia(
+            "unsupported_media_type",
             "expected multipart/form-data (files or archive, optional manifest) or "
             f'application/json ({{"path": ...}}), got {kind or "no content type"!r}',
         )
@@ -89,14 +87,12 @@ async def ingest(request: Request) -> JSONResponse:
 
 @router.get("/v1/jobs/{job_id}", tags=["ingest"], dependencies=[Depends(require_read)])
 async def get_job(
-    request: Request, job_id: str,
+    jobs: JobsDep, job_id: str,
     items: bool = Query(False, description="also list every item with its state and result"),
 ) -> dict:
-    runtime = request.app.state.runtime
-    runtime.require_ready()
-    job = await run_in_threadpool(runtime.jobs.get, job_id, items)
+    job = await run_in_threadpool(jobs.get, job_id, items)
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id[:64]!r}")
+        raise NotFound("job_not_found", f"no job {job_id[:64]!r}")
     return job
 
 
@@ -108,14 +104,14 @@ async def _from_form(request: Request, jobs: JobManager, settings: Settings) -> 
     try:
         unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
         if unknown:
-            raise ApiError(422, "invalid_request",
+            raise InvalidInput("invalid_request",
                            f"unknown form fields {unknown}; expected {', '.join(FORM_FIELDS)}")
         files = form.getlist("files")
         archives = form.getlist("archive")
         if not all(isinstance(f, UploadFile) for f in files + archives):
-            raise ApiError(422, "invalid_request", "files and archive must be file uploads")
+            raise InvalidInput("invalid_request", "files and archive must be file uploads")
         if bool(files) == bool(archives) or len(archives) > 1:
-            raise ApiError(422, "invalid_request",
+            raise InvalidInput("invalid_request",
                            "send either files (one or more audio files) or one archive")
         manifest = await _form_manifest(form.get("manifest"))
         replace = str(form.get("replace") or "").lower() in ("1", "true", "yes", "on")
@@ -138,7 +134,7 @@ async def _form_manifest(value: Any) -> Manifest | None:
         return parse_manifest(value.encode(), "manifest")
     data = await value.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
-        raise ApiError(413, "manifest_too_large",
+        raise TooLarge("manifest_too_large",
                        f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
     return parse_manifest(data, value.filename or "manifest")
 
@@ -150,7 +146,7 @@ async def _from_json(request: Request, jobs: JobManager, settings: Settings) -> 
         where = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
         )
-        raise ApiError(422, "invalid_request", where) from None
+        raise InvalidInput("invalid_request", where) from None
     return await run_in_threadpool(submit_path, jobs, settings, body)
 
 
@@ -201,7 +197,7 @@ def submit_path(jobs: JobManager, settings: Settings, body: PathIngest) -> dict[
     if body.manifest:
         file = resolve_under(root, body.manifest, "manifest")
         if not file.is_file():
-            raise ApiError(422, "manifest_not_found", f"manifest {body.manifest!r} is not a file")
+            raise InvalidInput("manifest_not_found", f"manifest {body.manifest!r} is not a file")
         manifest = parse_manifest(read_manifest_file(file), file.name)
     elif inside:
         name = "manifest.csv" if "manifest.csv" in inside else "manifest.json"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from service.auth import require_metrics, require_read
+from refrain.service.auth import require_metrics, require_read
+from refrain.service.deps import EngineDep, MetricsDep, RuntimeDep
 
 router = APIRouter()
 
@@ -20,8 +20,7 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz", tags=["ops"])
-async def readyz(request: Request) -> JSONResponse:
-    runtime = request.app.state.runtime
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
     failure = runtime.index_failure() if runtime.ready else None
     if failure:  # loaded, but the index needs a catch-up or a reopen to serve everything
         return JSONResponse({"status": "degraded", "error": failure}, status_code=503,
@@ -33,20 +32,13 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics)])
-async def metrics(request: Request) -> Response:
-    runtime = request.app.state.runtime
-    if runtime.ready:
-        await run_in_threadpool(runtime.refresh_index_metrics)
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(runtime: RuntimeDep, registry: MetricsDep) -> Response:
+    if runtime.ready and runtime.engine is not None:
+        await run_in_threadpool(runtime.engine.refresh_metrics)
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/stats", tags=["catalog"], dependencies=[Depends(require_read)])
-async def stats(request: Request) -> dict:
-    runtime = request.app.state.runtime
-    runtime.require_ready()
-    st = await run_in_threadpool(runtime.index.stats)
-    return {
-        "index": asdict(st),
-        "model": runtime.identity(),
-        "queue_depth": runtime.worker.depth,
-    }
+async def stats(runtime: RuntimeDep, engine: EngineDep) -> dict:
+    st = await run_in_threadpool(engine.store.stats)
+    return {"index": asdict(st), "model": runtime.identity(), "queue_depth": runtime.queue_depth}

@@ -1,0 +1,30 @@
+"""`open_store`: the segment store the settings configure, FAISS (default) or Milvus.
+
+The service and `refrain index build` both open their store here, so an index built offline
+is the one the service then opens, whichever backend is configured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refrain.index import IndexOptions, SegmentStore, open_index
+from refrain.service.settings import Settings
+
+
+def open_store(
+    settings: Settings, identity: dict[str, Any], factory: str | None = None
+) -> SegmentStore:
+    """Open (or create) the store in `settings.index_dir` for vectors of model `identity`.
+    `factory` overrides `settings.index_factory` for a new FAISS index."""
+    options = IndexOptions(vector_dtype=settings.vector_dtype,
+                           search_params=settings.index_search_params or None)
+    if settings.index_backend == "milvus":
+        from refrain.index.milvus import MilvusOptions, open_milvus_index
+
+        milvus = MilvusOptions(uri=settings.milvus_uri or None, token=settings.milvus_token,
+                               collection=settings.milvus_collection,
+                               index_type=settings.milvus_index_type)
+        return open_milvus_index(settings.index_dir, identity, milvus, options=options)
+    return open_index(settings.index_dir, identity, factory=factory or settings.index_factory,
+                      options=options)

@@ -1,0 +1,295 @@
+"""The application core: references in, clips searched, one ingestion item at a time.
+
+`Engine` speaks no HTTP. It takes bytes and typed requests, returns typed results, and raises
+the domain errors of `exceptions` (too short, conflict, not found, insufficient storage...).
+The routes, the ingestion jobs and `refrain index build` all call it, so the rules for adding
+a reference (idempotent on track id and content, the audio checks, the stored record) are
+written once, here.
+
+    engine = Engine(settings, model, store, worker, metrics)
+    result, track = engine.add_reference(audio_bytes, TrackMeta("t1", title="Song"))
+    found = engine.search(SearchRequest(clip_bytes, top_k=5))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+from refrain.index import AddResult, SegmentStore, TrackRecord
+from refrain.index.search import QuerySegments, SearchOptions, TrackHit, key_shifts, rank_tracks
+from refrain.model.audio import load_audio
+from refrain.model.calibrate import uncalibrated_score
+from refrain.model.embedder import Embedder, check_embeddings
+from refrain.model.reduce import Reduction
+from refrain.service.exceptions import Conflict, InvalidInput, NotFound, TooLarge
+from refrain.service.metrics import Metrics
+from refrain.service.settings import Settings
+from refrain.service.sources import Item
+from refrain.service.storage import SpaceGuard, index_write_bytes, segment_count
+
+MAX_TOP_K = 100
+MIN_REFERENCE_S = 0.5
+
+
+class SegmentEmbedder(Protocol):
+    """Turns a waveform into segment vectors: the in-process worker or the remote workers."""
+
+    @property
+    def depth(self) -> int: ...  # requests waiting or in flight
+
+    def embed(
+        self, wave: np.ndarray, hop_s: float, shifts: Sequence[int] = (0,)
+    ) -> np.ndarray: ...  # (len(shifts) * S, zdim) float32
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrackMeta:
+    """What a caller says about a reference; the engine adds duration and content hash."""
+
+    track_id: str
+    title: str = ""
+    artist: str = ""
+    work_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    audio: bytes
+    top_k: int = 10
+    reduction: str | None = None  # None: chosen by the clip's duration
+    hop_s: float | None = None  # None: the configured query hop
+    transpositions: int | None = None  # None: the configured default
+
+    def check(self) -> None:
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise InvalidInput("invalid_parameter",
+                               f"top_k must be in 1..{MAX_TOP_K}, got {self.top_k}")
+        if self.reduction:
+            try:
+                Reduction.parse(self.reduction)
+            except ValueError as e:
+                raise InvalidInput("unknown_reduction", str(e)) from None
+        if self.hop_s is not None and not 0.5 <= self.hop_s <= 20:
+            raise InvalidInput("invalid_parameter",
+                               f"hop must be in 0.5..20 seconds, got {self.hop_s}")
+        if self.transpositions is not None and not 0 <= self.transpositions <= 6:
+            raise InvalidInput("invalid_parameter",
+                               f"transpositions must be in 0..6 semitones, got "
+                               f"{self.transpositions}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[TrackHit]
+    query_duration_s: float
+    timings_s: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "results": [hit_json(h) for h in self.hits],
+            "query_duration_s": round(self.query_duration_s, 3),
+            "timings_ms": {k: round(v * 1000, 2) for k, v in self.timings_s.items()},
+        }
+
+
+@dataclass
+class CheckedReference:
+    """A reference that passed the checks: new audio to embed, or the stored unchanged track."""
+
+    digest: str
+    wave: np.ndarray | None = None
+    unchanged: TrackRecord | None = None
+
+
+class Engine:
+    def __init__(
+        self, settings: Settings, model: Embedder, store: SegmentStore,
+        embedder: SegmentEmbedder | None, metrics: Metrics,
+        score: Callable[[float], float] = uncalibrated_score,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.store = store
+        self.embedder = embedder  # None: decode and check only (`refrain index build`)
+        self.metrics = metrics
+        self.score = score
+
+    # -- audio ---------------------------------------------------------------------------------
+
+    def decode(self, data: bytes, max_s: float, min_s: float = 0.0) -> np.ndarray:
+        """Bytes -> a validated waveform at the model's rate (InvalidInput for bad audio)."""
+        wave = load_audio(data, sample_rate=self.model.sample_rate, max_duration_s=max_s)
+        seconds = len(wave) / self.model.sample_rate
+        self.metrics.audio_decoded.inc(seconds)
+        if seconds < min_s:
+            raise InvalidInput("audio_too_short",
+                               f"expected at least {min_s:g} s of audio, got {seconds:.2f} s")
+        rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+        if rms < self.settings.silence_rms:
+            raise InvalidInput(
+                "audio_silent",
+                f"the audio is silent (RMS {rms:.1e} below {self.settings.silence_rms:g})")
+        return wave
+
+    def embed(
+        self, wave: np.ndarray, hop_s: float, shifts: tuple[int, ...] = (0,)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(len(shifts) * S, zdim) vectors and the S segment starts."""
+        assert self.embedder is not None, "this engine only checks audio"
+        z = check_embeddings(self.embedder.embed(wave, hop_s, shifts=shifts))
+        return z, np.arange(len(z) // len(shifts), dtype=np.float64) * hop_s
+
+    def require_space_for(self, duration_s: float) -> None:
+        """InsufficientStorage unless the index write of a reference of `duration_s` fits on
+        the data volume with the reserve left: checked before embedding, so nothing is
+        written on refusal."""
+        s = self.settings
+        n = segment_count(duration_s, self.model.config.shingling.len, s.reference_hop_s)
+        SpaceGuard(s.data_dir, s.min_free_bytes).require(
+            index_write_bytes(n, self.model.zdim), f"the index write of {n} segments"
+        )
+
+    # -- references ----------------------------------------------------------------------------
+
+    def check_reference(self, data: bytes, track_id: str, replace: bool) -> CheckedReference:
+        """The rules for adding a reference: the same audio again is unchanged, other audio
+        under a stored id needs `replace`, and the audio must decode to at least 0.5 s."""
+        digest = hashlib.sha256(data).hexdigest()
+        existing = self.store.get_track(track_id)
+        if existing is not None and existing.content_sha256 == digest:
+            return CheckedReference(digest, unchanged=existing)
+        if existing is not None and not replace:
+            raise Conflict("track_exists",
+                           f"track {track_id!r} exists with other content; send replace=true")
+        wave = self.decode(data, self.settings.max_reference_s, min_s=MIN_REFERENCE_S)
+        return CheckedReference(digest, wave=wave)
+
+    def record(self, meta: TrackMeta, checked: CheckedReference) -> TrackRecord:
+        """The stored record of a checked reference; `refrain index build` writes the same, so
+        an index built offline stays idempotent under later ingestion."""
+        assert checked.wave is not None
+        return TrackRecord(
+            track_id=meta.track_id, title=meta.title or "", artist=meta.artist or "",
+            work_id=meta.work_id or None,
+            duration_s=round(len(checked.wave) / self.model.sample_rate, 3),
+            content_sha256=checked.digest,
+        )
+
+    def add_reference(
+        self, data: bytes, meta: TrackMeta, replace: bool = False
+    ) -> tuple[AddResult, TrackRecord]:
+        """Decode, embed and store one reference track; idempotent on (track_id, content)."""
+        checked = self.check_reference(data, meta.track_id, replace)
+        if checked.unchanged is not None:
+            return AddResult.UNCHANGED, checked.unchanged
+        assert checked.wave is not None
+        self.require_space_for(len(checked.wave) / self.model.sample_rate)
+        z, starts = self.embed(checked.wave, self.settings.reference_hop_s)
+        record = self.record(meta, checked)
+        result = self.store.add_track(record, z, starts, replace=replace)
+        self.refresh_metrics()
+        return result, self.store.get_track(meta.track_id) or record
+
+    def ingest_item(self, item: Item, replace: bool) -> AddResult:
+        """One ingestion item: its file read (with the per-file limit) and added."""
+        data = self.read_item(item)
+        meta = TrackMeta(item.track_id, item.title, item.artist, item.work_id)
+        return self.add_reference(data, meta, replace=replace)[0]
+
+    def read_item(self, item: Item) -> bytes:
+        limit = self.settings.max_upload_bytes
+        try:
+            size = item.path.stat().st_size
+            if size > limit:
+                raise TooLarge("file_too_large",
+                               f"{item.filename} has {size} bytes, at most {limit}")
+            return item.path.read_bytes()
+        except FileNotFoundError:
+            raise InvalidInput("file_missing", f"{item.filename} no longer exists") from None
+        except OSError as e:
+            raise InvalidInput("file_unreadable", f"cannot read {item.filename}: {e}") from None
+
+    def get_track(self, track_id: str) -> TrackRecord:
+        track = self.store.get_track(track_id)
+        if track is None:
+            raise NotFound("track_not_found", f"no track {track_id!r}")
+        return track
+
+    def delete_track(self, track_id: str) -> None:
+        if not self.store.delete_track(track_id):
+            raise NotFound("track_not_found", f"no track {track_id!r}")
+        self.refresh_metrics()
+
+    def list_tracks(
+        self, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[TrackRecord], str | None]:
+        return self.store.list_tracks(limit, cursor)
+
+    def refresh_metrics(self) -> None:
+        st = self.store.stats()
+        self.metrics.index_tracks.set(st.tracks)
+        self.metrics.index_segments.set(st.segments)
+        self.metrics.index_bytes.set(st.bytes_on_disk)
+
+    # -- search --------------------------------------------------------------------------------
+
+    def search(self, request: SearchRequest) -> SearchResult:
+        """Rank the references for one query clip."""
+        request.check()
+        s = self.settings
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        wave = self.decode(request.audio, s.max_query_s, s.min_query_s)
+        timings["decode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        hop = request.hop_s or s.query_hop_s
+        transpositions = request.transpositions
+        shifts = key_shifts(s.query_transpositions if transpositions is None else transpositions)
+        z, starts = self.embed(wave, hop, shifts)
+        timings["embed"] = time.perf_counter() - t
+        duration = len(wave) / self.model.sample_rate
+        query = QuerySegments(z, starts, self.model.config.shingling.len, duration, shifts)
+        opts = SearchOptions(top_k=request.top_k, k=s.knn_k,
+                             candidates=max(s.candidates, request.top_k),
+                             reduction=request.reduction or None)
+        with omp_threads(s.search_threads):
+            hits = rank_tracks(self.store, query, opts, score=self.score, timings=timings)
+        self.metrics.knn_latency.observe(timings["search"])
+        self.metrics.reduce_latency.observe(timings["reduce"])
+        return SearchResult(hits, duration, timings)
+
+
+@contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """FAISS's OpenMP thread count for the block; 0 leaves the OpenMP default.
+
+    OpenMP keeps this count per calling thread, so setting it once at start-up would not
+    reach the request threads: it is set around each search and restored after it. On a busy
+    small CPU, one thread per query beats queries fighting over every core."""
+    if n <= 0:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def hit_json(hit: TrackHit) -> dict[str, Any]:
+    t = hit.track
+    return {
+        "track_id": t.track_id, "title": t.title, "artist": t.artist, "work_id": t.work_id,
+        "score": round(hit.score, 6), "distance": hit.distance,
+        "matches": [asdict(m) for m in hit.matches], "transposition": hit.transposition,
+    }
