@@ -21,6 +21,7 @@ from refrain.service.auth import require_read, require_write
 from refrain.service.deps import JobsDep, SettingsDep
 from refrain.service.exceptions import InvalidInput, NotFound, TooLarge, UnsupportedMedia
 from refrain.service.jobs import JobManager
+from refrain.service.schemas import Job, JobCreated, responses
 from refrain.service.settings import Settings
 from refrain.service.sources import (
     basename_id,
@@ -66,7 +67,9 @@ _BODY = {"required": True, "content": {
 
 
 @router.post("/v1/ingest", tags=["ingest"], status_code=202,
-             dependencies=[Depends(require_write)], openapi_extra={"requestBody": _BODY})
+             dependencies=[Depends(require_write)], openapi_extra={"requestBody": _BODY},
+             response_model=JobCreated,
+             responses=responses(401, 403, 413, 415, 422, 503, 507))
 async def ingest(request: Request, jobs: JobsDep, settings: SettingsDep) -> JSONResponse:
     """multipart/form-data: `files` (one or more) or one `archive` (zip, tar, tar.gz/bz2/xz),
     optional `manifest` (CSV or JSON), optional `replace`. application/json: `{"path": ...,
@@ -85,7 +88,9 @@ async def ingest(request: Request, jobs: JobsDep, settings: SettingsDep) -> JSON
     return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['job_id']}"})
 
 
-@router.get("/v1/jobs/{job_id}", tags=["ingest"], dependencies=[Depends(require_read)])
+@router.get("/v1/jobs/{job_id}", tags=["ingest"], dependencies=[Depends(require_read)],
+            response_model=Job, response_model_exclude_unset=True,
+            responses=responses(401, 403, 404, 422, 503))
 async def get_job(
     jobs: JobsDep, job_id: str,
     items: bool = Query(False, description="also list every item with its state and result"),

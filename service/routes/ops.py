@@ -6,20 +6,22 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from refrain.service.auth import require_metrics, require_read
 from refrain.service.deps import EngineDep, MetricsDep, RuntimeDep
+from refrain.service.schemas import Health, Readiness, Stats, responses
 
 router = APIRouter()
 
 
-@router.get("/healthz", tags=["ops"])
+@router.get("/healthz", tags=["ops"], response_model=Health)
 async def healthz() -> dict:
     return {"status": "alive"}
 
 
-@router.get("/readyz", tags=["ops"])
+@router.get("/readyz", tags=["ops"], response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "loading, failed or degraded"}})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     failure = runtime.index_failure() if runtime.ready else None
     if failure:  # loaded, but the index needs a catch-up or a reopen to serve everything
@@ -31,14 +33,21 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics)])
+@router.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics)],
+            response_class=PlainTextResponse,
+            # a key only with REFRAIN_PROTECT_METRICS: the empty requirement makes it optional
+            openapi_extra={"security": [{}, {"bearer": []}, {"apiKey": []}]},
+            responses={200: {"content": {"text/plain": {}},
+                             "description": "Prometheus text exposition format"},
+                       **responses(401, 403)})
 async def metrics(runtime: RuntimeDep, registry: MetricsDep) -> Response:
     if runtime.ready and runtime.engine is not None:
         await run_in_threadpool(runtime.engine.refresh_metrics)
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/stats", tags=["catalog"], dependencies=[Depends(require_read)])
+@router.get("/v1/stats", tags=["catalog"], dependencies=[Depends(require_read)],
+            response_model=Stats, responses=responses(401, 403, 503))
 async def stats(runtime: RuntimeDep, engine: EngineDep) -> dict:
     st = await run_in_threadpool(engine.store.stats)
     return {"index": asdict(st), "model": runtime.identity(), "queue_depth": runtime.queue_depth}

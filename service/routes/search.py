@@ -9,11 +9,14 @@ from fastapi.concurrency import run_in_threadpool
 from refrain.service.auth import require_read
 from refrain.service.deps import EngineDep
 from refrain.service.engine import MAX_TOP_K, SearchRequest
+from refrain.service.schemas import SearchResponse, responses
 
 router = APIRouter()
 
 
-@router.post("/v1/search", tags=["search"], dependencies=[Depends(require_read)])
+@router.post("/v1/search", tags=["search"], dependencies=[Depends(require_read)],
+             response_model=SearchResponse,
+             responses=responses(401, 403, 413, 415, 422, 502, 503))
 async def search(
     engine: EngineDep,
     audio: UploadFile = File(..., description="the query clip (5-60 s is typical)"),

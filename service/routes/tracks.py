@@ -12,6 +12,7 @@ from refrain.service.auth import require_read, require_write
 from refrain.service.deps import EngineDep, SettingsDep
 from refrain.service.engine import TrackMeta
 from refrain.service.exceptions import InvalidInput
+from refrain.service.schemas import AddedTrack, Deleted, Track, TrackPage, responses
 from refrain.service.sources import check_metadata, valid_track_id
 from refrain.service.storage import SpaceGuard, stream_size
 
@@ -29,7 +30,13 @@ def check_track_id(track_id: str) -> str:
     return track_id
 
 
-@router.post("/v1/tracks", tags=["catalog"], dependencies=[Depends(require_write)])
+@router.post(
+    "/v1/tracks", tags=["catalog"], dependencies=[Depends(require_write)], status_code=201,
+    response_model=AddedTrack,
+    responses={200: {"model": AddedTrack, "description": "this id already holds the same audio: "
+                     "nothing was written"},
+               **responses(401, 403, 409, 413, 415, 422, 502, 503, 507)},
+)
 async def add_track(
     engine: EngineDep,
     settings: SettingsDep,
@@ -53,19 +60,23 @@ async def add_track(
     return JSONResponse({**track.to_json(), "result": result.value}, status_code=status)
 
 
-@router.get("/v1/tracks/{track_id:path}", tags=["catalog"], dependencies=[Depends(require_read)])
+@router.get("/v1/tracks/{track_id:path}", tags=["catalog"], dependencies=[Depends(require_read)],
+            response_model=Track, responses=responses(401, 403, 404, 422, 503))
 async def get_track(engine: EngineDep, track_id: str) -> dict:
     track = await run_in_threadpool(engine.get_track, track_id)
     return track.to_json()
 
 
-@router.delete("/v1/tracks/{track_id:path}", tags=["catalog"], dependencies=[Depends(require_write)])
+@router.delete("/v1/tracks/{track_id:path}", tags=["catalog"],
+               dependencies=[Depends(require_write)], response_model=Deleted,
+               responses=responses(401, 403, 404, 422, 503, 507))
 async def delete_track(engine: EngineDep, track_id: str) -> dict:
     await run_in_threadpool(engine.delete_track, track_id)
     return {"deleted": track_id}
 
 
-@router.get("/v1/tracks", tags=["catalog"], dependencies=[Depends(require_read)])
+@router.get("/v1/tracks", tags=["catalog"], dependencies=[Depends(require_read)],
+            response_model=TrackPage, responses=responses(401, 403, 422, 503))
 async def list_tracks(
     engine: EngineDep,
     limit: int = Query(100, ge=1, le=1000),

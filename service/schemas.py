@@ -1,0 +1,171 @@
+"""The API's response bodies as Pydantic models: OpenAPI describes what the service answers.
+
+The routes build plain dicts from the core's results (`Engine`, the job store); these models
+document them, and FastAPI validates the routes' return values against them. Every failure
+answers `ErrorBody` with the status `errors.STATUS` gives its kind; `responses(...)` lists
+those statuses for a route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. audio_too_short")
+    message: str = Field(description="what went wrong and what to do about it")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_WHY = {
+    400: "the request is malformed",
+    401: "an API key is required",
+    403: "the API key is not valid, or the path may not be read",
+    404: "no such track or job",
+    409: "a track with this id exists with other content",
+    413: "the upload, archive, manifest or a file is over a limit",
+    415: "the audio or the request body is of an unsupported type",
+    422: "invalid parameters, or audio that cannot be used (bad, too short, silent)",
+    502: "a remote inference worker refused the request",
+    503: "not ready, overloaded, or a backend is down; retry after Retry-After seconds",
+    507: "the data volume has too little free space for the write",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route may answer, all with `ErrorBody`."""
+    return {s: {"model": ErrorBody, "description": _WHY[s]} for s in statuses}
+
+
+READ = (401, 403, 503)  # every keyed read may answer these
+WRITE = (401, 403, 503)
+
+
+class Track(BaseModel):
+    track_id: str
+    title: str = ""
+    artist: str = ""
+    work_id: str | None = None
+    duration_s: float | None = None
+    content_sha256: str | None = None
+    n_segments: int = 0
+    added_at: float | None = None
+
+
+class AddedTrack(Track):
+    result: str = Field(description="added, replaced or unchanged")
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+class TrackPage(BaseModel):
+    tracks: list[Track]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page")
+
+
+class Match(BaseModel):
+    query_start_s: float
+    query_end_s: float
+    ref_start_s: float
+    ref_end_s: float
+    distance: float
+
+
+class Hit(BaseModel):
+    track_id: str
+    title: str
+    artist: str
+    work_id: str | None
+    score: float = Field(description="calibrated probability that the clip is a version")
+    distance: float = Field(description="reduced segment distance; lower is closer")
+    matches: list[Match] = Field(description="matching time ranges, best first")
+    transposition: int = Field(description="semitones the clip was shifted by to match")
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    query_duration_s: float
+    timings_ms: dict[str, float]
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    state: str
+    total: int
+    ignored: int = Field(description="files in the request that are not audio")
+
+
+class JobCounts(BaseModel):
+    total: int
+    pending: int
+    done: int
+    skipped: int
+    failed: int
+
+
+class ItemError(BaseModel):
+    filename: str
+    track_id: str
+    code: str | None
+    message: str | None
+
+
+class JobItem(BaseModel):
+    filename: str
+    track_id: str
+    state: str
+    result: str | None
+
+
+class Job(BaseModel):
+    job_id: str
+    state: str = Field(description="queued, running, done or failed")
+    source: str
+    counts: JobCounts
+    ignored: int
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    errors: list[ItemError]
+    items: list[JobItem] | None = Field(None, description="with ?items=true")
+    progress: float
+    eta_s: float | None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready, loading, failed or degraded")
+    error: str | None = None
+
+
+class IndexSummary(BaseModel):
+    tracks: int
+    segments: int
+    bytes_on_disk: int
+    factory: str
+    vector_dtype: str
+    ann_trained: bool
+    ann_trained_on: int
+    ann_on_gpu: bool
+    tombstones: int
+    seq: int
+    snapshot_seq: int
+    journal_records: int
+    journal_bytes: int
+
+
+class Stats(BaseModel):
+    index: IndexSummary
+    model: dict[str, Any]
+    queue_depth: int
