@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from refrain.model import load_model
 from refrain.model.evaluate import evaluate, read_manifest
 from refrain.model.losses import LOSSES
@@ -51,7 +52,8 @@ def main() -> None:
             raw = json.loads(json.dumps(base))
             raw["loss"] = {**raw.get("loss", {}), "name": loss, "pos": pos}
             raw["training"].update(
-                out=str(out / loss / pos), steps_per_epoch=steps_per_epoch,
+                out=str(out / loss / pos),
+                steps_per_epoch=steps_per_epoch,
                 epochs=max(1, args.steps // steps_per_epoch),
             )
             t0 = time.monotonic()
@@ -70,17 +72,23 @@ def main() -> None:
 
 
 def markdown(results: dict) -> str:
-    head = "| loss | positive reduction | track MAP | track NAR % | " + " | ".join(
-        f"seg {t:g} s MAP" for t in TAUS) + " |"
+    head = (
+        "| loss | positive reduction | track MAP | track NAR % | "
+        + " | ".join(f"seg {t:g} s MAP" for t in TAUS)
+        + " |"
+    )
     lines = [head, "|" + " --- |" * (4 + len(TAUS))]
     for name, r in results.items():
         loss, pos = name.split("/")
         track = next(v for k, v in r.items() if k.startswith("track"))
-        segs = [next((v for k, v in r.items() if k.startswith(f"segment {t:g} s")), None)
-                for t in TAUS]
+        segs = [
+            next((v for k, v in r.items() if k.startswith(f"segment {t:g} s")), None) for t in TAUS
+        ]
         cells = [f"{s['map']['mean']:.3f}" if s else "-" for s in segs]
-        lines.append(f"| {loss} | {pos} | {track['map']['mean']:.3f} | "
-                     f"{track['nar']['mean']:.1f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {loss} | {pos} | {track['map']['mean']:.3f} | "
+            f"{track['nar']['mean']:.1f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+
 from refrain.model import load_model
 from refrain.model.audio import load_audio
 from refrain.model.config import ModelConfig
@@ -110,8 +111,10 @@ def main() -> None:
     print("-" * len(header))
     for name, model in make_models(args.models.split(",")).items():
         n = args.full_tracks if (args.full_tracks and "1024" in name) else args.tracks
-        workloads = [("one 4-min track", [one], 240.0), (f"{n} tracks of 2-5 min", many[:n],
-                     float(lengths[:n].sum()))]
+        workloads = [
+            ("one 4-min track", [one], 240.0),
+            (f"{n} tracks of 2-5 min", many[:n], float(lengths[:n].sum())),
+        ]
         model.embed(np.zeros(16000, dtype=np.float32) + 0.01)  # warm up
         for label, files, seconds in workloads:
             # Alternate the two methods and keep each one's fastest run: this machine's
@@ -122,7 +125,7 @@ def main() -> None:
                 t_loop = min(t_loop, t)
                 t, z_ref = timed(lambda m=model, f=files: m.embed_many(f, hop=args.hop))
                 t_ref = min(t_ref, t)
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(z_loop, z_ref))
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(z_loop, z_ref, strict=False))
             print(
                 f"{name:<27} {label:<22} {seconds:8.0f} {t_loop:8.2f} {t_ref:9.2f} "
                 f"{seconds / t_loop:9.1f} {seconds / t_ref:11.1f} {t_loop / t_ref:7.2f}x "

@@ -1,6 +1,7 @@
 """The shape of a model's embedding space, for `bench/search.py --data model`.
 
-    python bench/embedding_stats.py --manifest corpus/manifest.csv --out bench/data/embedding-stats.npz
+    python bench/embedding_stats.py --manifest corpus/manifest.csv \
+        --out bench/data/embedding-stats.npz
 
 Every track of the manifest is embedded at the reference hop (5 s) and each segment vector
 is split into three parts: its work's mean, its track's offset from that (the version), and
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from refrain.model import load_model
 from refrain.model.evaluate import read_manifest
 
@@ -50,8 +52,11 @@ def decompose(tracks: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
             version.append(own - centre)
             segment.append(z - own)
     out = {"mean": mean.astype(np.float32)}
-    for name, parts in (("work", np.array(work)), ("version", np.array(version)),
-                        ("segment", np.concatenate(segment))):
+    for name, parts in (
+        ("work", np.array(work)),
+        ("version", np.array(version)),
+        ("segment", np.concatenate(segment)),
+    ):
         factor, spectrum = sqrt_factor(parts.T @ parts / max(len(parts) - 1, 1))
         out[f"{name}_factor"] = factor.astype(np.float16)
         out[f"{name}_spectrum"] = spectrum.astype(np.float32)
@@ -82,11 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(args.out, **stats)
     works, n_tracks, segments = stats["counts"]
     print(f"{works} works, {n_tracks} tracks, {segments} segments -> {args.out}")
-    print(f"participation ratio: all {participation_ratio(stats['total_spectrum']):.1f}, " +
-          ", ".join(f"{p} {participation_ratio(stats[p + '_spectrum']):.1f}"
-                    for p in ("work", "version", "segment")) + f" (of {len(stats['mean'])})")
-    print("variance: " + ", ".join(f"{p} {stats[p + '_spectrum'].sum():.1f}"
-                                   for p in ("work", "version", "segment")))
+    print(
+        f"participation ratio: all {participation_ratio(stats['total_spectrum']):.1f}, "
+        + ", ".join(
+            f"{p} {participation_ratio(stats[p + '_spectrum']):.1f}"
+            for p in ("work", "version", "segment")
+        )
+        + f" (of {len(stats['mean'])})"
+    )
+    print(
+        "variance: "
+        + ", ".join(
+            f"{p} {stats[p + '_spectrum'].sum():.1f}" for p in ("work", "version", "segment")
+        )
+    )
     return 0
 
 

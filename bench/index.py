@@ -18,6 +18,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
 from refrain.index import IndexOptions, TrackRecord, open_index
 
 SEGMENTS_PER_TRACK = 50

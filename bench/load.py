@@ -115,17 +115,32 @@ class Server:
         env = {**os.environ, "REFRAIN_MAX_QUEUE": str(max_queue), "REFRAIN_API_KEYS": ""}
         self.log = open(log, "wb")  # noqa: SIM115 - open for the process's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "refrain.service.cli", "serve", "--port", str(self.port),
-             "--data", str(data), "--device", "cpu", "--open-writes"],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "refrain.service.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data",
+                str(data),
+                "--device",
+                "cpu",
+                "--open-writes",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"refrain serve exited with {self.proc.returncode}; "
-                                 f"see {self.log.name}")
+                raise SystemExit(
+                    f"refrain serve exited with {self.proc.returncode}; see {self.log.name}"
+                )
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return
@@ -152,8 +167,11 @@ def reference_songs(n: int, seconds: float) -> list[np.ndarray]:
 def add_references(url: str, songs: list[np.ndarray]) -> None:
     with httpx.Client(base_url=url, timeout=300) as client:
         for i, song in enumerate(songs):
-            r = client.post("/v1/tracks", data={"track_id": f"ref-{i}", "title": f"Song {i}"},
-                            files={"audio": (f"ref-{i}.wav", encode(song, "wav"), "audio/wav")})
+            r = client.post(
+                "/v1/tracks",
+                data={"track_id": f"ref-{i}", "title": f"Song {i}"},
+                files={"audio": (f"ref-{i}.wav", encode(song, "wav"), "audio/wav")},
+            )
             if r.status_code not in (200, 201):
                 raise SystemExit(f"adding reference {i} failed: {r.status_code} {r.text}")
 
@@ -174,16 +192,28 @@ def pct(values: list[float], q: float, scale: float = 1.0) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="a running server")
-    parser.add_argument("--spawn", action="store_true",
-                        help="start `refrain serve` with a temporary data folder instead")
-    parser.add_argument("--clip", type=Path, default=None,
-                        help="query audio file (default: a 30 s synthetic excerpt)")
+    parser.add_argument(
+        "--spawn",
+        action="store_true",
+        help="start `refrain serve` with a temporary data folder instead",
+    )
+    parser.add_argument(
+        "--clip",
+        type=Path,
+        default=None,
+        help="query audio file (default: a 30 s synthetic excerpt)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 16, 64])
     parser.add_argument("--requests", type=int, default=64, help="searches per level")
-    parser.add_argument("--max-queue", type=int, default=4,
-                        help="REFRAIN_MAX_QUEUE of the spawned server")
-    parser.add_argument("--references", type=int, default=4,
-                        help="synthetic reference songs added to the spawned server")
+    parser.add_argument(
+        "--max-queue", type=int, default=4, help="REFRAIN_MAX_QUEUE of the spawned server"
+    )
+    parser.add_argument(
+        "--references",
+        type=int,
+        default=4,
+        help="synthetic reference songs added to the spawned server",
+    )
     parser.add_argument("--reference-seconds", type=float, default=90.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     args = parser.parse_args(argv)
@@ -198,27 +228,35 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait_ready()
                 t0 = time.perf_counter()
                 add_references(server.url, songs)
-                print(f"# spawned refrain serve at {server.url} (REFRAIN_MAX_QUEUE="
-                      f"{args.max_queue}); {len(songs)} references of "
-                      f"{args.reference_seconds:.0f} s added in {time.perf_counter() - t0:.1f} s")
+                print(
+                    f"# spawned refrain serve at {server.url} (REFRAIN_MAX_QUEUE="
+                    f"{args.max_queue}); {len(songs)} references of "
+                    f"{args.reference_seconds:.0f} s added in {time.perf_counter() - t0:.1f} s"
+                )
             url = server.url if server else args.url
-            print(f"# {os.cpu_count()} CPUs, load average "
-                  f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; clip "
-                  f"{len(clip) / 1e6:.1f} MB; {args.requests} searches per level")
+            print(
+                f"# {os.cpu_count()} CPUs, load average "
+                f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; clip "
+                f"{len(clip) / 1e6:.1f} MB; {args.requests} searches per level"
+            )
             run_level(url, clip, 1, 2, args.timeout)  # warm up
             levels = []
-            print("\n| clients | requests | wall s | req/s (200) | p50 ms | p99 ms "
-                  "| embed ms (server p50) | 200 | 503 | other |")
+            print(
+                "\n| clients | requests | wall s | req/s (200) | p50 ms | p99 ms "
+                "| embed ms (server p50) | 200 | 503 | other |"
+            )
             print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
             for c in args.concurrency:
                 lv = run_level(url, clip, c, args.requests, args.timeout)
                 levels.append(lv)
                 other = {s: n for s, n in lv.statuses.items() if s not in (200, 503)}
-                print(f"| {c} | {args.requests} | {lv.wall_s:.1f} | {lv.ok / lv.wall_s:.2f} "
-                      f"| {pct(lv.latencies, 50, 1e3)} | {pct(lv.latencies, 99, 1e3)} "
-                      f"| {pct(lv.embed_ms, 50)} | {lv.ok} | {lv.statuses.get(503, 0)} "
-                      f"| {sum(other.values())}{' ' + str(other) if other else ''} |",
-                      flush=True)
+                print(
+                    f"| {c} | {args.requests} | {lv.wall_s:.1f} | {lv.ok / lv.wall_s:.2f} "
+                    f"| {pct(lv.latencies, 50, 1e3)} | {pct(lv.latencies, 99, 1e3)} "
+                    f"| {pct(lv.embed_ms, 50)} | {lv.ok} | {lv.statuses.get(503, 0)} "
+                    f"| {sum(other.values())}{' ' + str(other) if other else ''} |",
+                    flush=True,
+                )
         finally:
             if server is not None:
                 server.stop()

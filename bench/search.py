@@ -6,7 +6,8 @@
 
 N reference tracks of 40 segments (a 3.5-minute track at the 5 s reference hop) at the shipped
 model's zdim are written through `SegmentIndex.add_tracks` (100 at a time) and one final
-`snapshot()`, as `refrain index build` does, once per FAISS factory. Each search setting (nprobe for IVF,
+`snapshot()`, as `refrain index build` does, once per FAISS factory. Each search setting
+(nprobe for IVF,
 efSearch for HNSW; the reducer's neighbours per query segment and candidates re-ranked, as
 `--reducer K:CANDIDATES`) then answers 30 s queries
 (3 segments at a 5 s hop) through `rank_tracks` with the service's `SearchOptions`, so the
@@ -51,6 +52,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+
 from refrain.index import IndexOptions, SegmentIndex, TrackRecord, open_index
 from refrain.index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
 from refrain.model.reduce import nsqeuc
@@ -95,10 +97,13 @@ class Dataset:
         if self.kind == "model":
             stats = np.load(self.stats)
             if len(stats["mean"]) != self.zdim:
-                raise SystemExit(f"{self.stats} describes zdim {len(stats['mean'])}, not "
-                                 f"{self.zdim}: rerun bench/embedding_stats.py")
-            factors = {p: stats[f"{p}_factor"].astype(np.float32).T
-                       for p in ("work", "version", "segment")}
+                raise SystemExit(
+                    f"{self.stats} describes zdim {len(stats['mean'])}, not "
+                    f"{self.zdim}: rerun bench/embedding_stats.py"
+                )
+            factors = {
+                p: stats[f"{p}_factor"].astype(np.float32).T for p in ("work", "version", "segment")
+            }
             centres = centres @ factors["work"] + stats["mean"]
         object.__setattr__(self, "centres", centres)
         object.__setattr__(self, "factors", factors)
@@ -119,8 +124,10 @@ class Dataset:
             x += self.centres[self.works[lo:hi]][:, None, :]  # the work
         elif self.kind == "model":
             x = x @ self.factors["segment"]
-            x += rng.standard_normal((hi - lo, 1, self.zdim), dtype=np.float32) @ self.factors[
-                "version"]
+            x += (
+                rng.standard_normal((hi - lo, 1, self.zdim), dtype=np.float32)
+                @ self.factors["version"]
+            )
             x += self.centres[self.works[lo:hi]][:, None, :]
         return x.astype(self.dtype).astype(np.float32)
 
@@ -160,8 +167,9 @@ def ground_truth(ds: Dataset, queries: np.ndarray) -> tuple[np.ndarray, np.ndarr
         d = nsqeuc(q, torch.from_numpy(x.reshape(-1, ds.zdim)))
         d = d.reshape(len(queries), QUERY_SEGMENTS, len(x), SEGMENTS).amin(dim=(1, 3)).numpy()
         cat_d = np.concatenate([best_d, d], axis=1)
-        cat_i = np.concatenate([best_i, np.broadcast_to(np.arange(first, first + len(x)), d.shape)],
-                               axis=1)
+        cat_i = np.concatenate(
+            [best_i, np.broadcast_to(np.arange(first, first + len(x)), d.shape)], axis=1
+        )
         order = np.lexsort((cat_i, cat_d), axis=1)[:, :TOP]  # distance, then track id
         best_d = np.take_along_axis(cat_d, order, axis=1)
         best_i = np.take_along_axis(cat_i, order, axis=1)
@@ -173,8 +181,9 @@ def query_segments(vectors: np.ndarray, segment_s: float) -> QuerySegments:
     return QuerySegments(vectors, starts, segment_s, QUERY_S)
 
 
-def verify_ground_truth(index: SegmentIndex, queries: np.ndarray, gt_d: np.ndarray,
-                        gt_i: np.ndarray, segment_s: float) -> None:
+def verify_ground_truth(
+    index: SegmentIndex, queries: np.ndarray, gt_d: np.ndarray, gt_i: np.ndarray, segment_s: float
+) -> None:
     """The vectorised ground truth must equal `exhaustive_rank` (the library's own)."""
     for q, d, i in zip(queries, gt_d, gt_i, strict=True):
         ref = exhaustive_rank(index, query_segments(q, segment_s), "min", TOP)
@@ -182,8 +191,10 @@ def verify_ground_truth(index: SegmentIndex, queries: np.ndarray, gt_d: np.ndarr
         if ids != [track_id(int(k)) for k in i] or not np.allclose(
             [x for _, x in ref], d, rtol=1e-4, atol=1e-6
         ):
-            raise SystemExit(f"ground truth disagrees with exhaustive_rank: {ref} vs "
-                             f"{list(zip(map(track_id, i), d, strict=True))}")
+            raise SystemExit(
+                f"ground truth disagrees with exhaustive_rank: {ref} vs "
+                f"{list(zip(map(track_id, i), d, strict=True))}"
+            )
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -249,8 +260,9 @@ def peak_bytes(n_tracks: int, zdim: int, dtype: str, factory: str, tmpfs: bool) 
     n = n_tracks * SEGMENTS
     ann = n * ann_bytes_per_vector(factory, zdim)
     exact = n * zdim * np.dtype(dtype).itemsize
-    pending = min(exact, IndexOptions().snapshot_every_records * SEGMENTS * zdim
-                  * np.dtype(dtype).itemsize)
+    pending = min(
+        exact, IndexOptions().snapshot_every_records * SEGMENTS * zdim * np.dtype(dtype).itemsize
+    )
     total = ann + pending
     if tmpfs:
         total += exact + pending + (0 if factory == "Flat" else 2 * ann)
@@ -286,8 +298,12 @@ def ingest(index: SegmentIndex, ds: Dataset, limit: int | None = None, batch: in
         items = []
         for j, vectors in enumerate(x[: None if limit is None else limit - n]):
             i = first + j
-            record = TrackRecord(track_id(i), work_id=f"w{ds.works[i]}",
-                                 duration_s=(SEGMENTS - 1) * HOP_S + 20.0, content_sha256=str(i))
+            record = TrackRecord(
+                track_id(i),
+                work_id=f"w{ds.works[i]}",
+                duration_s=(SEGMENTS - 1) * HOP_S + 20.0,
+                content_sha256=str(i),
+            )
             items.append((record, vectors, starts))
         for k in range(0, len(items), batch):
             index.add_tracks(items[k : k + batch])
@@ -297,9 +313,9 @@ def ingest(index: SegmentIndex, ds: Dataset, limit: int | None = None, batch: in
     return n
 
 
-def build(path: Path, ds: Dataset, factory: str, search_params: str | None) -> tuple[
-    SegmentIndex, Built
-]:
+def build(
+    path: Path, ds: Dataset, factory: str, search_params: str | None
+) -> tuple[SegmentIndex, Built]:
     before, _ = rss()
     reset_peak_rss()
     options = IndexOptions(vector_dtype=ds.dtype, search_params=search_params, use_gpu=False)
@@ -310,8 +326,7 @@ def build(path: Path, ds: Dataset, factory: str, search_params: str | None) -> t
     index.snapshot()  # as `refrain index build` does: the service then opens without replay
     t2 = time.perf_counter()
     cur, peak = rss()
-    return index, Built(t1 - t0, t2 - t1, cur - before, peak - before,
-                        index.stats().bytes_on_disk)
+    return index, Built(t1 - t0, t2 - t1, cur - before, peak - before, index.stats().bytes_on_disk)
 
 
 def disk_ingest_rate(ds: Dataset, n: int, batch: int) -> float:
@@ -346,8 +361,15 @@ class Measured:
     n_queries: int
 
 
-def measure(index: SegmentIndex, queries: np.ndarray, sources: np.ndarray, gt_d: np.ndarray,
-            opts: SearchOptions, segment_s: float, max_seconds: float) -> Measured:
+def measure(
+    index: SegmentIndex,
+    queries: np.ndarray,
+    sources: np.ndarray,
+    gt_d: np.ndarray,
+    opts: SearchOptions,
+    segment_s: float,
+    max_seconds: float,
+) -> Measured:
     for q in queries[:3]:  # warm up (first touches of the mapped vectors, FAISS buffers)
         rank_tracks(index, query_segments(q, segment_s), opts)
     lat, knn, red, recalls, hits = [], [], [], [], []
@@ -366,57 +388,112 @@ def measure(index: SegmentIndex, queries: np.ndarray, sources: np.ndarray, gt_d:
         if n >= 9 and time.perf_counter() - start > max_seconds:
             break
     ms = np.array(lat) * 1e3
-    return Measured(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
-                    float(np.median(knn)) * 1e3, float(np.median(red)) * 1e3,
-                    float(np.mean(recalls)) if recalls else float("nan"),
-                    float(np.mean(hits)), len(lat))
+    return Measured(
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 99)),
+        float(np.median(knn)) * 1e3,
+        float(np.median(red)) * 1e3,
+        float(np.mean(recalls)) if recalls else float("nan"),
+        float(np.mean(hits)),
+        len(lat),
+    )
 
 
 # -- driver ---------------------------------------------------------------------------------
 
-HEADER = ["data", "tracks", "setting", "k:cand", "build s", "ingest tr/s", "RSS GiB", "disk GiB",
-          "p50 ms", "p99 ms", "knn ms", "reduce ms", "recall@10", "hit@1", "queries"]
+HEADER = [
+    "data",
+    "tracks",
+    "setting",
+    "k:cand",
+    "build s",
+    "ingest tr/s",
+    "RSS GiB",
+    "disk GiB",
+    "p50 ms",
+    "p99 ms",
+    "knn ms",
+    "reduce ms",
+    "recall@10",
+    "hit@1",
+    "queries",
+]
 
 
 def print_row(cells: list[str]) -> None:
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
-def row(ds: Dataset, factory: str, params: str | None, opts: SearchOptions, built: Built,
-        m: Measured) -> list[str]:
+def row(
+    ds: Dataset, factory: str, params: str | None, opts: SearchOptions, built: Built, m: Measured
+) -> list[str]:
     setting = factory + (f" {params}" if params else "")
-    return [ds.kind, str(ds.n_tracks), setting, f"{opts.k}:{opts.candidates}",
-            f"{built.build_s:.1f}", f"{ds.n_tracks / built.ingest_s:.0f}",
-            f"{built.rss_bytes / GIB:.2f}", f"{built.disk_bytes / GIB:.2f}",
-            f"{m.p50_ms:.1f}", f"{m.p99_ms:.1f}",
-            f"{m.search_ms:.1f}", f"{m.reduce_ms:.1f}", f"{m.recall:.3f}", f"{m.hit1:.2f}",
-            str(m.n_queries)]
+    return [
+        ds.kind,
+        str(ds.n_tracks),
+        setting,
+        f"{opts.k}:{opts.candidates}",
+        f"{built.build_s:.1f}",
+        f"{ds.n_tracks / built.ingest_s:.0f}",
+        f"{built.rss_bytes / GIB:.2f}",
+        f"{built.disk_bytes / GIB:.2f}",
+        f"{m.p50_ms:.1f}",
+        f"{m.p99_ms:.1f}",
+        f"{m.search_ms:.1f}",
+        f"{m.reduce_ms:.1f}",
+        f"{m.recall:.3f}",
+        f"{m.hit1:.2f}",
+        str(m.n_queries),
+    ]
 
 
-def skip_reason(ds: Dataset, factory: str, args: argparse.Namespace, tmpfs: bool,
-                hnsw_rate: dict[tuple[str, str], float]) -> str | None:
+def skip_reason(
+    ds: Dataset,
+    factory: str,
+    args: argparse.Namespace,
+    tmpfs: bool,
+    hnsw_rate: dict[tuple[str, str], float],
+) -> str | None:
     """Why `factory` is not built for `ds` here (too slow or too big), or None."""
     n_seg = ds.n_tracks * SEGMENTS
     if "HNSW" in factory and ds.n_tracks > args.hnsw_max_tracks:
         rate = hnsw_rate.get((factory, ds.kind))
-        guess = (f", about {n_seg / rate / 60:.0f} min at the {rate:.0f} vectors/s measured "
-                 "on the smaller run") if rate else ""
-        return (f"{n_seg} single-thread HNSW inserts{guess} "
-                f"(--hnsw-max-tracks {args.hnsw_max_tracks})")
+        guess = (
+            (
+                f", about {n_seg / rate / 60:.0f} min at the {rate:.0f} vectors/s measured "
+                "on the smaller run"
+            )
+            if rate
+            else ""
+        )
+        return (
+            f"{n_seg} single-thread HNSW inserts{guess} (--hnsw-max-tracks {args.hnsw_max_tracks})"
+        )
     need = peak_bytes(ds.n_tracks, ds.zdim, ds.dtype, factory, tmpfs)
     avail = meminfo("MemAvailable")
     if need > avail - 2 * GIB:  # leave room for the machine's other jobs
-        return (f"needs about {need / GIB:.1f} GiB ({'index files on tmpfs + ' if tmpfs else ''}"
-                f"FAISS in RAM), {avail / GIB:.1f} GiB available; try --dtype float16, a "
-                "smaller --zdim, a compressed factory (IVF1024,SQ8 / IVF1024,PQ32) or a disk "
-                "--workdir")
+        return (
+            f"needs about {need / GIB:.1f} GiB ({'index files on tmpfs + ' if tmpfs else ''}"
+            f"FAISS in RAM), {avail / GIB:.1f} GiB available; try --dtype float16, a "
+            "smaller --zdim, a compressed factory (IVF1024,SQ8 / IVF1024,PQ32) or a disk "
+            "--workdir"
+        )
     return None
 
 
-def run_dataset(ds: Dataset, args: argparse.Namespace, segment_s: float, workdir: Path,
-                rows: list[list[str]], hnsw_rate: dict[tuple[str, str], float]) -> None:
-    print(f"\n## {ds.kind}, {ds.n_tracks} tracks ({ds.n_tracks * SEGMENTS} segments x {ds.zdim}, "
-          f"{ds.dtype})", flush=True)
+def run_dataset(
+    ds: Dataset,
+    args: argparse.Namespace,
+    segment_s: float,
+    workdir: Path,
+    rows: list[list[str]],
+    hnsw_rate: dict[tuple[str, str], float],
+) -> None:
+    print(
+        f"\n## {ds.kind}, {ds.n_tracks} tracks ({ds.n_tracks * SEGMENTS} segments x {ds.zdim}, "
+        f"{ds.dtype})",
+        flush=True,
+    )
     tmpfs = _is_tmpfs(workdir)
     todo = []
     for factory in args.factories:
@@ -430,8 +507,10 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, segment_s: float, workdir
     queries, sources = ds.queries(args.queries)
     t0 = time.perf_counter()
     gt_d, gt_i = ground_truth(ds, queries[: args.recall_queries])
-    print(f"exhaustive ground truth of {len(gt_d)} queries in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    print(
+        f"exhaustive ground truth of {len(gt_d)} queries in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     verified = args.verify == 0
     for factory in todo:
         n_seg = ds.n_tracks * SEGMENTS
@@ -444,28 +523,39 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, segment_s: float, workdir
             index, built = build(path, ds, factory, params[0])
             if "HNSW" in factory:
                 hnsw_rate[(factory, ds.kind)] = n_seg / built.ingest_s
-            print(f"{factory}: built in {built.build_s:.1f} s (ingest {built.ingest_s:.1f} s, "
-                  f"{ds.n_tracks / built.ingest_s:.0f} tracks/s = "
-                  f"{n_seg / built.ingest_s:.0f} vectors/s; final snapshot "
-                  f"{built.snapshot_s:.1f} s), RSS +{built.rss_bytes / GIB:.2f} GiB "
-                  f"(peak +{built.peak_bytes / GIB:.2f}), {built.disk_bytes / GIB:.2f} GiB "
-                  "on disk", flush=True)
+            print(
+                f"{factory}: built in {built.build_s:.1f} s (ingest {built.ingest_s:.1f} s, "
+                f"{ds.n_tracks / built.ingest_s:.0f} tracks/s = "
+                f"{n_seg / built.ingest_s:.0f} vectors/s; final snapshot "
+                f"{built.snapshot_s:.1f} s), RSS +{built.rss_bytes / GIB:.2f} GiB "
+                f"(peak +{built.peak_bytes / GIB:.2f}), {built.disk_bytes / GIB:.2f} GiB "
+                "on disk",
+                flush=True,
+            )
             try:
                 if not verified:
                     t = time.perf_counter()
                     n = min(args.verify, len(gt_d))
                     verify_ground_truth(index, queries[:n], gt_d[:n], gt_i[:n], segment_s)
-                    print(f"ground truth equals exhaustive_rank on {n} queries "
-                          f"({(time.perf_counter() - t) / n:.1f} s per query)", flush=True)
+                    print(
+                        f"ground truth equals exhaustive_rank on {n} queries "
+                        f"({(time.perf_counter() - t) / n:.1f} s per query)",
+                        flush=True,
+                    )
                     verified = True
                 for p_i, p in enumerate(params):
                     if p_i:  # a search parameter is applied when the index opens
                         index.close()
-                        index = open_index(path, identity(ds.zdim), create=False, options=(
-                            IndexOptions(search_params=p, use_gpu=False)))
+                        index = open_index(
+                            path,
+                            identity(ds.zdim),
+                            create=False,
+                            options=(IndexOptions(search_params=p, use_gpu=False)),
+                        )
                     for opts in args.reducer:
-                        m = measure(index, queries, sources, gt_d, opts, segment_s,
-                                    args.max_query_seconds)
+                        m = measure(
+                            index, queries, sources, gt_d, opts, segment_s, args.max_query_seconds
+                        )
                         rows.append(row(ds, factory, p, opts, built, m))
                         print_row(rows[-1])
             finally:
@@ -475,7 +565,7 @@ def run_dataset(ds: Dataset, args: argparse.Namespace, segment_s: float, workdir
 
 
 def parse_reducer(text: str) -> SearchOptions:
-    """"K:CANDIDATES" -> the service's SearchOptions for a 30 s clip (reduction min)."""
+    """ "K:CANDIDATES" -> the service's SearchOptions for a 30 s clip (reduction min)."""
     try:
         k, candidates = (int(x) for x in text.split(":"))
     except ValueError:
@@ -501,42 +591,76 @@ def default_workdir() -> Path:
 def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracks", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--datasets", nargs="+", default=["clustered", "random"],
-                        choices=DATASETS)
+    parser.add_argument("--datasets", nargs="+", default=["clustered", "random"], choices=DATASETS)
     parser.add_argument("--factories", nargs="+", default=["Flat", "IVF1024,Flat", "HNSW32"])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--ef-search", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--reducer", nargs="+", default=None, metavar="K:CANDIDATES",
-                        help="neighbours per query segment and tracks re-ranked exactly, e.g. "
-                        "64:100 512:20 (default: the service's knn_k:candidates)")
+    parser.add_argument(
+        "--reducer",
+        nargs="+",
+        default=None,
+        metavar="K:CANDIDATES",
+        help="neighbours per query segment and tracks re-ranked exactly, e.g. "
+        "64:100 512:20 (default: the service's knn_k:candidates)",
+    )
     parser.add_argument("--queries", type=int, default=100, help="queries timed per setting")
-    parser.add_argument("--recall-queries", type=int, default=100,
-                        help="the first queries, whose recall is measured")
-    parser.add_argument("--max-query-seconds", type=float, default=30.0,
-                        help="stop timing a setting after this long (at least 10 queries)")
-    parser.add_argument("--verify", type=int, default=2,
-                        help="queries checked against exhaustive_rank (0: none)")
+    parser.add_argument(
+        "--recall-queries",
+        type=int,
+        default=100,
+        help="the first queries, whose recall is measured",
+    )
+    parser.add_argument(
+        "--max-query-seconds",
+        type=float,
+        default=30.0,
+        help="stop timing a setting after this long (at least 10 queries)",
+    )
+    parser.add_argument(
+        "--verify", type=int, default=2, help="queries checked against exhaustive_rank (0: none)"
+    )
     parser.add_argument("--zdim", type=int, default=None, help="default: the shipped model's")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                        help="the store's exact vector copy (the ANN index keeps its own)")
-    parser.add_argument("--hnsw-max-tracks", type=int, default=20_000,
-                        help="skip HNSW above this (single-thread inserts are slow)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="the store's exact vector copy (the ANN index keeps its own)",
+    )
+    parser.add_argument(
+        "--hnsw-max-tracks",
+        type=int,
+        default=20_000,
+        help="skip HNSW above this (single-thread inserts are slow)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="FAISS and torch threads")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where indexes are built (default /dev/shm: fsyncs are free)")
-    parser.add_argument("--disk-probe", type=int, default=300,
-                        help="tracks ingested on disk to measure the fsync-bound rate (0: skip)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where indexes are built (default /dev/shm: fsyncs are free)",
+    )
+    parser.add_argument(
+        "--disk-probe",
+        type=int,
+        default=300,
+        help="tracks ingested on disk to measure the fsync-bound rate (0: skip)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2000 tracks, Flat / IVF256,Flat / HNSW32, 50 queries")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2000 tracks, Flat / IVF256,Flat / HNSW32, 50 queries",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.tracks, args.queries, args.recall_queries = [2000], 50, 50
         if parser.get_default("factories") == args.factories:
             args.factories = ["Flat", "IVF256,Flat", "HNSW32"]
     fields = Settings.model_fields
-    args.reducer = [parse_reducer(r) for r in args.reducer or [
-        f"{fields['knn_k'].default}:{fields['candidates'].default}"]]
+    args.reducer = [
+        parse_reducer(r)
+        for r in args.reducer or [f"{fields['knn_k'].default}:{fields['candidates'].default}"]
+    ]
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     # a plain `kill` must still remove the index folders: on tmpfs they hold memory
@@ -550,32 +674,46 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     del model
     workdir = args.workdir or default_workdir()
     mem = meminfo("MemTotal")
-    print(f"# bench/search.py: {os.cpu_count()} CPUs (load average "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}), {mem / GIB:.1f} GiB RAM, "
-          f"faiss {faiss.__version__}, {args.threads} thread(s); zdim {zdim} "
-          f"({'--zdim' if args.zdim else 'the shipped model'}), {args.dtype}; indexes in "
-          f"{workdir} ({'tmpfs' if _is_tmpfs(workdir) else 'disk'})")
+    print(
+        f"# bench/search.py: {os.cpu_count()} CPUs (load average "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}), {mem / GIB:.1f} GiB RAM, "
+        f"faiss {faiss.__version__}, {args.threads} thread(s); zdim {zdim} "
+        f"({'--zdim' if args.zdim else 'the shipped model'}), {args.dtype}; indexes in "
+        f"{workdir} ({'tmpfs' if _is_tmpfs(workdir) else 'disk'})"
+    )
     for n in args.tracks:
         exact = n * SEGMENTS * zdim * np.dtype(args.dtype).itemsize
         if exact + n * SEGMENTS * ann_bytes_per_vector("Flat", zdim) > mem:
-            print(f"# {n} tracks x {SEGMENTS} x {zdim} {args.dtype}: {exact / 1e9:.0f} GB of "
-                  f"exact vectors plus as much again in an uncompressed FAISS index, more than "
-                  f"this machine's {mem / GIB:.1f} GiB; --dtype float16, --zdim 128 or a "
-                  "compressed factory (IVF4096,SQ8 / IVF4096,PQ32) make it fit")
+            print(
+                f"# {n} tracks x {SEGMENTS} x {zdim} {args.dtype}: {exact / 1e9:.0f} GB of "
+                f"exact vectors plus as much again in an uncompressed FAISS index, more than "
+                f"this machine's {mem / GIB:.1f} GiB; --dtype float16, --zdim 128 or a "
+                "compressed factory (IVF4096,SQ8 / IVF4096,PQ32) make it fit"
+            )
     if args.disk_probe and not _is_tmpfs(Path(tempfile.gettempdir())):
         probe = Dataset("random", args.disk_probe, zdim, args.dtype, args.seed)
         for batch in (1, 100):
             rate = disk_ingest_rate(probe, args.disk_probe, batch)
-            print(f"# ingestion on disk ({tempfile.gettempdir()}), {batch} track(s) per "
-                  f"add_tracks: {rate:.0f} tracks/s ({rate * SEGMENTS:.0f} vectors/s)")
+            print(
+                f"# ingestion on disk ({tempfile.gettempdir()}), {batch} track(s) per "
+                f"add_tracks: {rate:.0f} tracks/s ({rate * SEGMENTS:.0f} vectors/s)"
+            )
     rows: list[list[str]] = []
     hnsw_rate: dict[tuple[str, str], float] = {}
     for n in args.tracks:
         for kind in args.datasets:
-            run_dataset(Dataset(kind, n, zdim, args.dtype, args.seed), args, segment_s, workdir,
-                        rows, hnsw_rate)
-    print(f"\n## Summary (load average at the end: "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})\n")
+            run_dataset(
+                Dataset(kind, n, zdim, args.dtype, args.seed),
+                args,
+                segment_s,
+                workdir,
+                rows,
+                hnsw_rate,
+            )
+    print(
+        f"\n## Summary (load average at the end: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})\n"
+    )
     print_row(HEADER)
     print_row(["---"] * len(HEADER))
     for r in rows:

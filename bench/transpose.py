@@ -28,13 +28,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import helpers
 from refrain.index.search import key_shifts
 from refrain.model import load_model
 from refrain.model.embedder import transposed
 from refrain.model.evaluate import read_manifest
 from refrain.model.metrics import average_precision
 from refrain.model.reduce import nsqeuc
+
+import helpers
 
 
 def pitch_shift(x: np.ndarray, semitones: int, sr: int) -> np.ndarray:
@@ -74,9 +75,12 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     t0 = time.monotonic()
     waves = [model.waveform(it.path) for it in items]
-    refs = [torch.from_numpy(z) for z in model.embed_many([w for w in waves], hop=5.0)]
-    print(f"{len(items)} tracks of {len(set(cliques))} works embedded in "
-          f"{time.monotonic() - t0:.0f} s", flush=True)
+    refs = [torch.from_numpy(z) for z in model.embed_many(list(waves), hop=5.0)]
+    print(
+        f"{len(items)} tracks of {len(set(cliques))} works embedded in "
+        f"{time.monotonic() - t0:.0f} s",
+        flush=True,
+    )
 
     semitones = [-4, -3, -2, -1, 1, 2, 3, 4]
     conditions = {
@@ -86,12 +90,14 @@ def main() -> None:
     }
     n_clip = int(args.clip * sr)
     starts = [int(rng.integers(0, max(1, len(w) - n_clip))) for w in waves]
-    settings = {"as is": (0,), f"keys -{args.transpositions}..+{args.transpositions}":
-                key_shifts(args.transpositions)}
+    settings = {
+        "as is": (0,),
+        f"keys -{args.transpositions}..+{args.transpositions}": key_shifts(args.transpositions),
+    }
     print(f"\n{args.clip:g} s clips, min reduction | versions MAP | source top-1")
     print("--- | --- | ---")
     for cname, transform in conditions.items():
-        clips = [transform(w[s : s + n_clip].numpy()) for w, s in zip(waves, starts)]
+        clips = [transform(w[s : s + n_clip].numpy()) for w, s in zip(waves, starts, strict=False)]
         for sname, shifts in settings.items():
             aps, top1 = [], []
             for i, clip in enumerate(clips):

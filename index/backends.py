@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -75,7 +76,7 @@ def make_factory_index(zdim: int, factory: str) -> faiss.Index:
         ) from e
     # Polysemous training (on by default for PQ) only serves Hamming-filtered search, which
     # is never used here, and costs seconds to minutes: 27 s for PQ8 on 2000 vectors.
-    layer = index
+    layer: Any = index
     while layer is not None:
         layer = faiss.downcast_index(layer)
         if hasattr(layer, "do_polysemous_training"):
@@ -110,7 +111,7 @@ class AnnIndex:
         self.search_params = search_params
         self.use_gpu = use_gpu
         self.on_gpu = False
-        self._gpu_resources = None
+        self._gpu_resources: Any = None
         self.tombstones: set[int] = set()
         self._tomb_array = np.empty(0, dtype=np.int64)
         self.index = self._wrap(probe) if self.trained else self._staging()
@@ -129,7 +130,8 @@ class AnnIndex:
     def _finish(self) -> None:
         """Apply search parameters and move to GPU when asked and possible."""
         if self.trained and self.search_params:
-            faiss.ParameterSpace().set_index_parameters(self.index, self.search_params)
+            # (faiss's stubs say int; the SWIG binding takes the 'nprobe=16,...' string)
+            faiss.ParameterSpace().set_index_parameters(self.index, self.search_params)  # type: ignore[arg-type]
         if self.use_gpu is False or not hasattr(faiss, "StandardGpuResources"):
             return
         if faiss.get_num_gpus() <= 0:

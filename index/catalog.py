@@ -38,6 +38,7 @@ def is_damage(error: sqlite3.Error) -> bool:
         return type(error) is sqlite3.DatabaseError
     return code & 0xFF in _DAMAGE_CODES
 
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tracks (
     track_id TEXT PRIMARY KEY,

@@ -48,7 +48,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> int:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> int:
     """Write `path` through a temporary file, fsync, rename, fsync the directory.
 
     Returns the size in bytes. A crash leaves either the old file or the new one.
@@ -175,6 +175,26 @@ def check_identity(directory: Path, stored: dict[str, Any], given: dict[str, Any
             + "; ".join(diff)
             + f"): {REBUILD_HINT}"
         )
+
+
+def check_new_index_dir(path: Path, create: bool) -> None:
+    """Refuse to create an index at `path` (IndexNotFoundError) unless `create` is set and
+    `path` is absent, or a folder holding nothing but leftovers of an interrupted creation."""
+    if not create:
+        raise IndexNotFoundError(f"no index at {path} (and create=False)")
+    if path.exists() and not path.is_dir():
+        raise IndexNotFoundError(f"{path} is a file, not an index directory")
+    if path.is_dir() and not is_fresh_directory(path):
+        raise IndexNotFoundError(
+            f"{path} is not empty and holds no {INDEX_FILE}: refusing to create an index inside it"
+        )
+
+
+def make_index_dir(path: Path) -> None:
+    """Create the folder of a new index, durably."""
+    if not path.is_dir():
+        path.mkdir(parents=True)
+        fsync_dir(path.parent)
 
 
 def is_fresh_directory(directory: Path) -> bool:

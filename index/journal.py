@@ -43,7 +43,7 @@ RECORD_MAGIC = b"RREC"
 _REC_HEADER = struct.Struct("<4sII")
 _PAYLOAD_HEAD = struct.Struct("<QBBHIQI")
 
-DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
+DTYPES: dict[int, np.dtype] = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 _fsync = getattr(os, "fdatasync", os.fsync)
@@ -72,8 +72,7 @@ class Record:
 
 def record_size(n_segments: int, zdim: int, itemsize: int, meta_bytes: int) -> int:
     """Bytes that one record of `n_segments` vectors takes in the journal (see `encode`)."""
-    return (_REC_HEADER.size + _PAYLOAD_HEAD.size + meta_bytes
-            + n_segments * (8 + itemsize * zdim))
+    return _REC_HEADER.size + _PAYLOAD_HEAD.size + meta_bytes + n_segments * (8 + itemsize * zdim)
 
 
 def encode(record: Record) -> bytes:
@@ -242,8 +241,10 @@ class Journal:
         try:
             written = os.pwrite(self._fd, blob, self.end)
             if written != len(blob):  # what a filling disk does before it says ENOSPC
-                raise OSError(errno.ENOSPC, f"short write to {self.path}: {written} of "
-                              f"{len(blob)} bytes (disk full?)")
+                raise OSError(
+                    errno.ENOSPC,
+                    f"short write to {self.path}: {written} of {len(blob)} bytes (disk full?)",
+                )
             _fsync(self._fd)
         except BaseException:
             self._roll_back()

@@ -44,9 +44,10 @@ from .files import (
     LOCK_FILE,
     WriterLock,
     check_identity,
+    check_new_index_dir,
     dir_size,
-    fsync_dir,
     identity_diff,
+    make_index_dir,
     validate_identity,
     write_json_atomic,
 )
@@ -61,10 +62,9 @@ from .types import (
     IndexOptions,
     IndexStats,
     SegmentIndexError,
-    TrackNotFoundError,
     TrackRecord,
 )
-from .validate import check_k, check_queries, check_segments, check_track
+from .validate import check_segments, check_track
 
 log = logging.getLogger(__name__)
 
@@ -114,35 +114,35 @@ def open_milvus_index(
     milvus = milvus or MilvusOptions()
     options = options or IndexOptions()
     if (options.vector_dtype or "float32") != "float32":
-        raise ValueError(f"the Milvus backend stores float32 vectors, got vector_dtype="
-                         f"{options.vector_dtype!r}")
+        raise ValueError(
+            f"the Milvus backend stores float32 vectors, got vector_dtype={options.vector_dtype!r}"
+        )
     identity = validate_identity(identity)
     path = Path(path)
     if not (path / INDEX_FILE).exists():
-        if not create:
-            raise IndexNotFoundError(f"no index at {path} (and create=False)")
-        if path.exists() and not path.is_dir():
-            raise IndexNotFoundError(f"{path} is a file, not an index directory")
-        if path.is_dir() and any(p.name not in (LOCK_FILE, INDEX_FILE + ".tmp")
-                                 for p in path.iterdir()):
-            raise IndexNotFoundError(f"{path} is not empty and holds no {INDEX_FILE}: "
-                                     "refusing to create an index inside it")
-        if not path.is_dir():
-            path.mkdir(parents=True)
-            fsync_dir(path.parent)
+        check_new_index_dir(path, create)
+        make_index_dir(path)
     lock = WriterLock(path)
     try:
         if (path / INDEX_FILE).exists():
             info = _read_info(path)
             check_identity(path, info["identity"], identity)
             if info["collection"] != milvus.collection:
-                raise ValueError(f"index at {path} uses collection {info['collection']!r}, "
-                                 f"got {milvus.collection!r}")
+                raise ValueError(
+                    f"index at {path} uses collection {info['collection']!r}, "
+                    f"got {milvus.collection!r}"
+                )
             return MilvusSegmentIndex(path, info, milvus, options, lock)
-        info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "identity": identity,
-                "zdim": identity["zdim"], "collection": milvus.collection,
-                "index_type": milvus.index_type, "vector_dtype": "float32",
-                "created_at": time.time()}
+        info = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "identity": identity,
+            "zdim": identity["zdim"],
+            "collection": milvus.collection,
+            "index_type": milvus.index_type,
+            "vector_dtype": "float32",
+            "created_at": time.time(),
+        }
         try:
             index = MilvusSegmentIndex(path, info, milvus, options, lock)
         except BaseException:  # leave the directory as fresh as it was
@@ -163,8 +163,10 @@ def _read_info(path: Path) -> dict[str, Any]:
     except ValueError as e:
         raise IndexNotFoundError(f"{path / INDEX_FILE} is not valid JSON: {e}") from e
     if info.get("format") != FORMAT_NAME or info.get("version") != FORMAT_VERSION:
-        raise IndexNotFoundError(f"{path} is not a Refrain Milvus index (format "
-                                 f"{info.get('format')!r} version {info.get('version')!r})")
+        raise IndexNotFoundError(
+            f"{path} is not a Refrain Milvus index (format "
+            f"{info.get('format')!r} version {info.get('version')!r})"
+        )
     return info
 
 
@@ -187,8 +189,14 @@ def _client(path: Path, opts: MilvusOptions):
 class MilvusSegmentIndex(StoreBase):
     """Reference segments in Milvus with their tracks in SQLite. Use `open_milvus_index`."""
 
-    def __init__(self, path: Path, info: dict[str, Any], milvus: MilvusOptions,
-                 options: IndexOptions, lock: WriterLock) -> None:
+    def __init__(
+        self,
+        path: Path,
+        info: dict[str, Any],
+        milvus: MilvusOptions,
+        options: IndexOptions,
+        lock: WriterLock,
+    ) -> None:
         self.path = path
         self.identity: dict[str, Any] = info["identity"]
         self.zdim: int = info["zdim"]
@@ -232,25 +240,30 @@ class MilvusSegmentIndex(StoreBase):
             except (KeyError, ValueError):
                 raise IdentityMismatchError(
                     f"Milvus collection {name!r} holds no Refrain model identity: it was not "
-                    "made by Refrain; pick another collection name") from None
+                    "made by Refrain; pick another collection name"
+                ) from None
             diff = identity_diff(stored, self.identity)
             if diff:
                 raise IdentityMismatchError(
                     f"Milvus collection {name!r} was built by a different embedding model ("
-                    + "; ".join(diff) + ")")
+                    + "; ".join(diff)
+                    + ")"
+                )
             c.load_collection(name)
             fresh = self._catalog.state("next_segment_id") == 0
             if fresh and self._count() > 0:
                 raise CorruptIndexError(
                     f"Milvus collection {name!r} already holds {self._count()} segments that "
                     f"the catalog at {self.path} does not know: restore that catalog from a "
-                    "backup, or use another collection name")
+                    "backup, or use another collection name"
+                )
             return
         if self._catalog.count():
             raise CorruptIndexError(
                 f"the catalog at {self.path} lists {self._catalog.count()} tracks but Milvus "
                 f"has no collection {name!r}: restore the collection from a backup, or move "
-                f"{self.path} away and rebuild the index")
+                f"{self.path} away and rebuild the index"
+            )
         from pymilvus import DataType
 
         schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -259,60 +272,81 @@ class MilvusSegmentIndex(StoreBase):
         schema.add_field("start_s", DataType.DOUBLE)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.zdim)
         params = c.prepare_index_params()
-        params.add_index(field_name="vector", index_type=self.factory, metric_type="L2",
-                         params=self.milvus.index_params or _default_build(self.factory))
-        c.create_collection(name, schema=schema, index_params=params,
-                            consistency_level="Strong")
+        params.add_index(
+            field_name="vector",
+            index_type=self.factory,
+            metric_type="L2",
+            params=self.milvus.index_params or _default_build(self.factory),
+        )
+        c.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
         c.alter_collection_properties(
-            name, properties={IDENTITY_PROPERTY: json.dumps(self.identity, sort_keys=True)})
+            name, properties={IDENTITY_PROPERTY: json.dumps(self.identity, sort_keys=True)}
+        )
         c.load_collection(name)
 
     def _count(self) -> int:
-        rows = self._call("count", self._client.query, self.collection, filter="",
-                          output_fields=["count(*)"])
+        rows = self._call(
+            "count", self._client.query, self.collection, filter="", output_fields=["count(*)"]
+        )
         return int(rows[0]["count(*)"])
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            raise BackendUnavailableError(f"Milvus {what} on {self.collection!r} failed: "
-                                          f"{e}") from e
+            raise BackendUnavailableError(
+                f"Milvus {what} on {self.collection!r} failed: {e}"
+            ) from e
 
     def _insert(self, track_id: str, first: int, starts: np.ndarray, vectors: np.ndarray) -> None:
         for a in range(0, len(vectors), INSERT_BATCH):
-            rows = [{"segment_id": first + i, "track_id": track_id, "start_s": float(starts[i]),
-                     "vector": vectors[i]} for i in range(a, min(a + INSERT_BATCH, len(vectors)))]
+            rows = [
+                {
+                    "segment_id": first + i,
+                    "track_id": track_id,
+                    "start_s": float(starts[i]),
+                    "vector": vectors[i],
+                }
+                for i in range(a, min(a + INSERT_BATCH, len(vectors)))
+            ]
             self._call("insert", self._client.insert, self.collection, rows)
 
     def _collect(self, table: str, span: Range) -> None:
         """Delete a pending or garbage id range from Milvus, then forget it (best effort)."""
         first, n = span
         try:
-            self._call("delete", self._client.delete, self.collection,
-                       filter=f"segment_id >= {first} and segment_id < {first + n}")
+            self._call(
+                "delete",
+                self._client.delete,
+                self.collection,
+                filter=f"segment_id >= {first} and segment_id < {first + n}",
+            )
             self._catalog.forget(table, first)
             self._hidden -= n
         except SegmentIndexError as e:  # retried at the next open; searches skip it meanwhile
-            log.warning("%s: could not delete segments %d..%d: %s", self.path, first,
-                        first + n - 1, e)
+            log.warning(
+                "%s: could not delete segments %d..%d: %s", self.path, first, first + n - 1, e
+            )
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _write_tracks(self, items: list[Item], replace: bool,
-                      must_exist: bool) -> list[AddResult]:
+    def _write_tracks(self, items: list[Item], replace: bool, must_exist: bool) -> list[AddResult]:
         """Each of `items` in turn (Milvus has its own durability)."""
         return [self._write_track(*item, replace, must_exist) for item in items]
 
-    def _write_track(self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray,
-                     replace: bool, must_exist: bool) -> AddResult:
+    def _write_track(
+        self,
+        track: TrackRecord,
+        vectors: np.ndarray,
+        starts_s: np.ndarray,
+        replace: bool,
+        must_exist: bool,
+    ) -> AddResult:
         check_track(track)
         stored, starts = check_segments(vectors, starts_s, self.zdim, np.dtype(np.float32))
         with self._writer:
             self._check_open()
-            decision = write_decision(
-                track, self._catalog.get(track.track_id), replace, must_exist
-            )
+            decision = write_decision(track, self._catalog.get(track.track_id), replace, must_exist)
             if decision is AddResult.UNCHANGED:
                 return decision
             first = self._catalog.reserve(len(starts))
@@ -369,56 +403,63 @@ class MilvusSegmentIndex(StoreBase):
     def n_segments(self) -> int:
         return self._spans.n_segments
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `k` nearest stored segments of each query: (nsqeuc distances, segment ids),
-        both (q, k), ascending; missing neighbours have id -1 and distance inf."""
-        q = check_queries(queries, self.zdim)
-        k = check_k(k)
+    def _knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         distances = np.full((len(q), k), np.inf, dtype=np.float32)
         ids = np.full((len(q), k), -1, dtype=np.int64)
         if k == 0 or len(q) == 0:
             return distances, ids
-        with self._rw.read():
-            self._check_open()
+        with self._reading():
             if self._spans.n_segments == 0:
                 return distances, ids
             limit = min(k + max(self._hidden, 0), 16384)
-            params = {"metric_type": "L2",
-                      "params": self.milvus.search_params or _default_search(self.factory, limit)}
+            params = {
+                "metric_type": "L2",
+                "params": self.milvus.search_params or _default_search(self.factory, limit),
+            }
             for a in range(0, len(q), SEARCH_BATCH):
                 batch = q[a : a + SEARCH_BATCH]
-                result = self._call("search", self._client.search, self.collection,
-                                    data=list(batch), limit=limit, anns_field="vector",
-                                    search_params=params, output_fields=["segment_id"])
+                result = self._call(
+                    "search",
+                    self._client.search,
+                    self.collection,
+                    data=list(batch),
+                    limit=limit,
+                    anns_field="vector",
+                    search_params=params,
+                    output_fields=["segment_id"],
+                )
                 for row, hits in enumerate(result, start=a):
                     col = 0
                     for hit in hits:
                         sid = _hit_id(hit)
-                        if col < k and self._spans.is_live(sid):  # skip uncommitted or removed writes
+                        # skip uncommitted or removed writes
+                        if col < k and self._spans.is_live(sid):
                             ids[row, col], distances[row, col] = sid, hit["distance"]
                             col += 1
-        return distances / np.float32(self.zdim), ids
+        return distances, ids
 
-    def segment_info(self, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Track id (object array) and start second of each segment id; (None, NaN) if dead."""
-        with self._rw.read():
-            self._check_open()
-            return self._spans.lookup(segment_ids)
+    def _lookup(self, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._spans.lookup(segment_ids)
+
+    def _locate(self, track_id: str) -> tuple[int, np.ndarray] | None:
+        return self._spans.get(track_id)
 
     def get_vectors(self, track_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The stored vectors (n, zdim) float32 and start seconds (n,) of a track."""
-        with self._rw.read():
-            self._check_open()
-            span = self._spans.get(track_id)
-            if span is None:
-                raise TrackNotFoundError(f"no track {track_id!r}")
+        with self._reading():
+            span = self._located(track_id)
             first, starts = span
-            rows = self._call("get", self._client.get, self.collection,
-                              ids=list(range(first, first + len(starts))),
-                              output_fields=["segment_id", "vector"])
+            rows = self._call(
+                "get",
+                self._client.get,
+                self.collection,
+                ids=list(range(first, first + len(starts))),
+                output_fields=["segment_id", "vector"],
+            )
         if len(rows) != len(starts):
-            raise CorruptIndexError(f"Milvus holds {len(rows)} of the {len(starts)} segments of "
-                                    f"track {track_id!r}")
+            raise CorruptIndexError(
+                f"Milvus holds {len(rows)} of the {len(starts)} segments of track {track_id!r}"
+            )
         rows = sorted(rows, key=lambda r: r["segment_id"])
         vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32)
         return vectors.reshape(len(starts), self.zdim), np.array(starts)
@@ -427,30 +468,42 @@ class MilvusSegmentIndex(StoreBase):
         self, track_ids: list[str]
     ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """Several tracks' stored segments in one round trip; see `SegmentIndex.gather_vectors`."""
-        with self._rw.read():
-            self._check_open()
-            spans = [(t, span) for t in track_ids if (span := self._spans.get(t)) is not None
-                     and len(span[1])]
+        with self._reading():
+            spans = [
+                (t, span)
+                for t in track_ids
+                if (span := self._spans.get(t)) is not None and len(span[1])
+            ]
             ids = [i for _, (first, starts) in spans for i in range(first, first + len(starts))]
-            rows = self._call("get", self._client.get, self.collection, ids=ids,
-                              output_fields=["segment_id", "vector"]) if ids else []
+            rows = (
+                self._call(
+                    "get",
+                    self._client.get,
+                    self.collection,
+                    ids=ids,
+                    output_fields=["segment_id", "vector"],
+                )
+                if ids
+                else []
+            )
         by_id = {r["segment_id"]: r["vector"] for r in rows}
         if len(by_id) != len(ids):
-            raise CorruptIndexError(f"Milvus holds {len(by_id)} of the {len(ids)} segments of "
-                                    f"tracks {[t for t, _ in spans]}")
+            raise CorruptIndexError(
+                f"Milvus holds {len(by_id)} of the {len(ids)} segments of "
+                f"tracks {[t for t, _ in spans]}"
+            )
         offsets = np.zeros(len(spans) + 1, dtype=np.int64)
         np.cumsum([len(starts) for _, (_, starts) in spans], out=offsets[1:])
         vectors = np.asarray([by_id[i] for i in ids], dtype=np.float32).reshape(-1, self.zdim)
-        starts = np.concatenate([np.asarray(st, dtype=np.float64) for _, (_, st) in spans]
-                                or [np.zeros(0)])
+        starts = np.concatenate(
+            [np.asarray(st, dtype=np.float64) for _, (_, st) in spans] or [np.zeros(0)]
+        )
         return [t for t, _ in spans], vectors, starts, offsets
 
     def segment_ids(self, track_id: str) -> np.ndarray:
         """The ids of a track's segments, in the order of `get_vectors` rows."""
         with self._rw.read():
-            span = self._spans.get(track_id)
-        if span is None:
-            raise TrackNotFoundError(f"no track {track_id!r}")
+            span = self._located(track_id)
         return np.arange(span[0], span[0] + len(span[1]), dtype=np.int64)
 
     def get_track(self, track_id: str) -> TrackRecord | None:
@@ -465,11 +518,18 @@ class MilvusSegmentIndex(StoreBase):
         self._check_open()
         snapshot_seq = self._catalog.state("snapshot_seq")
         return IndexStats(
-            tracks=len(self._spans), segments=self._spans.n_segments,
-            bytes_on_disk=dir_size(self.path), factory=self.factory, vector_dtype="float32",
-            ann_trained=True, ann_trained_on=self._spans.n_segments, ann_on_gpu=False,
-            tombstones=max(self._hidden, 0), seq=self._seq,
-            snapshot_seq=snapshot_seq, journal_records=self._seq - snapshot_seq,
+            tracks=len(self._spans),
+            segments=self._spans.n_segments,
+            bytes_on_disk=dir_size(self.path),
+            factory=self.factory,
+            vector_dtype="float32",
+            ann_trained=True,
+            ann_trained_on=self._spans.n_segments,
+            ann_on_gpu=False,
+            tombstones=max(self._hidden, 0),
+            seq=self._seq,
+            snapshot_seq=snapshot_seq,
+            journal_records=self._seq - snapshot_seq,
             journal_bytes=0,
         )
 
@@ -487,9 +547,11 @@ class MilvusSegmentIndex(StoreBase):
                 self._lock.release()
 
     def __repr__(self) -> str:
-        return (f"MilvusSegmentIndex({str(self.path)!r}, collection={self.collection!r}, "
-                f"index_type={self.factory!r}, tracks={len(self._spans)}, "
-                f"segments={self._spans.n_segments})")
+        return (
+            f"MilvusSegmentIndex({str(self.path)!r}, collection={self.collection!r}, "
+            f"index_type={self.factory!r}, tracks={len(self._spans)}, "
+            f"segments={self._spans.n_segments})"
+        )
 
 
 def _default_build(index_type: str) -> dict[str, Any]:

@@ -81,8 +81,10 @@ class MilvusCatalog(Catalog):
 
         def work(db: sqlite3.Connection) -> None:
             db.execute(_INSERT, _row(meta, first))
-            db.execute("INSERT OR REPLACE INTO starts (track_id, starts) VALUES (?, ?)",
-                       (meta["track_id"], np.asarray(starts, "<f8").tobytes()))
+            db.execute(
+                "INSERT OR REPLACE INTO starts (track_id, starts) VALUES (?, ?)",
+                (meta["track_id"], np.asarray(starts, "<f8").tobytes()),
+            )
             if old is not None:
                 db.execute("INSERT OR REPLACE INTO garbage (first_id, n) VALUES (?, ?)", old)
             db.execute("DELETE FROM pending WHERE first_id = ?", (first,))
@@ -112,8 +114,9 @@ class MilvusCatalog(Catalog):
     def forget(self, table: str, first: int) -> None:
         if table not in ("pending", "garbage"):
             raise ValueError(f"table must be pending or garbage, got {table!r}")
-        self._transaction(lambda db: db.execute(f"DELETE FROM {table} WHERE first_id = ?",
-                                                (first,)))
+        self._transaction(
+            lambda db: db.execute(f"DELETE FROM {table} WHERE first_id = ?", (first,))
+        )
 
     def spans(self) -> Iterator[tuple[str, int, np.ndarray]]:
         """(track id, first segment id, starts) of every track, by first segment id."""
@@ -151,7 +154,9 @@ class Spans:
         pos = self._where.get(track_id)
         if pos is None:
             return None
-        return self._firsts[pos], self._starts[pos]
+        starts = self._starts[pos]
+        assert starts is not None  # a live position
+        return self._firsts[pos], starts
 
     def put(self, track_id: str, first: int, starts: np.ndarray) -> None:
         if self._firsts and first <= self._firsts[-1]:
@@ -196,4 +201,5 @@ class Spans:
         p = bisect.bisect_right(self._firsts, segment_id) - 1
         if p < 0 or self._owners[p] is None:
             return False
-        return segment_id - self._firsts[p] < len(self._starts[p])
+        starts = self._starts[p]
+        return starts is not None and segment_id - self._firsts[p] < len(starts)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from refrain.model.calibrate import uncalibrated_score
 from refrain.model.reduce import Reduction, best_pairs_batch, nsqeuc, reduce
 
@@ -84,8 +85,10 @@ class QuerySegments:
 
     def __post_init__(self) -> None:
         if len(self.vectors) != len(self.shifts) * len(self.starts_s):
-            raise ValueError(f"{len(self.vectors)} vectors for {len(self.shifts)} shifts x "
-                             f"{len(self.starts_s)} segments")
+            raise ValueError(
+                f"{len(self.vectors)} vectors for {len(self.shifts)} shifts x "
+                f"{len(self.starts_s)} segments"
+            )
 
     def best_shift(self, dist: torch.Tensor, reduction: Reduction) -> tuple[int, float]:
         """(index into `shifts`, reduced distance) of the transposition closest to a reference,
@@ -99,8 +102,9 @@ class QuerySegments:
     def pick_shift(self, distances) -> tuple[int, float]:
         """(index, distance) of the smallest of one reduced distance per shift; ties go to the
         smaller shift."""
-        best = min(range(len(distances)),
-                   key=lambda i: (distances[i], abs(self.shifts[i]), self.shifts[i]))
+        best = min(
+            range(len(distances)), key=lambda i: (distances[i], abs(self.shifts[i]), self.shifts[i])
+        )
         return best, float(distances[best])
 
 
@@ -183,15 +187,17 @@ def rank_tracks(
     # One distance matrix for every candidate's stored segments (tracks deleted since the
     # kNN are skipped), split by track for the reduction.
     found, ref_all, starts_all, offsets = index.gather_vectors(candidates)
-    dist_all = nsqeuc(q, torch.from_numpy(ref_all)) if found else None
+    dist_all = nsqeuc(q, torch.from_numpy(ref_all))
     reduced = _reduce_by_track(dist_all, offsets, query, reduction) if found else []
-    scored = []  # (distance, track id, best shift, its rows of the distance matrix, ref starts)
+    scored: list[
+        tuple[float, str, int, torch.Tensor, np.ndarray]
+    ] = []  # (distance, track id, best shift, its rows of the distance matrix, ref starts)
     for j, (tid, (b, d)) in enumerate(zip(found, reduced, strict=True)):
         lo, hi = offsets[j], offsets[j + 1]
         scored.append((d, tid, b, dist_all[b * n : (b + 1) * n, lo:hi], starts_all[lo:hi]))
     scored.sort(key=lambda s: (s[0], s[1]))
     # Catalog records and time ranges only for the tracks returned.
-    returned = []
+    returned: list[tuple[float, TrackRecord, int, torch.Tensor, np.ndarray]] = []
     for d, tid, b, dist, ref_starts in scored:
         if len(returned) == options.top_k:
             break
@@ -215,8 +221,15 @@ def rank_tracks(
                     distance=float(dist[i, j]),
                 )
             )
-        hits.append(TrackHit(track=track, distance=d, score=score(d), matches=matches,
-                             transposition=query.shifts[b]))
+        hits.append(
+            TrackHit(
+                track=track,
+                distance=d,
+                score=score(d),
+                matches=matches,
+                transposition=query.shifts[b],
+            )
+        )
     timings["reduce"] = time.perf_counter() - t1
     return hits
 

@@ -9,11 +9,14 @@ added, unchanged, replaced and refused, paging, and the context manager.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
+from .rwlock import RWLock
 from .types import (
     AddResult,
     IndexClosedError,
@@ -22,6 +25,7 @@ from .types import (
     TrackNotFoundError,
     TrackRecord,
 )
+from .validate import check_k, check_queries
 
 Item = tuple[TrackRecord, np.ndarray, np.ndarray]  # (track, vectors (n, zdim), starts_s (n,))
 
@@ -37,11 +41,18 @@ class SegmentStore(Protocol):
     zdim: int
     factory: str  # the ANN structure: a FAISS factory string or a Milvus index type
 
-    def add_track(self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray, *,
-                  replace: bool = False) -> AddResult: ...
+    def add_track(
+        self,
+        track: TrackRecord,
+        vectors: np.ndarray,
+        starts_s: np.ndarray,
+        *,
+        replace: bool = False,
+    ) -> AddResult: ...
     def add_tracks(self, items: list[Item], *, replace: bool = False) -> list[AddResult]: ...
-    def replace_track(self, track: TrackRecord, vectors: np.ndarray,
-                      starts_s: np.ndarray) -> AddResult: ...
+    def replace_track(
+        self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray
+    ) -> AddResult: ...
     def delete_track(self, track_id: str) -> bool: ...
     def snapshot(self) -> None: ...
 
@@ -53,8 +64,9 @@ class SegmentStore(Protocol):
     ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]: ...
     def segment_ids(self, track_id: str) -> np.ndarray: ...
     def get_track(self, track_id: str) -> TrackRecord | None: ...
-    def list_tracks(self, limit: int = 100,
-                    cursor: str | None = None) -> tuple[list[TrackRecord], str | None]: ...
+    def list_tracks(
+        self, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[TrackRecord], str | None]: ...
     def stats(self) -> IndexStats: ...
     @property
     def failure(self) -> str | None: ...  # why the store cannot serve everything; None: it can
@@ -68,8 +80,13 @@ class SegmentStore(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class _Stored(Protocol):
+    @property
+    def content_sha256(self) -> str | None: ...
+
+
 def write_decision(
-    track: TrackRecord, existing: TrackRecord | None, replace: bool, must_exist: bool
+    track: TrackRecord, existing: _Stored | None, replace: bool, must_exist: bool
 ) -> AddResult:
     """What writing `track` over `existing` (None: not stored) does: ADDED, UNCHANGED (same
     content hash, nothing is written), REPLACED; or TrackNotFoundError / TrackExistsError."""
@@ -100,11 +117,11 @@ class StoreBase:
     by id after `cursor`), and sets `path` and `_closed`."""
 
     path: Path
+    zdim: int
     _closed: bool
+    _rw: RWLock
 
-    def _write_tracks(
-        self, items: list[Item], replace: bool, must_exist: bool
-    ) -> list[AddResult]:
+    def _write_tracks(self, items: list[Item], replace: bool, must_exist: bool) -> list[AddResult]:
         raise NotImplementedError
 
     def _page(self, n: int, cursor: str | None) -> list[TrackRecord]:
@@ -116,7 +133,11 @@ class StoreBase:
     # -- writes ---------------------------------------------------------------------------
 
     def add_track(
-        self, track: TrackRecord, vectors: np.ndarray, starts_s: np.ndarray, *,
+        self,
+        track: TrackRecord,
+        vectors: np.ndarray,
+        starts_s: np.ndarray,
+        *,
         replace: bool = False,
     ) -> AddResult:
         """Store `track` with its segment `vectors` (n, zdim) starting at `starts_s` (n,).
@@ -131,8 +152,10 @@ class StoreBase:
         `items` raises `ValueError` before anything is written."""
         ids = [track.track_id for track, _, _ in items]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"track ids repeated in one batch: "
-                             f"{sorted({t for t in ids if ids.count(t) > 1})[:5]}")
+            raise ValueError(
+                f"track ids repeated in one batch: "
+                f"{sorted({t for t in ids if ids.count(t) > 1})[:5]}"
+            )
         return self._write_tracks(items, replace, must_exist=False)
 
     def replace_track(
@@ -147,6 +170,13 @@ class StoreBase:
         if self._closed:
             raise IndexClosedError(f"index at {self.path} is closed")
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Hold the read lock of an open store."""
+        with self._rw.read():
+            self._check_open()
+            yield
+
     def list_tracks(
         self, limit: int = 100, cursor: str | None = None
     ) -> tuple[list[TrackRecord], str | None]:
@@ -157,6 +187,40 @@ class StoreBase:
         if len(rows) > limit:
             return rows[:limit], rows[limit - 1].track_id
         return rows, None
+
+    def _knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared L2 distances and ids of the `k` nearest (checked) queries, under the lock."""
+        raise NotImplementedError
+
+    def _lookup(self, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _locate(self, track_id: str) -> Any:
+        """Where a track's segments are (backend-specific); None: no such track."""
+        raise NotImplementedError
+
+    def _located(self, track_id: str) -> Any:
+        found = self._locate(track_id)
+        if found is None:
+            raise TrackNotFoundError(f"no track {track_id!r}")
+        return found
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` nearest stored segments of each query: (nsqeuc distances, segment ids).
+
+        Both are (q, k), ascending by distance; missing neighbours have id -1 and distance inf.
+        """
+        q = check_queries(queries, self.zdim)
+        distances, ids = self._knn(q, check_k(k))
+        return distances / np.float32(self.zdim), ids
+
+    def segment_info(self, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Track id (object array) and start second of each segment id, same shape.
+
+        Unknown ids, -1 and segments of tracks deleted since the search give (None, NaN).
+        """
+        with self._reading():
+            return self._lookup(segment_ids)
 
     @property
     def failure(self) -> str | None:

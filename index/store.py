@@ -47,10 +47,10 @@ from .files import (
     SNAPSHOT_DIR,
     WriterLock,
     check_identity,
+    check_new_index_dir,
     create_index_file,
     dir_size,
-    fsync_dir,
-    is_fresh_directory,
+    make_index_dir,
     read_index_file,
     validate_identity,
 )
@@ -63,15 +63,14 @@ from .types import (
     AddResult,
     CatalogUnavailableError,
     IndexClosedError,
-    IndexNotFoundError,
     IndexOptions,
     IndexStats,
     InsufficientStorageError,
     SegmentIndexError,
-    TrackNotFoundError,
     TrackRecord,
 )
-from .validate import check_k, check_queries, check_segments, check_track
+from .validate import check_segments, check_track
+from .vectors import Slot
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +97,13 @@ def open_index(
     identity = validate_identity(identity)
     path = Path(path)
     if not (path / INDEX_FILE).exists():
-        if not create:
-            raise IndexNotFoundError(f"no index at {path} (and create=False)")
-        if path.exists() and not path.is_dir():
-            raise IndexNotFoundError(f"{path} is a file, not an index directory")
-        if path.is_dir() and not is_fresh_directory(path):
-            raise IndexNotFoundError(
-                f"{path} is not empty and holds no {INDEX_FILE}: "
-                "refusing to create an index inside it"
-            )
+        check_new_index_dir(path, create)
         if (options.vector_dtype or "float32") not in VECTOR_DTYPES:
             raise ValueError(
                 f"vector_dtype must be one of {VECTOR_DTYPES}, got {options.vector_dtype!r}"
             )
         make_factory_index(identity["zdim"], factory or "Flat")  # raises if invalid
-        if not path.is_dir():
-            path.mkdir(parents=True)
-            fsync_dir(path.parent)
+        make_index_dir(path)
     lock = WriterLock(path)
     try:
         if (path / INDEX_FILE).exists():
@@ -204,8 +193,7 @@ class SegmentIndex(StoreBase):
                 self._catalog.apply_many(records)
             except sqlite3.Error as e:  # derived data: caught up from the journal later
                 self._catalog_behind = f"{type(e).__name__}: {e}"
-                log.error("%s: catalog write failed, it is behind the journal: %s",
-                          self.path, e)
+                log.error("%s: catalog write failed, it is behind the journal: %s", self.path, e)
         # the write is durable and in memory: acknowledged even if the catalog lags
         with contextlib.suppress(CatalogUnavailableError):
             self._catch_up_catalog()
@@ -248,8 +236,7 @@ class SegmentIndex(StoreBase):
                 self._check_open()
                 self._catch_up_catalog()
         try:
-            with self._rw.read():
-                self._check_open()
+            with self._reading():
                 return read(self._catalog)
         except sqlite3.DatabaseError as e:
             if not is_damage(e):
@@ -258,8 +245,7 @@ class SegmentIndex(StoreBase):
             with self._writer:
                 self._check_open()
                 self._rebuild_catalog(f"a read met damage: {e}")
-        with self._rw.read():
-            self._check_open()
+        with self._reading():
             return read(self._catalog)
 
     @property
@@ -283,8 +269,9 @@ class SegmentIndex(StoreBase):
         checked = []
         for track, vectors, starts_s in items:
             check_track(track)
-            checked.append((track, *check_segments(vectors, starts_s, self.zdim,
-                                                   self._store.dtype)))
+            checked.append(
+                (track, *check_segments(vectors, starts_s, self.zdim, self._store.dtype))
+            )
         with self._writer:
             self._check_writable()
             results, records = [], []
@@ -300,8 +287,9 @@ class SegmentIndex(StoreBase):
                 op = Op.REPLACE if decision is AddResult.REPLACED else Op.ADD
                 meta = dataclasses.replace(track, n_segments=len(starts), added_at=now)
                 seq += 1
-                records.append(Record(seq, op, track.track_id, meta.to_json(), segment_id,
-                                      starts, stored))
+                records.append(
+                    Record(seq, op, track.track_id, meta.to_json(), segment_id, starts, stored)
+                )
                 segment_id += len(starts)
             if records:
                 self._commit(records)
@@ -392,34 +380,20 @@ class SegmentIndex(StoreBase):
     def n_segments(self) -> int:
         return self._store.n_segments
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `k` nearest stored segments of each query: (nsqeuc distances, segment ids).
+    def _knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._reading():
+            return self._ann.search(queries, k)
 
-        Both are (q, k), ascending by distance; missing neighbours have id -1 and distance inf.
-        """
-        q = check_queries(queries, self.zdim)
-        k = check_k(k)
-        with self._rw.read():
-            self._check_open()
-            distances, ids = self._ann.search(q, k)
-        return distances / np.float32(self.zdim), ids
+    def _lookup(self, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._store.segment_info(segment_ids)
 
-    def segment_info(self, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Track id (object array) and start second of each segment id, same shape.
-
-        Unknown ids, -1 and segments of tracks deleted since the search give (None, NaN).
-        """
-        with self._rw.read():
-            self._check_open()
-            return self._store.segment_info(segment_ids)
+    def _locate(self, track_id: str) -> Slot | None:
+        return self._store.get(track_id)
 
     def get_vectors(self, track_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The exact stored vectors (n, zdim) float32 and start seconds (n,) of a track."""
-        with self._rw.read():
-            self._check_open()
-            slot = self._store.get(track_id)
-            if slot is None:
-                raise TrackNotFoundError(f"no track {track_id!r}")
+        with self._reading():
+            slot = self._located(track_id)
             return np.array(slot.vectors, dtype=np.float32), np.array(slot.starts)
 
     def gather_vectors(
@@ -430,8 +404,7 @@ class SegmentIndex(StoreBase):
         Returns (the tracks found, in the given order; their vectors concatenated (n, zdim)
         float32; their start seconds (n,); row offsets (len + 1,)). Unknown ids are skipped.
         """
-        with self._rw.read():
-            self._check_open()
+        with self._reading():
             slots = [s for s in map(self._store.get, track_ids) if s is not None and s.n]
             offsets = np.zeros(len(slots) + 1, dtype=np.int64)
             np.cumsum([s.n for s in slots], out=offsets[1:])
@@ -444,11 +417,8 @@ class SegmentIndex(StoreBase):
 
     def segment_ids(self, track_id: str) -> np.ndarray:
         """The ids of a track's segments, in the order of `get_vectors` rows."""
-        with self._rw.read():
-            self._check_open()
-            slot = self._store.get(track_id)
-            if slot is None:
-                raise TrackNotFoundError(f"no track {track_id!r}")
+        with self._reading():
+            slot = self._located(track_id)
             return slot.ids
 
     def get_track(self, track_id: str) -> TrackRecord | None:
@@ -458,8 +428,7 @@ class SegmentIndex(StoreBase):
         return self._read_catalog(lambda catalog: catalog.page(n, cursor))
 
     def stats(self) -> IndexStats:
-        with self._rw.read():
-            self._check_open()
+        with self._reading():
             return IndexStats(
                 tracks=len(self._store),
                 segments=self._store.n_segments,

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+
 from refrain.model.checkpoint import ModelIdentity
 from refrain.model.config import ModelConfig
 from refrain.model.embedder import AudioInput
@@ -33,8 +34,9 @@ class ChromaBaseline:
         self.device = torch.device("cpu")
         self.zdim = 12 * TIME_BINS
         tag = hashlib.sha256(b"chroma-2dftm-v1").hexdigest()
-        self.identity = ModelIdentity(tag, self.zdim, self.config.shingling.len,
-                                      self.config.sample_rate)
+        self.identity = ModelIdentity(
+            tag, self.zdim, self.config.shingling.len, self.config.sample_rate
+        )
 
     @property
     def sample_rate(self) -> int:
@@ -68,6 +70,7 @@ class ChromaBaseline:
             cqt = self._cqt.per_shingle(cut_shingles(x, length, step, length))
         return self.vectors(cqt)
 
-    def embed_many(self, items: Iterable[AudioInput], hop: float = 5.0, batch_size: int = 32,
-                   **_: object) -> list[np.ndarray]:
+    def embed_many(
+        self, items: Iterable[AudioInput], hop: float = 5.0, batch_size: int = 32, **_: object
+    ) -> list[np.ndarray]:
         return [self.embed(item, hop) for item in items]

@@ -38,7 +38,9 @@ class Calibration:
         return cls(**d)
 
 
-def fit_logistic(distances: np.ndarray, labels: np.ndarray, iters: int = 100) -> tuple[float, float]:
+def fit_logistic(
+    distances: np.ndarray, labels: np.ndarray, iters: int = 100
+) -> tuple[float, float]:
     """Maximum-likelihood (a, b) of p = sigmoid(a + b d), by Newton's method, with classes
     weighted equally (negatives far outnumber positives in retrieval)."""
     d = np.asarray(distances, dtype=np.float64)
@@ -81,8 +83,13 @@ def calibrate(
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
         i = int(np.argmax(f1))
     return Calibration(
-        a=a, b=b, threshold=float(d[order][i]), precision=float(precision[i]),
-        recall=float(recall[i]), n_positive=int(y.sum()), n_negative=int((~y).sum()),
+        a=a,
+        b=b,
+        threshold=float(d[order][i]),
+        precision=float(precision[i]),
+        recall=float(recall[i]),
+        n_positive=int(y.sum()),
+        n_negative=int((~y).sum()),
     )
 
 
@@ -91,12 +98,14 @@ def uncalibrated_score(distance: float, gamma: float = 5.0) -> float:
     return math.exp(-gamma * max(distance, 0.0))
 
 
-def validation_pairs(model, items, query_seconds=(5.0, 10.0, 20.0, 30.0), seed: int = 0,
-                     hop: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+def validation_pairs(
+    model, items, query_seconds=(5.0, 10.0, 20.0, 30.0), seed: int = 0, hop: float = 5.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Distances and labels of clip-vs-track pairs, measured the way the service searches:
     a clip of tau seconds (seeded offset) against every other whole track, reduced with
     `min` (the reduction for clips under 40 s). Items are `model.evaluate.Item`s."""
     import torch
+
     from refrain.model.reduce import track_distance
 
     rng = np.random.default_rng(seed)
@@ -125,9 +134,9 @@ def validation_pairs(model, items, query_seconds=(5.0, 10.0, 20.0, 30.0), seed: 
     return np.concatenate(distances), np.concatenate(labels)
 
 
-def calibrate_model(model_dir, manifest, split: str = "valid",
-                    target_precision: float | None = None,
-                    seed: int = 0) -> Calibration:
+def calibrate_model(
+    model_dir, manifest, split: str = "valid", target_precision: float | None = None, seed: int = 0
+) -> Calibration:
     """Fit the calibration of a Refrain model folder on a manifest split; stored in place."""
     from pathlib import Path
 
@@ -140,8 +149,19 @@ def calibrate_model(model_dir, manifest, split: str = "valid",
         raise ValueError("calibration is stored in Refrain's format: convert the checkpoint first")
     d, y = validation_pairs(model, read_manifest(manifest, split=split), seed=seed)
     cal = calibrate(d, y, target_precision)
-    keep = {k: v for k, v in model.info.items()
-            if k not in ("format", "format_version", "weights_sha256", "zdim",
-                         "shingle_len_s", "sample_rate", "path")}
+    keep = {
+        k: v
+        for k, v in model.info.items()
+        if k
+        not in (
+            "format",
+            "format_version",
+            "weights_sha256",
+            "zdim",
+            "shingle_len_s",
+            "sample_rate",
+            "path",
+        )
+    }
     save_refrain(model.net, Path(model_dir), extra={**keep, "calibration": cal.to_dict()})
     return cal

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from refrain.model.config import ModelConfig
-from refrain.model.network import CLEWSNet, make_cqt
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from refrain.model.config import ModelConfig
+from refrain.model.network import CLEWSNet, make_cqt
 
 FORMAT_VERSION = 1
 CQT_PREFIX = "cqt."

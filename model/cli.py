@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from refrain.model.corpus import cli as corpus_cli
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed audio files into per-segment .npy arrays")
@@ -26,21 +28,38 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="CSV with columns clique,path")
     p.add_argument("--checkpoint", default=None, help="model (default: the shipped one)")
     p.add_argument("--reduction", default="bpwr-10", help="track-level reduction")
-    p.add_argument("--query-seconds", default="5,10,20,30", help="segment query lengths ('' for none)")
+    p.add_argument(
+        "--query-seconds", default="5,10,20,30", help="segment query lengths ('' for none)"
+    )
     p.add_argument("--hop", type=float, default=5.0, help="seconds between segments")
-    p.add_argument("--queries-per-track", type=int, default=1, help="random segment queries per track")
+    p.add_argument(
+        "--queries-per-track", type=int, default=1, help="random segment queries per track"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the segment query offsets")
     p.add_argument("--segment-reduction", default="min", help="segment-level reduction")
-    p.add_argument("--max-seconds", type=float, default=600.0,
-                   help="seconds of each track evaluated, from its start (0: all)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="seconds of each track evaluated, from its start (0: all)",
+    )
     p.add_argument("--max-tracks", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--split", default=None, help="only rows of this split (e.g. test)")
-    p.add_argument("--baseline", nargs="?", const="2dftm", default=None,
-                   choices=("2dftm", "qmax"),
-                   help="evaluate a training-free baseline instead of a model: chroma 2DFTM "
-                        "segments (the default) or Qmax chroma alignment (needs librosa)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="processes scoring Qmax pairs (default: the CPUs available)")
+    p.add_argument(
+        "--baseline",
+        nargs="?",
+        const="2dftm",
+        default=None,
+        choices=("2dftm", "qmax"),
+        help="evaluate a training-free baseline instead of a model: chroma 2DFTM "
+        "segments (the default) or Qmax chroma alignment (needs librosa)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes scoring Qmax pairs (default: the CPUs available)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--per-query", action="store_true", help="include per-query arrays in --json")
@@ -48,18 +67,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     add_train(sub)
 
-    p = sub.add_parser("corpus", help="render the synthetic version corpus (see: refrain corpus -h)",
-                       add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_corpus)
+    corpus_cli.add_commands(sub)
 
     p = sub.add_parser("calibrate", help="fit a model's score calibration on validation pairs")
     p.add_argument("model", help="Refrain model folder (its calibration is written into it)")
     p.add_argument("--manifest", required=True, help="CSV with clique,path,split")
     p.add_argument("--split", default="valid")
-    p.add_argument("--target-precision", type=float, default=None,
-                   help="operating point: the largest distance reaching this precision "
-                        "(default: the best F1)")
+    p.add_argument(
+        "--target-precision",
+        type=float,
+        default=None,
+        help="operating point: the largest distance reaching this precision (default: the best F1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_calibrate)
 
@@ -67,13 +86,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a CLEWS model from a clique,path manifest")
     p.add_argument("config", help="YAML run configuration (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a configuration value, e.g. training.epochs=2")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a configuration value, e.g. training.epochs=2",
+    )
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
+
     from refrain.model.train import RunConfig, train
 
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -88,12 +113,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_corpus(args: argparse.Namespace) -> int:
-    from refrain.model.corpus.cli import main
-
-    return main(args.args or ["--help"])
-
-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import json
 
@@ -106,6 +125,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
+
     from refrain.model import load_model
     from refrain.model.audio import AUDIO_EXTENSIONS, find_audio
 
@@ -115,11 +135,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, device=args.device)
     out = Path(args.out)
     zs = model.embed_many(
-        [f for f, _ in files], hop=args.hop, batch_size=args.batch_size, progress=True,
+        [f for f, _ in files],
+        hop=args.hop,
+        batch_size=args.batch_size,
+        progress=True,
         errors="skip",
     )
     failed = 0
-    for (src, rel), z in zip(files, zs):
+    for (src, rel), z in zip(files, zs, strict=False):
         if z is None:
             print(f"skipped (cannot decode): {src}", file=sys.stderr)
             failed += 1

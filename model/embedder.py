@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
 from refrain.model.audio import AudioDecodeError, AudioTooLongError, check_samples, load_audio
 from refrain.model.checkpoint import ModelIdentity, load_checkpoint, weights_sha256
 from refrain.model.config import ModelConfig
@@ -210,7 +211,9 @@ def transposed(cqt: torch.Tensor, shifts: Sequence[int]) -> torch.Tensor:
     return torch.cat([torch.roll(cqt, int(s), dims=1) if s else cqt for s in shifts])
 
 
-def load_model(path_or_name: str | os.PathLike | None = None, device: str | None = None) -> Embedder:
+def load_model(
+    path_or_name: str | os.PathLike | None = None, device: str | None = None
+) -> Embedder:
     """Load a model: an official CLEWS checkpoint, a Refrain model folder, or (None) the default."""
     if path_or_name is None or str(path_or_name) == "default":
         path_or_name = DEFAULT_MODEL
@@ -219,6 +222,7 @@ def load_model(path_or_name: str | os.PathLike | None = None, device: str | None
         logging.getLogger("refrain").warning(
             "model %s is an untrained placeholder (%s): its embeddings do not find versions; "
             "pass an official CLEWS checkpoint or a trained Refrain model",
-            info.get("name", path_or_name), info.get("note", "random weights"),
+            info.get("name", path_or_name),
+            info.get("note", "random weights"),
         )
     return Embedder(net, info, device=device)

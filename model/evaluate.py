@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
 from refrain.model.audio import AudioDecodeError
 from refrain.model.metrics import EvalResult, format_table, retrieval_metrics
 from refrain.model.reduce import Reduction, track_distance
@@ -69,7 +70,8 @@ class Item:
 def read_manifest(path: str | Path, split: str | None = None) -> list[Item]:
     """Read a CSV manifest with a header naming at least the columns ``clique`` and ``path``.
 
-    With `split`, only rows whose ``split`` column equals it are read. Other columns are ignored. Relative paths are taken from the manifest's folder. Raises
+    With `split`, only rows whose ``split`` column equals it are read. Other columns are
+    ignored. Relative paths are taken from the manifest's folder. Raises
     ValueError naming the line for a missing column, an empty field, a missing or repeated file.
     """
     path = Path(path)
@@ -87,7 +89,9 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Item]:
             )
         reader.fieldnames = header
         if split is not None and "split" not in header:
-            raise ValueError(f"{path}: a split was asked for ({split!r}) but there is no split column")
+            raise ValueError(
+                f"{path}: a split was asked for ({split!r}) but there is no split column"
+            )
         for row in reader:
             line = reader.line_num
             if split is not None and (row.get("split") or "").strip() != split:
@@ -209,8 +213,9 @@ class Evaluation:
         """Plain JSON-ready dict: settings, counts, results; per-query arrays if asked."""
         settings = dataclasses.asdict(self.options)
         if self.pairwise is not None:  # the scorer replaces both reductions
-            settings.update(reduction=self.pairwise["scorer"],
-                            segment_reduction=self.pairwise["scorer"])
+            settings.update(
+                reduction=self.pairwise["scorer"], segment_reduction=self.pairwise["scorer"]
+            )
         out = {
             "settings": {"model": self.model_identity, **settings},
             "counts": {
@@ -318,22 +323,38 @@ def evaluate_detailed(
     scorer = model.name if isinstance(model, PairwiseScorer) else None
 
     # (label, query item ids, query embeddings or features, reduction, offsets or None)
-    levels = [(opts.track_label if scorer is None else f"track ({scorer})", ids, cands,
-               opts.reduction, None)]
+    levels = [
+        (
+            opts.track_label if scorer is None else f"track ({scorer})",
+            ids,
+            cands,
+            opts.reduction,
+            None,
+        )
+    ]
     for tau in opts.query_seconds:
-        qids, offsets, qz = zip(*queries[tau])
-        levels.append((opts.segment_label(tau, scorer), np.array(qids), list(qz),
-                       opts.segment_reduction, np.array(offsets)))
+        qids, offsets, qz = zip(*queries[tau], strict=False)
+        levels.append(
+            (
+                opts.segment_label(tau, scorer),
+                np.array(qids),
+                list(qz),
+                opts.segment_reduction,
+                np.array(offsets),
+            )
+        )
     pairwise = None
     if scorer is None:  # one level's distance matrix at a time
-        dists = (_distances(qz, cands, reduction, device, progress, label)
-                 for label, _, qz, reduction, _ in levels)
+        dists = (
+            _distances(qz, cands, reduction, device, progress, label)
+            for label, _, qz, reduction, _ in levels
+        )
     else:
         dists, cost = model.distances([level[2] for level in levels], cands, progress=progress)
         pairwise = {"scorer": scorer, **cost.to_dict()}
 
     results, per_query = {}, {}
-    for (label, qids, _, _, offsets), dist in zip(levels, dists):
+    for (label, qids, _, _, offsets), dist in zip(levels, dists, strict=False):
         metrics = retrieval_metrics(dist, labels[qids], labels[ids], qids, ids)
         nearest = ids[np.where(qids[:, None] == ids[None, :], np.inf, dist).argmin(1)]
         index = metrics["per_query"].pop("index")
@@ -425,7 +446,7 @@ def _embed_all(model, items, opts, embeddings, waveforms, progress):
                     inputs.append(x[offset : offset + length])
                     slots.append((tau, i, offset / sr))
         zs = model.embed_many(inputs, hop=opts.hop, batch_size=opts.batch_size)
-        for (tau, i, offset_s), z in zip(slots, zs):
+        for (tau, i, offset_s), z in zip(slots, zs, strict=False):
             if tau is None:
                 whole[i] = z
             else:

@@ -19,8 +19,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from refrain.model.reduce import nsqeuc, reduce
 from torch import Tensor
+
+from refrain.model.reduce import nsqeuc, reduce
 
 LOSSES = ("clews", "triplet", "supcon", "align_uniform")
 

@@ -279,6 +279,7 @@ def format_table(results: dict[str, EvalResult]) -> str:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = []
     for row in [header, *body]:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=False)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)

@@ -10,8 +10,9 @@ import math
 
 import torch
 from nnAudio.features import CQT1992v2
-from refrain.model.config import ModelConfig
 from torch import nn
+
+from refrain.model.config import ModelConfig
 
 
 class CQTNormalize(nn.Module):
@@ -142,7 +143,7 @@ class CLEWSNet(nn.Module):
         blocks: list[nn.Module] = []
         cin = c1
         b = config.backbone
-        for n, cout, stride in zip(b.blocks, b.channels, b.down):
+        for n, cout, stride in zip(b.blocks, b.channels, b.down, strict=False):
             blocks.append(ResBlock(cin, cout, stride=stride))
             blocks.extend(ResBlock(cout, cout) for _ in range(n - 1))
             cin = cout

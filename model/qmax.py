@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from refrain.model.config import ModelConfig
 from refrain.model.embedder import AudioInput
 
@@ -148,7 +149,10 @@ def qmax(recurrence: np.ndarray, gap_onset: float = 5.0, gap_extend: float = 0.5
     if rec.ndim != 2 or min(rec.shape) < 2:  # the kernel reads [1, 1] unchecked
         raise ValueError(f"expected a plot of at least 2 x 2 frames, got shape {rec.shape}")
     score = _librosa().sequence.rqa(  # floats: numba compiles once per argument type
-        rec, gap_onset=float(gap_onset), gap_extend=float(gap_extend), knight_moves=True,
+        rec,
+        gap_onset=float(gap_onset),
+        gap_extend=float(gap_extend),
+        knight_moves=True,
         backtrack=False,
     )
     return float(score.max())
@@ -166,12 +170,15 @@ class _Candidates:
         """Qmax of one query chroma (n, 12) against every candidate: (C,)."""
         p = self.params
         shifts = oti(_unit(query.mean(0)), self.profiles)
-        rolled = {k: _unit(delay_embed(np.roll(query, k, axis=1), p.m, p.tau))
-                  for k in np.unique(shifts)}
-        return np.array([
-            qmax(cross_recurrence(rolled[k], c, p.kappa), p.gap_onset, p.gap_extend)
-            for k, c in zip(shifts, self.states)
-        ])
+        rolled = {
+            k: _unit(delay_embed(np.roll(query, k, axis=1), p.m, p.tau)) for k in np.unique(shifts)
+        }
+        return np.array(
+            [
+                qmax(cross_recurrence(rolled[k], c, p.kappa), p.gap_onset, p.gap_extend)
+                for k, c in zip(shifts, self.states, strict=False)
+            ]
+        )
 
 
 _WORKER: _Candidates | None = None
@@ -222,8 +229,12 @@ class QmaxScorer:
 
     name = NAME
 
-    def __init__(self, params: QmaxParams | None = None, config: ModelConfig | None = None,
-                 workers: int | None = None) -> None:
+    def __init__(
+        self,
+        params: QmaxParams | None = None,
+        config: ModelConfig | None = None,
+        workers: int | None = None,
+    ) -> None:
         from refrain.model.network import make_cqt
         from refrain.model.shingle import CroppedCQT
 
@@ -257,13 +268,18 @@ class QmaxScorer:
         chroma = fold_chroma(cqt, self._per_frame)
         return chroma if len(chroma) >= 2 else np.repeat(chroma, 2, axis=0)
 
-    def embed_many(self, items: Iterable[AudioInput], hop: float = 5.0, batch_size: int = 32,
-                   **_: object) -> list[np.ndarray]:
+    def embed_many(
+        self, items: Iterable[AudioInput], hop: float = 5.0, batch_size: int = 32, **_: object
+    ) -> list[np.ndarray]:
         """Chroma sequences of the items (`hop` and `batch_size` do not apply)."""
         return [self.chroma(item) for item in items]
 
-    def distances(self, queries: Sequence[Sequence[np.ndarray]], cands: Sequence[np.ndarray],
-                  progress: bool = False) -> tuple[list[np.ndarray], PairCost]:
+    def distances(
+        self,
+        queries: Sequence[Sequence[np.ndarray]],
+        cands: Sequence[np.ndarray],
+        progress: bool = False,
+    ) -> tuple[list[np.ndarray], PairCost]:
         """Distance matrices (Q_g, C) of each group of query chroma against all candidates.
 
         All groups share one process pool of `workers` processes, started only when there
@@ -279,8 +295,14 @@ class QmaxScorer:
         qmaxes = np.empty((len(flat), len(cands)))
         size = max(1, math.ceil(len(flat) / (self.workers * _TASKS_PER_WORKER)))
         chunks = [range(i, min(i + size, len(flat))) for i in range(0, len(flat), size)]
-        bar = tqdm(total=len(flat) * len(cands), desc=self.name, unit="pair", unit_scale=True,
-                   leave=False, disable=not progress)
+        bar = tqdm(
+            total=len(flat) * len(cands),
+            desc=self.name,
+            unit="pair",
+            unit_scale=True,
+            leave=False,
+            disable=not progress,
+        )
         cpu = 0.0
         cells = sum(len(q) for q in flat) * sum(len(c) for c in cands)
         workers = 1 if cells < _POOL_MIN_CELLS else min(self.workers, len(chunks))
@@ -295,8 +317,9 @@ class QmaxScorer:
         else:
             # spawn: the parent holds torch's threads, which fork must not copy
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, context, _init_worker,
-                                     (list(cands), self.params)) as pool:
+            with ProcessPoolExecutor(
+                workers, context, _init_worker, (list(cands), self.params)
+            ) as pool:
                 futures = {pool.submit(_score_chunk, [flat[i] for i in c]): c for c in chunks}
                 for future in as_completed(futures):
                     chunk = futures[future]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -98,6 +99,12 @@ def _to_tensor(x: Tensor | np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
 
+@overload
+def nsqeuc(a: np.ndarray, b: np.ndarray) -> np.ndarray: ...
+@overload
+def nsqeuc(a: Tensor, b: Tensor | np.ndarray) -> Tensor: ...
+@overload
+def nsqeuc(a: Tensor | np.ndarray, b: Tensor) -> Tensor: ...
 def nsqeuc(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> Tensor | np.ndarray:
     """Squared Euclidean distance divided by the dimension: (..., N, D), (..., M, D) -> (..., N, M).
 

@@ -82,7 +82,7 @@ class CroppedCQT(nn.Module):
         frames = self.n_frames(x.size(-1))
         xp = nn.functional.pad(x.unsqueeze(1), (self.half, self.half), mode="reflect")
         out = []
-        for (b0, b1, lo, hi), k in zip(self.spans, self.kernels):
+        for (b0, b1, lo, hi), k in zip(self.spans, self.kernels, strict=False):
             seg = xp[:, :, lo : lo + (frames - 1) * self.hop + (hi - lo)]
             ri = nn.functional.conv1d(seg, k.to(x.device), stride=self.hop)
             n = b1 - b0

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from tqdm import tqdm
+
 from refrain.model.audio import AudioDecodeError, load_audio
 from refrain.model.augment import AugmentConfig, augment, stretch_rate, time_stretch
 from refrain.model.checkpoint import save_refrain
@@ -31,7 +33,6 @@ from refrain.model.config import ModelConfig
 from refrain.model.losses import LossConfig, contrastive_loss
 from refrain.model.network import CLEWSNet
 from refrain.model.shingle import CroppedCQT, repeat_pad
-from tqdm import tqdm
 
 log = logging.getLogger("refrain.train")
 
@@ -96,8 +97,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.to_dict(), "data": asdict(self.data), "loss": asdict(self.loss),
-            "augment": asdict(self.augment), "training": asdict(self.training),
+            "model": self.model.to_dict(),
+            "data": asdict(self.data),
+            "loss": asdict(self.loss),
+            "augment": asdict(self.augment),
+            "training": asdict(self.training),
         }
 
 
@@ -193,7 +197,9 @@ class BatchSampler:
             self.by_work.setdefault(t.clique, []).append(i)
         self.works = sorted(w for w, idx in self.by_work.items() if len(idx) >= 2)
         if len(self.works) < 2:
-            raise ValueError(f"training needs at least 2 works with 2+ versions, got {len(self.works)}")
+            raise ValueError(
+                f"training needs at least 2 works with 2+ versions, got {len(self.works)}"
+            )
         groups: dict[int, list[str]] = {}
         for w in self.works:
             groups.setdefault(min(tracks[i].group for i in self.by_work[w]), []).append(w)
@@ -224,14 +230,22 @@ class BatchSampler:
         """-> CQT segments (B*S, bins, frames), work labels (B,), track ids (B,)."""
         n_works = min(self.config.training.works_per_batch, len(self.works))
         pool = self.works
-        if self.groups and self.config.data.group_p > 0 and self.rng.random() < self.config.data.group_p:
+        if (
+            self.groups
+            and self.config.data.group_p > 0
+            and self.rng.random() < self.config.data.group_p
+        ):
             pool = self.rng.choices(self.groups, weights=[len(g) for g in self.groups])[0]
         works = self.rng.sample(pool, n_works)
         crops, labels, ids = [], [], []
         for w, work in enumerate(works):
             idx = self.by_work[work]
             n = self.config.data.versions_per_work
-            chosen = self.rng.sample(idx, n) if len(idx) >= n else [self.rng.choice(idx) for _ in range(n)]
+            chosen = (
+                self.rng.sample(idx, n)
+                if len(idx) >= n
+                else [self.rng.choice(idx) for _ in range(n)]
+            )
             for i in chosen:
                 crops.append(self.crop(self.tracks[i].cqt))
                 labels.append(w)
@@ -239,7 +253,11 @@ class BatchSampler:
         x = torch.stack(crops)  # (B, bins, S * seg_frames)
         b, bins, _ = x.shape
         x = x.reshape(b, bins, self.n_segments, self.seg_frames).permute(0, 2, 1, 3)
-        return x.reshape(b * self.n_segments, bins, self.seg_frames), torch.tensor(labels), torch.tensor(ids)
+        return (
+            x.reshape(b * self.n_segments, bins, self.seg_frames),
+            torch.tensor(labels),
+            torch.tensor(ids),
+        )
 
 
 def track_segments(cqt: np.ndarray, seg_frames: int, hop_frames: int) -> torch.Tensor:
@@ -252,8 +270,14 @@ def track_segments(cqt: np.ndarray, seg_frames: int, hop_frames: int) -> torch.T
 
 
 @torch.inference_mode()
-def embed_cached(net: CLEWSNet, tracks: list[Track], seg_frames: int, hop_frames: int,
-                 device: torch.device, batch: int = 64) -> list[np.ndarray]:
+def embed_cached(
+    net: CLEWSNet,
+    tracks: list[Track],
+    seg_frames: int,
+    hop_frames: int,
+    device: torch.device,
+    batch: int = 64,
+) -> list[np.ndarray]:
     net.eval()
     out = []
     for t in tracks:
@@ -343,28 +367,47 @@ def train(config: RunConfig) -> Path:
             seen += len(x)
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", dpos=f"{stats['d_pos']:.3f}",
-                            dneg=f"{stats['d_neg']:.3f}")
+            bar.set_postfix(
+                loss=f"{stats['loss']:.3f}",
+                dpos=f"{stats['d_pos']:.3f}",
+                dneg=f"{stats['d_neg']:.3f}",
+            )
         train_s = time.monotonic() - t0
         metrics = validate(net, valid_tracks, config, device) if valid_tracks else {"MAP": 0.0}
         epoch += 1
         sched.step(metrics["MAP"])
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
-               "segments_per_s": seen / train_s, "train_s": train_s,
-               **{k: v / tc.steps_per_epoch for k, v in stats_sum.items()},
-               **{f"valid_{k}": v for k, v in metrics.items()}}
+        row = {
+            "epoch": epoch,
+            "lr": opt.param_groups[0]["lr"],
+            "segments_per_s": seen / train_s,
+            "train_s": train_s,
+            **{k: v / tc.steps_per_epoch for k, v in stats_sum.items()},
+            **{f"valid_{k}": v for k, v in metrics.items()},
+        }
         history.append(row)
         log.info("epoch %d: %s", epoch, json.dumps({k: round(v, 4) for k, v in row.items()}))
-        extra = {"trained": True, "epoch": epoch, "valid_map": metrics["MAP"],
-                 "loss": asdict(config.loss)}
+        extra = {
+            "trained": True,
+            "epoch": epoch,
+            "valid_map": metrics["MAP"],
+            "loss": asdict(config.loss),
+        }
         save_refrain(net.eval(), out / "last", extra=extra)
         if metrics["MAP"] > best:
             best = metrics["MAP"]
             save_refrain(net.eval(), out / "best", extra=extra)
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": net.state_dict(), "optim": opt.state_dict(),
-                    "sched": sched.state_dict(), "epoch": epoch, "best": best,
-                    "history": json.dumps(history)}, tmp)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "optim": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "history": json.dumps(history),
+            },
+            tmp,
+        )
         tmp.replace(state_path)
         (out / "history.json").write_text(json.dumps(history, indent=1))
         if tc.max_minutes and (time.monotonic() - t_start) / 60 > tc.max_minutes:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from refrain.service import errors
 from refrain.service.metrics import Metrics
 from refrain.service.routes import ingest, ops, search, tracks
 from refrain.service.runtime import Runtime
 from refrain.service.settings import Settings
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("refrain.service")
 
@@ -60,7 +62,9 @@ class BodyLimitMiddleware:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         response = errors.error_response(
-            413, "payload_too_large", f"request body exceeds {self.limit} bytes",
+            413,
+            "payload_too_large",
+            f"request body exceeds {self.limit} bytes",
             {"Connection": "close"},
         )
         await response(scope, _drain, send)
@@ -121,7 +125,9 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
             runtime.close()
 
     app = FastAPI(
-        title="Refrain", version="0.1.0", lifespan=lifespan,
+        title="Refrain",
+        version="0.1.0",
+        lifespan=lifespan,
         description="Find musical versions of audio clips in a reference catalog.",
     )
     app.state.settings = settings
@@ -136,7 +142,5 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
 
 def _load_quietly(runtime: Runtime) -> None:
-    try:
+    with contextlib.suppress(Exception):  # reported by /readyz and the log
         runtime.load()
-    except Exception:  # noqa: BLE001, S110 - reported by /readyz and the log
-        pass

@@ -19,6 +19,7 @@ tar is therefore decompressed twice: once for its headers, once to extract.
 
 from __future__ import annotations
 
+import functools
 import lzma
 import os
 import stat
@@ -28,7 +29,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from refrain.model.audio import AUDIO_EXTENSIONS
 from refrain.service.exceptions import InvalidInput, RefrainError, TooLarge, UnsafeArchive
@@ -95,9 +96,11 @@ def _check_declared(declared: int, name: str, archive_bytes: int, limits: Archiv
 
 def _check_file(size: int, name: str, limits: ArchiveLimits) -> None:
     if limits.max_file_bytes is not None and size > limits.max_file_bytes:
-        raise TooLarge("file_too_large",
-                       f"archive member {name[:200]!r} has {size} bytes, at most "
-                       f"{limits.max_file_bytes} per file")
+        raise TooLarge(
+            "file_too_large",
+            f"archive member {name[:200]!r} has {size} bytes, at most "
+            f"{limits.max_file_bytes} per file",
+        )
 
 
 def _too_large(message: str) -> RefrainError:
@@ -109,7 +112,8 @@ def _unsafe(name: str, why: str) -> RefrainError:
 
 
 def _bad(message: str) -> RefrainError:
-    return InvalidInput("bad_archive",
+    return InvalidInput(
+        "bad_archive",
         f"expected a zip or tar archive (.tar, .tar.gz, .tar.bz2, .tar.xz): {message}",
     )
 
@@ -142,7 +146,7 @@ def _kind(name: str) -> str:
     return "audio" if os.path.splitext(base)[1].lower() in AUDIO_EXTENSIONS else "other"
 
 
-def copy_to_file(src: BinaryIO, dst: Path, budget: _Budget | None = None, name: str = "") -> int:
+def copy_to_file(src: IO[bytes], dst: Path, budget: _Budget | None = None, name: str = "") -> int:
     """Stream `src` into a new file `dst` in chunks and fsync it; returns the bytes written."""
     written = 0
     with open(dst, "xb") as out:
@@ -156,11 +160,10 @@ def copy_to_file(src: BinaryIO, dst: Path, budget: _Budget | None = None, name: 
     return written
 
 
-def _read_manifest(src: BinaryIO, name: str, budget: _Budget) -> bytes:
+def _read_manifest(src: IO[bytes], name: str, budget: _Budget) -> bytes:
     data = src.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
-        raise TooLarge("manifest_too_large",
-                       f"{name} is larger than {MAX_MANIFEST_BYTES} bytes")
+        raise TooLarge("manifest_too_large", f"{name} is larger than {MAX_MANIFEST_BYTES} bytes")
     budget.take(len(data), name)
     return data
 
@@ -233,9 +236,12 @@ def _extract_zip(
             names.append(name)
         check(audio)
         return _extract_members(
-            [(name, info.is_dir(), lambda info=info: zf.open(info))
-             for info, name in zip(infos, names)],
-            dest, limits.inflated(size),
+            [
+                (name, info.is_dir(), functools.partial(zf.open, info))
+                for info, name in zip(infos, names, strict=False)
+            ],
+            dest,
+            limits.inflated(size),
         )
 
 
@@ -245,13 +251,24 @@ def _extract_tar(
     members = _tar_members(tar, size, limits)
     check(sum(m.size for m, name in members if m.isreg() and _kind(name) == "audio"))
     return _extract_members(
-        [(name, m.isdir(), lambda m=m: tar.extractfile(m)) for m, name in members],
-        dest, limits.inflated(size),
+        [(name, m.isdir(), functools.partial(tar.extractfile, m)) for m, name in members],
+        dest,
+        limits.inflated(size),
     )
 
 
+Opener = Callable[[], IO[bytes] | None]  # a member's contents (None: not a regular file)
+
+
+def _open(opener: Opener, name: str) -> IO[bytes]:
+    data = opener()
+    if data is None:
+        raise _unsafe(name, "is not a regular file")
+    return data
+
+
 def _extract_members(
-    members: list[tuple[str, bool, Callable[[], BinaryIO]]], dest: Path, max_bytes: int
+    members: list[tuple[str, bool, Opener]], dest: Path, max_bytes: int
 ) -> Extracted:
     """Store the audio members and read the top-level manifest of an archive whose members
     (clean name, is a folder, opener) have all been checked; at most `max_bytes` in all."""
@@ -261,10 +278,10 @@ def _extract_members(
         kind = "dir" if is_dir else _kind(name)
         try:
             if kind == "audio":
-                with open_member() as data:
+                with _open(open_member, name) as data:
                     _store(out, data, name, dest, budget)
             elif kind == "manifest" and "/" not in name:
-                with open_member() as data:
+                with _open(open_member, name) as data:
                     out.manifest = (name, _read_manifest(data, name, budget))
             elif kind != "dir":
                 out.ignored += 1
@@ -301,7 +318,7 @@ def _tar_members(
         found.append((member, name))
 
 
-def _store(out: Extracted, member: BinaryIO, name: str, dest: Path, budget: _Budget) -> None:
+def _store(out: Extracted, member: IO[bytes], name: str, dest: Path, budget: _Budget) -> None:
     ext = os.path.splitext(name)[1].lower()
     path = dest / f"{len(out.files):06d}{ext}"
     copy_to_file(member, path, budget, name)

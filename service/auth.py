@@ -13,14 +13,20 @@ from typing import Annotated
 
 from fastapi import Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
 from refrain.service.deps import SettingsDep
 from refrain.service.errors import ApiError
 from refrain.service.settings import Settings
 
-_bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
-                     description="an API key from REFRAIN_API_KEYS")
-_header = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
-                       description="an API key from REFRAIN_API_KEYS")
+_bearer = HTTPBearer(
+    auto_error=False, scheme_name="bearer", description="an API key from REFRAIN_API_KEYS"
+)
+_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="apiKey",
+    description="an API key from REFRAIN_API_KEYS",
+)
 
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 HeaderKey = Annotated[str | None, Security(_header)]
@@ -32,7 +38,9 @@ def _check(settings: Settings, open_access: bool, bearer: Bearer, header: Header
     key = bearer.credentials.strip() if bearer is not None else header
     if not key:
         raise ApiError(
-            401, "unauthorized", "an API key is required (Authorization: Bearer KEY or X-API-Key)",
+            401,
+            "unauthorized",
+            "an API key is required (Authorization: Bearer KEY or X-API-Key)",
             {"WWW-Authenticate": "Bearer"},
         )
     if not any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.keys):

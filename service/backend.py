@@ -17,14 +17,19 @@ def open_store(
 ) -> SegmentStore:
     """Open (or create) the store in `settings.index_dir` for vectors of model `identity`.
     `factory` overrides `settings.index_factory` for a new FAISS index."""
-    options = IndexOptions(vector_dtype=settings.vector_dtype,
-                           search_params=settings.index_search_params or None)
+    options = IndexOptions(
+        vector_dtype=settings.vector_dtype, search_params=settings.index_search_params or None
+    )
     if settings.index_backend == "milvus":
         from refrain.index.milvus import MilvusOptions, open_milvus_index
 
-        milvus = MilvusOptions(uri=settings.milvus_uri or None, token=settings.milvus_token,
-                               collection=settings.milvus_collection,
-                               index_type=settings.milvus_index_type)
+        milvus = MilvusOptions(
+            uri=settings.milvus_uri or None,
+            token=settings.milvus_token,
+            collection=settings.milvus_collection,
+            index_type=settings.milvus_index_type,
+        )
         return open_milvus_index(settings.index_dir, identity, milvus, options=options)
-    return open_index(settings.index_dir, identity, factory=factory or settings.index_factory,
-                      options=options)
+    return open_index(
+        settings.index_dir, identity, factory=factory or settings.index_factory, options=options
+    )

@@ -33,7 +33,6 @@ class Entry:
     work_id: str = ""
 
 
-
 def read_catalog(source: Path) -> list[Entry]:
     """A folder (audio files, recursively) or a manifest CSV -> entries, validated."""
     if source.is_dir():
@@ -70,18 +69,26 @@ def _read_manifest(manifest: Path) -> list[Entry]:
             path = manifest.parent / rel
             if not path.is_file():
                 raise FileNotFoundError(f"{manifest} line {n}: no such file {path}")
-            entries.append(Entry(
-                path, rel, row.get("track_id") or default_track_id(rel),
-                row.get("title") or Path(rel).stem, row.get("artist", ""), row.get("work_id", ""),
-            ))
+            entries.append(
+                Entry(
+                    path,
+                    rel,
+                    row.get("track_id") or default_track_id(rel),
+                    row.get("title") or Path(rel).stem,
+                    row.get("artist", ""),
+                    row.get("work_id", ""),
+                )
+            )
     return entries
 
 
 def _check_entries(entries: list[Entry], source: Path) -> None:
     bad = [e.track_id for e in entries if not valid_track_id(e.track_id)]
     if bad:
-        raise ValueError(f"{source}: invalid track ids {bad[:10]} (letters, digits, spaces, "
-                         "._-:@+()' and '/' between parts, at most 200 characters)")
+        raise ValueError(
+            f"{source}: invalid track ids {bad[:10]} (letters, digits, spaces, "
+            "._-:@+()' and '/' between parts, at most 200 characters)"
+        )
     seen: dict[str, str] = {}
     for key, what in ((lambda e: e.track_id, "track id"), (lambda e: e.name, "file")):
         seen.clear()
@@ -107,8 +114,11 @@ def batch_key(batch: list[Entry]) -> str:
     h = hashlib.sha256()
     for e in batch:
         st = e.path.stat()
-        h.update(json.dumps([e.name, e.track_id, e.title, e.artist, e.work_id, st.st_size,
-                             st.st_mtime_ns]).encode())
+        h.update(
+            json.dumps(
+                [e.name, e.track_id, e.title, e.artist, e.work_id, st.st_size, st.st_mtime_ns]
+            ).encode()
+        )
     return h.hexdigest()[:32]
 
 

@@ -19,7 +19,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument(
-        "--open-writes", action=argparse.BooleanOptionalAction, default=None,
+        "--open-writes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="allow writes without an API key (default: yes on loopback without API keys)",
     )
     p.set_defaults(func=cmd_serve)
@@ -36,12 +38,13 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
     from refrain.service.app import create_app
     from refrain.service.settings import Settings
 
     overrides = {
-        k: v for k, v in
-        {"data_dir": args.data, "model": args.model, "device": args.device}.items()
+        k: v
+        for k, v in {"data_dir": args.data, "model": args.model, "device": args.device}.items()
         if v is not None
     }
     settings = Settings(**overrides)
@@ -56,8 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("no REFRAIN_API_KEYS set: writes are refused until keys are configured")
     if settings.keys and settings.reads_open:
         log.warning("searches and reads are open without an API key (REFRAIN_OPEN_READS=true)")
-    log.warning("serving on http://%s:%d, data in %s", args.host, args.port,
-                settings.data_dir.resolve())
+    log.warning(
+        "serving on http://%s:%d, data in %s", args.host, args.port, settings.data_dir.resolve()
+    )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -73,16 +77,20 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     import uvicorn
+
     from refrain.service.settings import Settings
     from refrain.service.worker_app import create_worker_app
 
-    overrides = {k: v for k, v in {"model": args.model, "device": args.device}.items()
-                 if v is not None}
+    overrides = {
+        k: v for k, v in {"model": args.model, "device": args.device}.items() if v is not None
+    }
     settings = Settings(**overrides)
     if not settings.worker_token and not _is_loopback(args.host):
         logging.getLogger("refrain").warning(
             "no REFRAIN_WORKER_TOKEN set: anyone who reaches %s:%d can use this worker",
-            args.host, args.port)
+            args.host,
+            args.port,
+        )
     uvicorn.run(create_worker_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -99,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# optional dependencies -> the extra that installs them
+EXTRAS = {"music21": "train", "mido": "train", "librosa": "train", "pymilvus": "milvus",
+          "milvus_lite": "milvus"}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
@@ -106,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:  # an optional dependency: one line saying which extra
+        root = (e.name or "").split(".")[0]
+        if root not in EXTRAS:
+            raise
+        print(f"refrain {args.command}: needs {root}, which the {EXTRAS[root]!r} extra installs: "
+              f"pip install 'refrain[{EXTRAS[root]}]'", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:  # expected user-facing failures: no traceback
         print(f"refrain {args.command}: error: {e}", file=sys.stderr)
         return 2

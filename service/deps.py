@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+
 from refrain.service.engine import Engine
 from refrain.service.jobs import JobManager
 from refrain.service.metrics import Metrics

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import faiss
 import numpy as np
+
 from refrain.index import AddResult, SegmentStore, TrackRecord
 from refrain.index.search import QuerySegments, SearchOptions, TrackHit, key_shifts, rank_tracks
 from refrain.model.audio import load_audio
@@ -45,7 +46,11 @@ class SegmentEmbedder(Protocol):
     def depth(self) -> int: ...  # requests waiting or in flight
 
     def embed(
-        self, wave: np.ndarray, hop_s: float, shifts: Sequence[int] = (0,)
+        self,
+        wave: np.ndarray,
+        hop_s: float,
+        timeout: float | None = None,
+        shifts: Sequence[int] = (0,),
     ) -> np.ndarray: ...  # (len(shifts) * S, zdim) float32
 
     def close(self) -> None: ...
@@ -71,20 +76,23 @@ class SearchRequest:
 
     def check(self) -> None:
         if not 1 <= self.top_k <= MAX_TOP_K:
-            raise InvalidInput("invalid_parameter",
-                               f"top_k must be in 1..{MAX_TOP_K}, got {self.top_k}")
+            raise InvalidInput(
+                "invalid_parameter", f"top_k must be in 1..{MAX_TOP_K}, got {self.top_k}"
+            )
         if self.reduction:
             try:
                 Reduction.parse(self.reduction)
             except ValueError as e:
                 raise InvalidInput("unknown_reduction", str(e)) from None
         if self.hop_s is not None and not 0.5 <= self.hop_s <= 20:
-            raise InvalidInput("invalid_parameter",
-                               f"hop must be in 0.5..20 seconds, got {self.hop_s}")
+            raise InvalidInput(
+                "invalid_parameter", f"hop must be in 0.5..20 seconds, got {self.hop_s}"
+            )
         if self.transpositions is not None and not 0 <= self.transpositions <= 6:
-            raise InvalidInput("invalid_parameter",
-                               f"transpositions must be in 0..6 semitones, got "
-                               f"{self.transpositions}")
+            raise InvalidInput(
+                "invalid_parameter",
+                f"transpositions must be in 0..6 semitones, got {self.transpositions}",
+            )
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,12 @@ class CheckedReference:
 
 class Engine:
     def __init__(
-        self, settings: Settings, model: Embedder, store: SegmentStore,
-        embedder: SegmentEmbedder | None, metrics: Metrics,
+        self,
+        settings: Settings,
+        model: Embedder,
+        store: SegmentStore,
+        embedder: SegmentEmbedder | None,
+        metrics: Metrics,
         score: Callable[[float], float] = uncalibrated_score,
     ) -> None:
         self.settings = settings
@@ -131,13 +143,15 @@ class Engine:
         seconds = len(wave) / self.model.sample_rate
         self.metrics.audio_decoded.inc(seconds)
         if seconds < min_s:
-            raise InvalidInput("audio_too_short",
-                               f"expected at least {min_s:g} s of audio, got {seconds:.2f} s")
+            raise InvalidInput(
+                "audio_too_short", f"expected at least {min_s:g} s of audio, got {seconds:.2f} s"
+            )
         rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
         if rms < self.settings.silence_rms:
             raise InvalidInput(
                 "audio_silent",
-                f"the audio is silent (RMS {rms:.1e} below {self.settings.silence_rms:g})")
+                f"the audio is silent (RMS {rms:.1e} below {self.settings.silence_rms:g})",
+            )
         return wave
 
     def embed(
@@ -168,8 +182,9 @@ class Engine:
         if existing is not None and existing.content_sha256 == digest:
             return CheckedReference(digest, unchanged=existing)
         if existing is not None and not replace:
-            raise Conflict("track_exists",
-                           f"track {track_id!r} exists with other content; send replace=true")
+            raise Conflict(
+                "track_exists", f"track {track_id!r} exists with other content; send replace=true"
+            )
         wave = self.decode(data, self.settings.max_reference_s, min_s=MIN_REFERENCE_S)
         return CheckedReference(digest, wave=wave)
 
@@ -178,7 +193,9 @@ class Engine:
         an index built offline stays idempotent under later ingestion."""
         assert checked.wave is not None
         return TrackRecord(
-            track_id=meta.track_id, title=meta.title or "", artist=meta.artist or "",
+            track_id=meta.track_id,
+            title=meta.title or "",
+            artist=meta.artist or "",
             work_id=meta.work_id or None,
             duration_s=round(len(checked.wave) / self.model.sample_rate, 3),
             content_sha256=checked.digest,
@@ -210,8 +227,9 @@ class Engine:
         try:
             size = item.path.stat().st_size
             if size > limit:
-                raise TooLarge("file_too_large",
-                               f"{item.filename} has {size} bytes, at most {limit}")
+                raise TooLarge(
+                    "file_too_large", f"{item.filename} has {size} bytes, at most {limit}"
+                )
             return item.path.read_bytes()
         except FileNotFoundError:
             raise InvalidInput("file_missing", f"{item.filename} no longer exists") from None
@@ -258,9 +276,12 @@ class Engine:
         timings["embed"] = time.perf_counter() - t
         duration = len(wave) / self.model.sample_rate
         query = QuerySegments(z, starts, self.model.config.shingling.len, duration, shifts)
-        opts = SearchOptions(top_k=request.top_k, k=s.knn_k,
-                             candidates=max(s.candidates, request.top_k),
-                             reduction=request.reduction or None)
+        opts = SearchOptions(
+            top_k=request.top_k,
+            k=s.knn_k,
+            candidates=max(s.candidates, request.top_k),
+            reduction=request.reduction or None,
+        )
         with omp_threads(s.search_threads):
             hits = rank_tracks(self.store, query, opts, score=self.score, timings=timings)
         self.metrics.knn_latency.observe(timings["search"])
@@ -289,7 +310,12 @@ def omp_threads(n: int) -> Iterator[None]:
 def hit_json(hit: TrackHit) -> dict[str, Any]:
     t = hit.track
     return {
-        "track_id": t.track_id, "title": t.title, "artist": t.artist, "work_id": t.work_id,
-        "score": round(hit.score, 6), "distance": hit.distance,
-        "matches": [asdict(m) for m in hit.matches], "transposition": hit.transposition,
+        "track_id": t.track_id,
+        "title": t.title,
+        "artist": t.artist,
+        "work_id": t.work_id,
+        "score": round(hit.score, 6),
+        "distance": hit.distance,
+        "matches": [asdict(m) for m in hit.matches],
+        "transposition": hit.transposition,
     }

@@ -11,12 +11,13 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from refrain.index import SegmentIndexError
 from refrain.model.audio import AudioDecodeError
 from refrain.service import exceptions as ex
 from refrain.service.remote_worker import WorkerRejected
 from refrain.service.worker import Overloaded
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("refrain.service")
 
@@ -103,7 +104,13 @@ def install(app: FastAPI) -> None:
 
     # Known failures are answered by the exception middleware (no traceback in the log);
     # anything else reaches the server-error handler as a logged 500.
-    for known in (ApiError, ex.RefrainError, AudioDecodeError, Overloaded, SegmentIndexError,
-                  WorkerRejected):
+    for known in (
+        ApiError,
+        ex.RefrainError,
+        AudioDecodeError,
+        Overloaded,
+        SegmentIndexError,
+        WorkerRejected,
+    ):
         app.add_exception_handler(known, _known)
     app.add_exception_handler(Exception, _known)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from refrain.index import SegmentIndexError
+from tqdm import tqdm
+
+from refrain.index import AddResult, SegmentIndexError
 from refrain.model.embedder import load_model
 from refrain.service.backend import open_store
 from refrain.service.catalog_files import Entry
@@ -23,7 +25,6 @@ from refrain.service.engine import CheckedReference, Engine, TrackMeta
 from refrain.service.exceptions import as_domain_error
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ def build_index(
     model = load_model(options.checkpoint, device=options.device)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        store = open_store(settings, {**model.identity.to_dict(), "hop_s": hop},
-                           factory=options.factory)
+        store = open_store(
+            settings, {**model.identity.to_dict(), "hop_s": hop}, factory=options.factory
+        )
     except SegmentIndexError as e:
         raise ValueError(f"cannot open the index in {settings.index_dir}: {e}") from e
     engine = Engine(settings, model, store, None, Metrics())  # checks only; embedding is here
@@ -81,9 +83,17 @@ def build_index(
             ready = ahead.result()
             if k + 1 < len(chunks):
                 ahead = pool.submit(prepare, chunks[k + 1])
-            todo = [p for p in ready if p.checked is not None and p.checked.wave is not None]
-            zs = model.embed_many([p.checked.wave for p in todo], hop=hop,
-                                  batch_size=options.batch_size, errors="skip")
+            todo, waves = [], []
+            for p in ready:
+                if p.checked is not None and p.checked.wave is not None:
+                    todo.append(p)
+                    waves.append(p.checked.wave)
+            zs = model.embed_many(
+                waves,
+                hop=hop,
+                batch_size=options.batch_size,
+                errors="skip",
+            )
             _store(engine, list(zip(todo, zs, strict=True)), hop, options.replace, counts)
             for p in ready:
                 if p.checked is not None and p.checked.unchanged is not None:
@@ -104,15 +114,19 @@ def _prepare(entry: Entry, engine: Engine, replace: bool) -> _Prepared:
     except Exception as e:  # noqa: BLE001 - any failure is this file's, reported by code
         err = as_domain_error(e)
         if err.code == "track_exists":
-            err.message = (f"track {entry.track_id!r} exists with other content; "
-                           "pass --replace to replace it")
+            err.message = (
+                f"track {entry.track_id!r} exists with other content; pass --replace to replace it"
+            )
         p.error = (err.code, err.message)
     return p
 
 
 def _store(
-    engine: Engine, embedded: list[tuple[_Prepared, np.ndarray | None]], hop: float,
-    replace: bool, counts: dict[str, int],
+    engine: Engine,
+    embedded: list[tuple[_Prepared, np.ndarray | None]],
+    hop: float,
+    replace: bool,
+    counts: dict[str, int],
 ) -> None:
     """Add a chunk's embedded files in one durable batch (one fsync); when the batch fails,
     one by one, so that each failure is its own file's."""
@@ -126,8 +140,9 @@ def _store(
         items.append((record, z, np.arange(len(z), dtype=np.float64) * hop))
         owners.append(p)
         p.checked.wave = None  # free the waveform
+    results: list[AddResult | None]
     try:
-        results = engine.store.add_tracks(items, replace=replace)
+        results = list(engine.store.add_tracks(items, replace=replace))
     except Exception:  # noqa: BLE001 - retried one by one below to find the culprit
         results = []
         for p, item in zip(owners, items, strict=True):

@@ -24,19 +24,28 @@ STATE_FILE = ".refrain-ingest-state.json"
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="upload a catalog (folder or manifest CSV) to a service")
-    p.add_argument("source", metavar="DIR|MANIFEST",
-                   help="folder of audio files, or CSV with columns path,track_id,title,"
-                        "artist,work_id (paths relative to the CSV)")
+    p.add_argument(
+        "source",
+        metavar="DIR|MANIFEST",
+        help="folder of audio files, or CSV with columns path,track_id,title,"
+        "artist,work_id (paths relative to the CSV)",
+    )
     p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None, help="API key (default: $REFRAIN_API_KEY)")
     p.add_argument("--batch", type=int, default=50, help="files per job")
     p.add_argument("--batch-mb", type=float, default=100.0, help="megabytes per job at most")
     p.add_argument("--retries", type=int, default=5, help="retries on connection errors and 503")
-    p.add_argument("--state", default=None,
-                   help=f"resumption state file (default: {STATE_FILE} beside the catalog)")
+    p.add_argument(
+        "--state",
+        default=None,
+        help=f"resumption state file (default: {STATE_FILE} beside the catalog)",
+    )
     p.add_argument("--poll", type=float, default=1.0, help="seconds between job polls")
-    p.add_argument("--replace", action="store_true",
-                   help="replace tracks stored with other content instead of failing them")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace tracks stored with other content instead of failing them",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("index", help="offline index operations (no service needed)")
@@ -45,10 +54,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("source", metavar="DIR|MANIFEST", help="as for `refrain ingest`")
     b.add_argument("--data", required=True, help="the service's data folder (index in data/index)")
     b.add_argument("--checkpoint", default=None, help="model (default: the shipped one)")
-    b.add_argument("--factory", default=None,
-                   help="FAISS factory of a new index (default: REFRAIN_INDEX_FACTORY or Flat)")
-    b.add_argument("--hop", type=float, default=None,
-                   help="seconds between reference segments (default: REFRAIN_REFERENCE_HOP_S, 5)")
+    b.add_argument(
+        "--factory",
+        default=None,
+        help="FAISS factory of a new index (default: REFRAIN_INDEX_FACTORY or Flat)",
+    )
+    b.add_argument(
+        "--hop",
+        type=float,
+        default=None,
+        help="seconds between reference segments (default: REFRAIN_REFERENCE_HOP_S, 5)",
+    )
     b.add_argument("--chunk", type=int, default=16, help="files decoded and embedded together")
     b.add_argument("--batch-size", type=int, default=32, help="segments per network call")
     b.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -64,13 +80,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     entries = read_catalog(source)
-    state_path = Path(args.state) if args.state else (
-        (source if source.is_dir() else source.parent) / STATE_FILE
+    state_path = (
+        Path(args.state)
+        if args.state
+        else ((source if source.is_dir() else source.parent) / STATE_FILE)
     )
     key = args.api_key or os.environ.get("REFRAIN_API_KEY") or None
     work = batches(entries, max(1, args.batch), args.batch_mb * 1e6)
-    with Uploader(args.url.rstrip("/"), key, state_path, args.retries, args.poll,
-                  args.replace) as up:
+    with Uploader(
+        args.url.rstrip("/"), key, state_path, args.retries, args.poll, args.replace
+    ) as up:
         summary = up.run(work, total=len(entries))
     print(summary.render(), file=sys.stderr if summary.failed else sys.stdout)
     return 1 if summary.failed else 0
@@ -84,14 +103,22 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     entries = read_catalog(Path(args.source))
     options = BuildOptions(
-        data=Path(args.data), checkpoint=args.checkpoint, factory=args.factory, hop_s=args.hop,
-        chunk=args.chunk, batch_size=args.batch_size, device=args.device, replace=args.replace,
+        data=Path(args.data),
+        checkpoint=args.checkpoint,
+        factory=args.factory,
+        hop_s=args.hop,
+        chunk=args.chunk,
+        batch_size=args.batch_size,
+        device=args.device,
+        replace=args.replace,
     )
     t0 = time.perf_counter()
     counts, failures = build_index(entries, options)
-    print(f"index build: added {counts['added']}, replaced {counts['replaced']}, "
-          f"skipped {counts['skipped']} (already present), failed {len(failures)} "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"index build: added {counts['added']}, replaced {counts['replaced']}, "
+        f"skipped {counts['skipped']} (already present), failed {len(failures)} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     for name, code, message in failures:
         print(f"  failed {name}: {code}: {message}", file=sys.stderr)
     return 1 if failures else 0

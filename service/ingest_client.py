@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
-from refrain.service.catalog_files import Entry, batch_key, open_files
 from tqdm import tqdm
+
+from refrain.service.catalog_files import Entry, batch_key, open_files
 
 IN_FLIGHT = 2  # jobs submitted and not finished: upload the next batch while one is processed
 MAX_BACKOFF_S = 60.0
@@ -30,8 +31,12 @@ class Summary:
     failures: list[tuple[str, str, str, str]] = field(default_factory=list)  # name, id, code, msg
 
     def render(self) -> str:
-        lines = [(f"ingest: added {self.added}, skipped {self.skipped} (already present), "
-                  f"failed {self.failed}")]
+        lines = [
+            (
+                f"ingest: added {self.added}, skipped {self.skipped} (already present), "
+                f"failed {self.failed}"
+            )
+        ]
         if self.earlier:
             lines.append(f"  {self.earlier} files were ingested by an earlier run (not re-sent)")
         for name, track_id, code, message in self.failures:
@@ -43,13 +48,19 @@ class Uploader:
     """Sends batches as jobs, polls them, and records progress in the state file."""
 
     def __init__(
-        self, url: str, api_key: str | None, state_path: Path, retries: int, poll_s: float,
+        self,
+        url: str,
+        api_key: str | None,
+        state_path: Path,
+        retries: int,
+        poll_s: float,
         replace: bool = False,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url
-        self.client = httpx.Client(base_url=url, headers=headers,
-                                   timeout=httpx.Timeout(60.0, read=600.0, write=600.0))
+        self.client = httpx.Client(
+            base_url=url, headers=headers, timeout=httpx.Timeout(60.0, read=600.0, write=600.0)
+        )
         self.retries = max(0, retries)
         self.poll_s = poll_s
         self.replace = replace
@@ -70,6 +81,10 @@ class Uploader:
         if self._bar is not None:
             self._bar.close()
 
+    def _progress(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
     def run(self, work: list[list[Entry]], total: int) -> Summary:
         self._bar = tqdm(total=total, unit="file", desc="ingest", dynamic_ncols=True)
         for batch in work:
@@ -77,7 +92,7 @@ class Uploader:
             rec = self.batches.get(key, {})
             if rec.get("state") == "done":
                 self.summary.earlier += len(batch)
-                self._bar.update(len(batch))
+                self._progress(len(batch))
                 continue
             while len(self._inflight) >= IN_FLIGHT:
                 self._poll_round()
@@ -103,14 +118,16 @@ class Uploader:
             return
         code, message = _error(r)
         if r.status_code in (401, 403):
-            raise PermissionError(f"the service refused the API key ({code}: {message}); "
-                                  "pass --api-key or set REFRAIN_API_KEY")
+            raise PermissionError(
+                f"the service refused the API key ({code}: {message}); "
+                "pass --api-key or set REFRAIN_API_KEY"
+            )
         self.batches[key] = {"state": "refused", "files": len(batch), "error": message}
         self._save()
         self.summary.failed += len(batch)
         for e in batch:
             self.summary.failures.append((e.name, e.track_id, code, f"batch refused: {message}"))
-        self._bar.update(len(batch))
+        self._progress(len(batch))
 
     def _poll_round(self) -> None:
         finished = False
@@ -118,7 +135,7 @@ class Uploader:
             batch, job_id, seen = slot
             r = self._request("GET", f"/v1/jobs/{job_id}")
             if r.status_code == 404:  # the service lost the job (data folder reset): resend
-                self._bar.update(-seen)
+                self._progress(-seen)
                 del self._inflight[key]
                 self._submit(key, batch)
                 continue
@@ -128,7 +145,7 @@ class Uploader:
             job = r.json()
             counts = job["counts"]
             final = counts["total"] - counts["pending"]
-            self._bar.update(final - seen)
+            self._progress(final - seen)
             slot[2] = final
             if job["state"] in ("done", "failed"):
                 finished = True
@@ -147,14 +164,21 @@ class Uploader:
                 (err["filename"], err["track_id"], err["code"], err["message"])
             )
         # a job that failed as a whole is sent again by the next run; item failures are final
-        self.batches[key] = {"state": "done" if job["state"] == "done" else "failed",
-                             "job_id": job["job_id"], "files": len(batch), "counts": counts}
+        self.batches[key] = {
+            "state": "done" if job["state"] == "done" else "failed",
+            "job_id": job["job_id"],
+            "files": len(batch),
+            "counts": counts,
+        }
         self._save()
 
     # -- transport -----------------------------------------------------------------------------
 
     def _request(
-        self, method: str, path: str, batch: list[Entry] | None = None,
+        self,
+        method: str,
+        path: str,
+        batch: list[Entry] | None = None,
         data: dict[str, str] | None = None,
     ) -> httpx.Response:
         """One request, retried on connection errors and 429/503 with exponential backoff."""
@@ -189,7 +213,9 @@ def _load_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {"version": 1}
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the state file {path} ({e}); remove it to start over")
+        raise ValueError(
+            f"cannot read the state file {path} ({e}); remove it to start over"
+        ) from None
     if not isinstance(state, dict) or state.get("version") != 1:
         raise ValueError(f"{path} is not a state file of refrain ingest")
     return state

@@ -15,8 +15,8 @@ Outcomes. ADDED/REPLACED -> 'done', UNCHANGED -> 'skipped' (ingesting a catalog 
 nothing twice), a per-item error (bad audio, track exists with other content...) -> 'failed'
 with the API error code and message, and the job goes on. A job ends 'done' once every item is
 final, 'failed' only when the index itself refuses writes (remaining items fail with it).
-Transient failures (overload, not ready, a backend or the workers down) are retried; an item in progress at `stop()` is finished or
-abandoned, and then redone after the restart.
+Transient failures (overload, not ready, a backend or the workers down) are retried; an item
+in progress at `stop()` is finished or abandoned, and then redone after the restart.
 
 Retention. Finished jobs (done or failed) are deleted, rows and any files left, once they
 ended more than `job_retention_hours` ago: at start-up and then every hour. A purged job is
@@ -80,7 +80,10 @@ class JobManager:
     """Creates jobs, runs them on `settings.ingest_workers` threads, reports on them."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, ingest: Ingest,
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        ingest: Ingest,
         ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.metrics = metrics
@@ -151,8 +154,9 @@ class JobManager:
             shutil.rmtree(self.dir / job_id, ignore_errors=True)
         if purged:
             self.metrics.ingest_jobs_purged.inc(len(purged))
-            log.info("purged %d jobs finished more than %g h ago", len(purged),
-                     self.retention_s / 3600)
+            log.info(
+                "purged %d jobs finished more than %g h ago", len(purged), self.retention_s / 3600
+            )
         return len(purged)
 
     def _purge_periodically(self) -> None:
@@ -179,7 +183,11 @@ class JobManager:
             raise
 
     def create(
-        self, staging: Staging, items: list[Item], source: str, ignored: int = 0,
+        self,
+        staging: Staging,
+        items: list[Item],
+        source: str,
+        ignored: int = 0,
         replace: bool = False,
     ) -> dict[str, Any]:
         """Commit a job whose files are in `staging` (each fsynced) and queue it."""
@@ -187,8 +195,12 @@ class JobManager:
             fsync_dir(d)
         self._store().insert(staging.job_id, items, source, ignored, replace)
         self._notify()
-        return {"job_id": staging.job_id, "state": JobState.QUEUED.value, "total": len(items),
-                "ignored": ignored}
+        return {
+            "job_id": staging.job_id,
+            "state": JobState.QUEUED.value,
+            "total": len(items),
+            "ignored": ignored,
+        }
 
     def get(self, job_id: str, items: bool = False) -> dict[str, Any] | None:
         """State, counts, progress, ETA (seconds, from this run's rate), item errors, and with
@@ -273,12 +285,14 @@ class JobManager:
             self._release(claim)
 
     def _finish(
-        self, claim: _Claim, state: ItemState, result: str | None, code: str | None = None,
+        self,
+        claim: _Claim,
+        state: ItemState,
+        result: str | None,
+        code: str | None = None,
         message: str | None = None,
     ) -> None:
-        job_done = self._store().finish(
-            claim.job_id, claim.position, state, result, code, message
-        )
+        job_done = self._store().finish(claim.job_id, claim.position, state, result, code, message)
         run = self._runs.get(claim.job_id)
         if run is not None:
             run[1] += 1
@@ -303,6 +317,12 @@ def _index_failure(e: Exception) -> bool:
     """The index refuses writes altogether (closed or failed), as opposed to this one item
     (a full disk fails the item, 507, as the free-space guard does: the index stays usable)."""
     return isinstance(e, SegmentIndexError) and not isinstance(
-        e, (TrackExistsError, TrackNotFoundError, IdentityMismatchError,
-            InsufficientStorageError, CatalogUnavailableError)
+        e,
+        (
+            TrackExistsError,
+            TrackNotFoundError,
+            IdentityMismatchError,
+            InsufficientStorageError,
+            CatalogUnavailableError,
+        ),
     )

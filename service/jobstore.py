@@ -113,9 +113,17 @@ class JobStore:
         self, job_id: str, items: list[Item], source: str, ignored: int, replace: bool
     ) -> None:
         rows = [
-            (job_id, n, it.filename,
-             str(it.path.relative_to(self.base)) if it.owned else str(it.path), int(it.owned),
-             it.track_id, it.title or "", it.artist or "", it.work_id or None)
+            (
+                job_id,
+                n,
+                it.filename,
+                str(it.path.relative_to(self.base)) if it.owned else str(it.path),
+                int(it.owned),
+                it.track_id,
+                it.title or "",
+                it.artist or "",
+                it.work_id or None,
+            )
             for n, it in enumerate(items)
         ]
         with self._tx() as db:
@@ -126,7 +134,8 @@ class JobStore:
             )
             db.executemany(
                 "INSERT INTO items (job_id, position, filename, path, owned, track_id, title, "
-                "artist, work_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows,
+                "artist, work_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
 
     def report(self, job_id: str, items: bool = False) -> dict[str, Any] | None:
@@ -136,53 +145,77 @@ class JobStore:
         with self._read() as db:
             row = db.execute(
                 "SELECT state, source, total, ignored, created, started, finished, error "
-                "FROM jobs WHERE id = ?", (job_id,),
+                "FROM jobs WHERE id = ?",
+                (job_id,),
             ).fetchone()
             if row is None:
                 return None
-            by_state = dict(db.execute(
-                "SELECT state, count(*) FROM items WHERE job_id = ? GROUP BY state", (job_id,)
-            ))
+            by_state = dict(
+                db.execute(
+                    "SELECT state, count(*) FROM items WHERE job_id = ? GROUP BY state", (job_id,)
+                )
+            )
             failed = db.execute(
                 "SELECT filename, track_id, error_code, error_message FROM items "
-                "WHERE job_id = ? AND state = 'failed' ORDER BY position", (job_id,),
+                "WHERE job_id = ? AND state = 'failed' ORDER BY position",
+                (job_id,),
             ).fetchall()
-            every = db.execute(
-                "SELECT filename, track_id, state, result FROM items WHERE job_id = ? "
-                "ORDER BY position", (job_id,),
-            ).fetchall() if items else None
+            every = (
+                db.execute(
+                    "SELECT filename, track_id, state, result FROM items WHERE job_id = ? "
+                    "ORDER BY position",
+                    (job_id,),
+                ).fetchall()
+                if items
+                else None
+            )
         state, source, total, ignored, created, started, finished, error = row
         out = {
-            "job_id": job_id, "state": state, "source": source,
+            "job_id": job_id,
+            "state": state,
+            "source": source,
             "counts": {"total": total, **{s.value: by_state.get(s.value, 0) for s in ItemState}},
-            "ignored": ignored, "created": created, "started": started, "finished": finished,
+            "ignored": ignored,
+            "created": created,
+            "started": started,
+            "finished": finished,
             "error": error,
-            "errors": [{"filename": f, "track_id": t, "code": c, "message": m}
-                       for f, t, c, m in failed],
+            "errors": [
+                {"filename": f, "track_id": t, "code": c, "message": m} for f, t, c, m in failed
+            ],
         }
         if every is not None:
-            out["items"] = [{"filename": f, "track_id": t, "state": s, "result": r}
-                            for f, t, s, r in every]
+            out["items"] = [
+                {"filename": f, "track_id": t, "state": s, "result": r} for f, t, s, r in every
+            ]
         return out
 
     def leftovers(self) -> tuple[set[str], list[Path]]:
         """Ids of unfinished jobs, and stored files of their items that are already final."""
         with self._read() as db:
-            active = {r[0] for r in db.execute(
-                "SELECT id FROM jobs WHERE state IN ('queued', 'running')")}
-            paths = [self.base / r[0] for r in db.execute(
-                "SELECT i.path FROM items i JOIN jobs j ON j.id = i.job_id WHERE i.owned = 1 "
-                "AND i.state != 'pending' AND j.state IN ('queued', 'running')")]
+            active = {
+                r[0] for r in db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')")
+            }
+            paths = [
+                self.base / r[0]
+                for r in db.execute(
+                    "SELECT i.path FROM items i JOIN jobs j ON j.id = i.job_id WHERE i.owned = 1 "
+                    "AND i.state != 'pending' AND j.state IN ('queued', 'running')"
+                )
+            ]
         return active, paths
 
     def purge(self, finished_before: float) -> list[str]:
         """Delete the jobs that ended (done or failed) before `finished_before` (epoch
         seconds), with their items; returns their ids. Queued and running jobs are kept."""
         with self._tx() as db:
-            ids = [r[0] for r in db.execute(
-                "SELECT id FROM jobs WHERE state IN ('done', 'failed') AND finished < ?",
-                (finished_before,),
-            )]
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE state IN ('done', 'failed') AND finished < ?",
+                    (finished_before,),
+                )
+            ]
             rows = [(i,) for i in ids]
             db.executemany("DELETE FROM items WHERE job_id = ?", rows)
             db.executemany("DELETE FROM jobs WHERE id = ?", rows)
@@ -202,7 +235,8 @@ class JobStore:
                 rows = db.execute(
                     "SELECT position, filename, path, owned, track_id, title, artist, work_id "
                     "FROM items WHERE job_id = ? AND state = 'pending' ORDER BY position "
-                    "LIMIT ?", (job_id, len(skip) + 1),
+                    "LIMIT ?",
+                    (job_id, len(skip) + 1),
                 ).fetchall()
                 for pos, filename, path, owned, track_id, title, artist, work_id in rows:
                     if (job_id, pos) in skip:
@@ -210,7 +244,8 @@ class JobStore:
                     if state == JobState.QUEUED:
                         db.execute(
                             "UPDATE jobs SET state = 'running', started = COALESCE(started, ?) "
-                            "WHERE id = ?", (time.time(), job_id),
+                            "WHERE id = ?",
+                            (time.time(), job_id),
                         )
                     full = self.base / path if owned else Path(path)
                     item = Item(filename, full, bool(owned), track_id, title, artist, work_id)
@@ -218,8 +253,13 @@ class JobStore:
         return None
 
     def finish(
-        self, job_id: str, position: int, state: ItemState, result: str | None,
-        code: str | None = None, message: str | None = None,
+        self,
+        job_id: str,
+        position: int,
+        state: ItemState,
+        result: str | None,
+        code: str | None = None,
+        message: str | None = None,
     ) -> bool:
         """Mark an item final; True when that made its job done."""
         now = time.time()
@@ -229,11 +269,15 @@ class JobStore:
                 "finished = ? WHERE job_id = ? AND position = ?",
                 (state, result, code, message, now, job_id, position),
             )
-            if db.execute("SELECT 1 FROM items WHERE job_id = ? AND state = 'pending' LIMIT 1",
-                          (job_id,)).fetchone():
+            if db.execute(
+                "SELECT 1 FROM items WHERE job_id = ? AND state = 'pending' LIMIT 1", (job_id,)
+            ).fetchone():
                 return False
-            db.execute("UPDATE jobs SET state = 'done', finished = ? WHERE id = ? "
-                       "AND state IN ('queued', 'running')", (now, job_id))
+            db.execute(
+                "UPDATE jobs SET state = 'done', finished = ? WHERE id = ? "
+                "AND state IN ('queued', 'running')",
+                (now, job_id),
+            )
             return True
 
     def fail(self, job_id: str, error: str) -> None:
@@ -245,5 +289,7 @@ class JobStore:
                 "error_message = ?, finished = ? WHERE job_id = ? AND state = 'pending'",
                 (error, now, job_id),
             )
-            db.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
-                       (now, error, job_id))
+            db.execute(
+                "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
+                (now, error, job_id),
+            )

@@ -11,12 +11,17 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "refrain_http_requests_total", "HTTP requests", ["route", "method", "status"],
+            "refrain_http_requests_total",
+            "HTTP requests",
+            ["route", "method", "status"],
             registry=r,
         )
         self.latency = Histogram(
-            "refrain_http_request_duration_seconds", "HTTP request latency", ["route", "method"],
-            buckets=LATENCY, registry=r,
+            "refrain_http_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            buckets=LATENCY,
+            registry=r,
         )
         self.audio_decoded = Counter(
             "refrain_audio_decoded_seconds_total", "Seconds of audio decoded", registry=r
@@ -25,11 +30,15 @@ class Metrics:
             "refrain_audio_embedded_seconds_total", "Seconds of audio embedded", registry=r
         )
         self.batch_size = Histogram(
-            "refrain_embed_batch_segments", "Segments per network batch",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+            "refrain_embed_batch_segments",
+            "Segments per network batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
         )
         self.batch_latency = Histogram(
-            "refrain_embed_batch_duration_seconds", "Network time per batch", buckets=LATENCY,
+            "refrain_embed_batch_duration_seconds",
+            "Network time per batch",
+            buckets=LATENCY,
             registry=r,
         )
         self.queue_depth = Gauge(
@@ -39,20 +48,27 @@ class Metrics:
         self.index_segments = Gauge("refrain_index_segments", "Reference segments", registry=r)
         self.index_bytes = Gauge("refrain_index_bytes", "Index size on disk", registry=r)
         self.knn_latency = Histogram(
-            "refrain_knn_duration_seconds", "Segment kNN time per query", buckets=LATENCY,
+            "refrain_knn_duration_seconds",
+            "Segment kNN time per query",
+            buckets=LATENCY,
             registry=r,
         )
         self.reduce_latency = Histogram(
-            "refrain_reduce_duration_seconds", "Exact re-ranking time per query",
-            buckets=LATENCY, registry=r,
+            "refrain_reduce_duration_seconds",
+            "Exact re-ranking time per query",
+            buckets=LATENCY,
+            registry=r,
         )
         self.ingest_items = Counter(
-            "refrain_ingest_items_total", "Bulk ingestion items by final state", ["state"],
+            "refrain_ingest_items_total",
+            "Bulk ingestion items by final state",
+            ["state"],
             registry=r,
         )
         self.ingest_jobs_purged = Counter(
             "refrain_ingest_jobs_purged_total",
-            "Finished bulk ingestion jobs deleted after job_retention_hours", registry=r,
+            "Finished bulk ingestion jobs deleted after job_retention_hours",
+            registry=r,
         )
         self.errors = Counter(
             "refrain_errors_total", "Errors answered, by type", ["type"], registry=r

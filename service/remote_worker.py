@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+
 from refrain.service.metrics import Metrics
 from refrain.service.worker import Overloaded
 
@@ -75,8 +76,7 @@ class RemoteWorkers:
         self.health_interval_s = health_interval_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # one INFO line per request (and per health check) would drown the service's log
-        logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").level,
-                                                logging.WARNING))
+        logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").level, logging.WARNING))
         self._client = httpx.Client(
             headers=headers, timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
         )
@@ -84,8 +84,9 @@ class RemoteWorkers:
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._health_loop, name="refrain-worker-health",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._health_loop, name="refrain-worker-health", daemon=True
+        )
         self._thread.start()
 
     # -- the InferenceWorker interface ---------------------------------------------------------
@@ -97,7 +98,10 @@ class RemoteWorkers:
             return sum(w.in_flight for w in self._workers)
 
     def embed(
-        self, wave: np.ndarray, hop_s: float, timeout: float | None = None,
+        self,
+        wave: np.ndarray,
+        hop_s: float,
+        timeout: float | None = None,
         shifts: Sequence[int] = (0,),
     ) -> np.ndarray:
         """A 1-D waveform at the model's rate -> (len(shifts) * S, zdim) float32, from the first
@@ -121,7 +125,8 @@ class RemoteWorkers:
             skipped = [f"{w.url}: {w.detail}" for w in self._workers if w.state == "mismatch"]
         raise WorkersUnavailable(
             "no inference worker could embed the audio ("
-            + "; ".join(failures + skipped or ["none is configured"]) + ")"
+            + "; ".join(failures + skipped or ["none is configured"])
+            + ")"
         )
 
     async def embed_async(
@@ -136,8 +141,10 @@ class RemoteWorkers:
 
     def status(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [{"url": w.url, "state": w.state, "detail": w.detail,
-                     "in_flight": w.in_flight} for w in self._workers]
+            return [
+                {"url": w.url, "state": w.state, "detail": w.detail, "in_flight": w.in_flight}
+                for w in self._workers
+            ]
 
     # -- choosing and calling a worker ---------------------------------------------------------
 
@@ -157,7 +164,11 @@ class RemoteWorkers:
         return worker
 
     def _post(
-        self, worker: _Worker, body: bytes, hop_s: float, timeout: float | None,
+        self,
+        worker: _Worker,
+        body: bytes,
+        hop_s: float,
+        timeout: float | None,
         shifts: Sequence[int] = (0,),
     ) -> np.ndarray:
         params = {"hop": repr(float(hop_s))}
@@ -165,9 +176,13 @@ class RemoteWorkers:
             params["shifts"] = ",".join(str(int(s)) for s in shifts)
         try:
             r = self._client.post(
-                worker.url + "/v1/embed", params=params, content=body,
-                headers={"Content-Type": "application/octet-stream",
-                         "Accept": "application/octet-stream"},
+                worker.url + "/v1/embed",
+                params=params,
+                content=body,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Accept": "application/octet-stream",
+                },
                 timeout=httpx.Timeout(timeout or self.timeout_s, connect=CONNECT_TIMEOUT_S),
             )
         except httpx.TimeoutException as e:
@@ -188,12 +203,17 @@ class RemoteWorkers:
         if r.status_code >= 500:
             raise _Retry(f"HTTP {r.status_code} {_error_code(r) or ''}".strip())
         if r.status_code != 200:
-            raise WorkerRejected(f"worker {worker.url} refused the audio: HTTP {r.status_code} "
-                                 f"{r.text[:300]}")
+            raise WorkerRejected(
+                f"worker {worker.url} refused the audio: HTTP {r.status_code} {r.text[:300]}"
+            )
         model = r.headers.get("x-refrain-model", "")
         if model != self.identity.get("weights_sha256"):
-            self._mark(worker, "mismatch", f"serves model {model[:12]!r}, the index needs "
-                       f"{str(self.identity.get('weights_sha256'))[:12]!r}")
+            self._mark(
+                worker,
+                "mismatch",
+                f"serves model {model[:12]!r}, the index needs "
+                f"{str(self.identity.get('weights_sha256'))[:12]!r}",
+            )
             raise _Retry("serves another model")
         z = _decode(r, int(self.identity["zdim"]))
         self._mark(worker, "up", "")
@@ -207,8 +227,13 @@ class RemoteWorkers:
             level = logging.INFO if state == "up" else logging.WARNING
             if state == "mismatch":
                 level = logging.ERROR
-            log.log(level, "inference worker %s: %s%s", worker.url, state,
-                    f" ({detail})" if detail else "")
+            log.log(
+                level,
+                "inference worker %s: %s%s",
+                worker.url,
+                state,
+                f" ({detail})" if detail else "",
+            )
 
     def _gauge(self) -> None:
         if self.metrics:
@@ -220,8 +245,10 @@ class RemoteWorkers:
         """Poll every worker's /readyz once and record what it says."""
         for worker in self._workers:
             try:
-                r = self._client.get(worker.url + "/readyz", timeout=httpx.Timeout(
-                    HEALTH_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+                r = self._client.get(
+                    worker.url + "/readyz",
+                    timeout=httpx.Timeout(HEALTH_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+                )
             except httpx.HTTPError as e:
                 self._mark(worker, "down", f"unreachable ({type(e).__name__})")
                 continue
@@ -233,9 +260,11 @@ class RemoteWorkers:
             except (ValueError, KeyError, TypeError):
                 self._mark(worker, "mismatch", "/readyz reports no model identity")
                 continue
-            diff = [f"{k}: index has {self.identity.get(k)!r}, worker has {theirs.get(k)!r}"
-                    for k in sorted(set(self.identity) | set(theirs))
-                    if self.identity.get(k) != theirs.get(k)]
+            diff = [
+                f"{k}: index has {self.identity.get(k)!r}, worker has {theirs.get(k)!r}"
+                for k in sorted(set(self.identity) | set(theirs))
+                if self.identity.get(k) != theirs.get(k)
+            ]
             if diff:
                 self._mark(worker, "mismatch", "another model (" + "; ".join(diff) + ")")
             else:
@@ -264,6 +293,7 @@ def _decode(r: httpx.Response, zdim: int) -> np.ndarray:
     except ValueError:
         raise _Retry("answer without a valid X-Refrain-Shape header") from None
     if dim != zdim or len(r.content) != rows * dim * 4:
-        raise _Retry(f"answer of shape ({rows}, {dim}) and {len(r.content)} bytes, "
-                     f"expected zdim {zdim}")
+        raise _Retry(
+            f"answer of shape ({rows}, {dim}) and {len(r.content)} bytes, expected zdim {zdim}"
+        )
     return np.frombuffer(r.content, dtype="<f4").reshape(rows, dim).astype(np.float32)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from refrain.index import AddResult, SegmentStore
 from refrain.model.calibrate import Calibration, uncalibrated_score
 from refrain.model.embedder import Embedder, load_model
@@ -44,12 +46,13 @@ class Runtime:
             gpu = torch.cuda.is_available() and not s.worker_list
             self._model = model = load_model(s.model, device=s.device or ("cuda" if gpu else "cpu"))
             calibration = model.info.get("calibration")
-            score = Calibration.from_dict(calibration).probability if calibration else None
+            score = _scorer(Calibration.from_dict(calibration)) if calibration else None
             s.data_dir.mkdir(parents=True, exist_ok=True)
             self._store = store = open_store(s, self._identity(model))
             self._worker = self._start_worker(model, store)
-            self.engine = Engine(s, model, store, self._worker, self.metrics,
-                                 score or uncalibrated_score)
+            self.engine = Engine(
+                s, model, store, self._worker, self.metrics, score or uncalibrated_score
+            )
             self.jobs.start()
             self.engine.refresh_metrics()
             self._ready.set()
@@ -68,10 +71,21 @@ class Runtime:
         if s.worker_list:
             # every worker must serve the model the index was built with (hop is per request)
             wanted = {k: v for k, v in store.identity.items() if k != "hop_s"}
-            return RemoteWorkers(s.worker_list, wanted, self.metrics, token=s.worker_token,
-                                 timeout_s=s.worker_timeout_s, max_in_flight=s.max_queue)
-        return InferenceWorker(model, self.metrics, max_batch=s.max_batch,
-                               max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue)
+            return RemoteWorkers(
+                s.worker_list,
+                wanted,
+                self.metrics,
+                token=s.worker_token,
+                timeout_s=s.worker_timeout_s,
+                max_in_flight=s.max_queue,
+            )
+        return InferenceWorker(
+            model,
+            self.metrics,
+            max_batch=s.max_batch,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue=s.max_queue,
+        )
 
     def close(self) -> None:
         self._ready.clear()
@@ -109,3 +123,8 @@ class Runtime:
     @property
     def queue_depth(self) -> int:
         return self._worker.depth if self._worker is not None else 0
+
+
+def _scorer(calibration: Calibration) -> Callable[[float], float]:
+    """A track distance -> the calibrated probability that it is a version."""
+    return lambda distance: float(calibration.probability(distance))

@@ -16,8 +16,10 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cpu or cuda; None = cuda when available")
     index_factory: str = Field("Flat", description="FAISS factory string for a new index")
     index_search_params: str = Field(
-        "", description="FAISS ParameterSpace string for an ANN index, e.g. nprobe=64 or "
-        "efSearch=512; empty = nprobe=16 for IVF, efSearch=128 for HNSW")
+        "",
+        description="FAISS ParameterSpace string for an ANN index, e.g. nprobe=64 or "
+        "efSearch=512; empty = nprobe=16 for IVF, efSearch=128 for HNSW",
+    )
     vector_dtype: str = Field("float32", description="exact segment copy: float32 or float16")
     reference_hop_s: float = Field(5.0, gt=0, le=20, description="segment hop of references")
     query_hop_s: float = Field(5.0, gt=0, le=20, description="default segment hop of queries")
@@ -25,8 +27,10 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated API keys")
     open_writes: bool = Field(False, description="allow writes without a key (loopback use)")
     open_reads: bool | None = Field(
-        None, description="allow searches and reads without a key; unset = only when no "
-        "REFRAIN_API_KEYS are configured")
+        None,
+        description="allow searches and reads without a key; unset = only when no "
+        "REFRAIN_API_KEYS are configured",
+    )
     protect_metrics: bool = Field(False, description="/metrics needs a key too")
 
     max_upload_bytes: int = Field(200 << 20, gt=0, description="largest request body")
@@ -38,10 +42,15 @@ class Settings(BaseSettings):
     knn_k: int = Field(512, ge=1, le=4096, description="neighbours per query segment")
     candidates: int = Field(100, ge=1, le=10000, description="tracks re-ranked exactly")
     query_transpositions: int = Field(
-        0, ge=0, le=6, description="default for searches: also try the query shifted by up to "
-        "this many semitones each way (costs 2n+1 query embeddings)")
-    search_threads: int = Field(1, ge=0, description="FAISS (OpenMP) threads per search; "
-                                "0 = the OpenMP default (all cores)")
+        0,
+        ge=0,
+        le=6,
+        description="default for searches: also try the query shifted by up to "
+        "this many semitones each way (costs 2n+1 query embeddings)",
+    )
+    search_threads: int = Field(
+        1, ge=0, description="FAISS (OpenMP) threads per search; 0 = the OpenMP default (all cores)"
+    )
 
     max_batch: int = Field(32, ge=1, description="segments per network call")
     max_wait_ms: float = Field(5.0, ge=0, description="wait this long to fill a batch")
@@ -51,19 +60,28 @@ class Settings(BaseSettings):
     max_archive_files: int = Field(10000, ge=1)
     max_archive_bytes: int = Field(8 << 30, gt=0, description="total uncompressed archive size")
     ingest_workers: int = Field(1, ge=1, le=16)
-    job_retention_hours: float = Field(168.0, ge=0, description="finished ingestion jobs are "
-                                       "forgotten this long after they end; 0 = keep forever")
-    min_free_bytes: int = Field(1 << 30, ge=0, description="uploads that would leave less free "
-                                "space on the data volume are refused (507)")
+    job_retention_hours: float = Field(
+        168.0,
+        ge=0,
+        description="finished ingestion jobs are "
+        "forgotten this long after they end; 0 = keep forever",
+    )
+    min_free_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="uploads that would leave less free space on the data volume are refused (507)",
+    )
 
     # -- deployed shape: remote inference workers and the index backend ----------------------
-    worker_urls: str = Field("", description="comma-separated `refrain worker` URLs; "
-                             "empty = embed in this process")
+    worker_urls: str = Field(
+        "", description="comma-separated `refrain worker` URLs; empty = embed in this process"
+    )
     worker_timeout_s: float = Field(120.0, gt=0, description="longest wait for one embedding")
     worker_token: str = Field("", description="shared secret between the API and its workers")
     index_backend: str = Field("faiss", description="faiss (default) or milvus")
-    milvus_uri: str = Field("", description="Milvus server URI; empty = milvus-lite file "
-                            "inside the index directory")
+    milvus_uri: str = Field(
+        "", description="Milvus server URI; empty = milvus-lite file inside the index directory"
+    )
     milvus_token: str = Field("", description="Milvus credentials (user:password or token)")
     milvus_collection: str = Field("refrain_segments", description="Milvus collection name")
     milvus_index_type: str = Field("FLAT", description="Milvus index type: FLAT, IVF_FLAT, HNSW")

@@ -158,8 +158,9 @@ def build_items(
 ) -> list[Item]:
     """(filename, path) pairs + manifest -> validated items, in the order found."""
     if not found:
-        raise InvalidInput("no_audio_files",
-                       f"the request holds no audio files ({' '.join(AUDIO_EXTENSIONS)})")
+        raise InvalidInput(
+            "no_audio_files", f"the request holds no audio files ({' '.join(AUDIO_EXTENSIONS)})"
+        )
     names = [f for f, _ in found]
     dup_names = sorted(n for n, c in Counter(names).items() if c > 1)
     if dup_names:
@@ -167,8 +168,10 @@ def build_items(
     manifest = manifest or {}
     missing = sorted(set(manifest) - set(names))
     if missing:
-        raise InvalidInput("manifest_files_missing",
-                       f"the manifest names files that were not sent: {_listed(missing)}")
+        raise InvalidInput(
+            "manifest_files_missing",
+            f"the manifest names files that were not sent: {_listed(missing)}",
+        )
     items = []
     bad_ids = []
     for filename, path in found:
@@ -180,17 +183,20 @@ def build_items(
         problem = metadata_problem({**row, "title": title})
         if problem:
             raise InvalidInput("invalid_metadata", f"{filename[:200]!r}: {problem}")
-        items.append(Item(filename, path, owned, track_id, title, row.get("artist", ""),
-                          row.get("work_id")))
+        items.append(
+            Item(filename, path, owned, track_id, title, row.get("artist", ""), row.get("work_id"))
+        )
     if bad_ids:
-        raise InvalidInput("invalid_track_id",
+        raise InvalidInput(
+            "invalid_track_id",
             "track ids must be 1-200 characters of letters, digits, spaces and ._-:@+()' "
             f"(and '/' between parts), got {_listed(bad_ids)}",
         )
     dup_ids = sorted(t for t, c in Counter(i.track_id for i in items).items() if c > 1)
     if dup_ids:
-        raise InvalidInput("duplicate_track_id",
-                       f"track ids used by more than one file: {_listed(dup_ids)}")
+        raise InvalidInput(
+            "duplicate_track_id", f"track ids used by more than one file: {_listed(dup_ids)}"
+        )
     return items
 
 
@@ -198,9 +204,11 @@ def resolve_under(root: Path | None, path: str, what: str = "path") -> Path:
     """A client-given path, relative to the import root or absolute, resolved (symlinks
     too) and required to stay inside the root; 403 otherwise."""
     if root is None:
-        raise Forbidden("path_ingest_disabled",
-                       "ingestion by path is disabled; set REFRAIN_IMPORT_ROOT to the folder "
-                       "under which catalogs may be read")
+        raise Forbidden(
+            "path_ingest_disabled",
+            "ingestion by path is disabled; set REFRAIN_IMPORT_ROOT to the folder "
+            "under which catalogs may be read",
+        )
     if "\x00" in path:  # no file name holds one; the OS would refuse it
         raise InvalidInput("invalid_path", f"{what} {path[:200]!r} contains a NUL character")
     base = root.resolve()
@@ -212,8 +220,9 @@ def resolve_under(root: Path | None, path: str, what: str = "path") -> Path:
 
 def read_manifest_file(file: Path) -> bytes:
     if file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise TooLarge("manifest_too_large",
-                       f"{file.name} is larger than {MAX_MANIFEST_BYTES} bytes")
+        raise TooLarge(
+            "manifest_too_large", f"{file.name} is larger than {MAX_MANIFEST_BYTES} bytes"
+        )
     return file.read_bytes()
 
 
@@ -244,6 +253,7 @@ def scan_folder(
                 continue
             found.append((rel, file))
             if len(found) > max_files:
-                raise TooLarge("too_many_files",
-                               f"{folder} holds more than {max_files} audio files")
+                raise TooLarge(
+                    "too_many_files", f"{folder} holds more than {max_files} audio files"
+                )
     return found, ignored, manifests

@@ -53,10 +53,11 @@ class SpaceGuard:
     keep_free: int  # bytes that must stay free after the write
 
     def require(self, needed: int, what: str = "the upload") -> None:
-        """InsufficientStorage(insufficient_storage) unless `needed` more bytes leave `keep_free`."""
+        """InsufficientStorage unless `needed` more bytes leave `keep_free`."""
         free = free_bytes(self.path)
         if free - needed < self.keep_free:
-            raise InsufficientStorage("insufficient_storage",
+            raise InsufficientStorage(
+                "insufficient_storage",
                 f"{what} needs {needed} bytes, but the data volume has {free} bytes free and "
                 f"keeps {self.keep_free} in reserve (REFRAIN_MIN_FREE_BYTES); free some space "
                 "and send it again",

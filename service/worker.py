@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from refrain.model.embedder import Embedder, transposed
 from refrain.service.metrics import Metrics
 
@@ -64,8 +65,11 @@ class InferenceWorker:
     def submit(self, wave: np.ndarray, hop_s: float, shifts: Sequence[int] = (0,)) -> Future:
         """Queue a 1-D waveform at the model's rate; the future gives (len(shifts) * S, zdim)
         float32: the S segments embedded at each CQT shift in turn (see `transposed`)."""
-        job = _Job(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), hop_s,
-                   tuple(int(s) for s in shifts))
+        job = _Job(
+            torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
+            hop_s,
+            tuple(int(s) for s in shifts),
+        )
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -74,7 +78,10 @@ class InferenceWorker:
         return job.future
 
     def embed(
-        self, wave: np.ndarray, hop_s: float, timeout: float | None = None,
+        self,
+        wave: np.ndarray,
+        hop_s: float,
+        timeout: float | None = None,
         shifts: Sequence[int] = (0,),
     ) -> np.ndarray:
         return self.submit(wave, hop_s, shifts).result(timeout)

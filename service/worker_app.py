@@ -28,6 +28,7 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+
 from refrain.model.embedder import Embedder, load_model
 from refrain.service import errors
 from refrain.service.app import BodyLimitMiddleware, MetricsMiddleware
@@ -59,13 +60,17 @@ class WorkerState:
             device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.model = load_model(s.model, device=device)
             self.worker = InferenceWorker(
-                self.model, self.metrics, max_batch=s.max_batch,
-                max_wait_s=s.max_wait_ms / 1000, max_queue=s.max_queue,
+                self.model,
+                self.metrics,
+                max_batch=s.max_batch,
+                max_wait_s=s.max_wait_ms / 1000,
+                max_queue=s.max_queue,
             )
             self.ready.set()
             self.metrics.ready.set(1)
-            log.info("worker ready: model %s on %s", self.model.identity.weights_sha256[:12],
-                     device)
+            log.info(
+                "worker ready: model %s on %s", self.model.identity.weights_sha256[:12], device
+            )
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("worker failed to start: %s", self.load_error)
@@ -109,8 +114,12 @@ def create_worker_app(settings: Settings | None = None, load_in_background: bool
                 loader.join()
             state.close()
 
-    app = FastAPI(title="Refrain inference worker", version="0.1.0", lifespan=lifespan,
-                  description="Internal: audio samples in, CLEWS segment embeddings out.")
+    app = FastAPI(
+        title="Refrain inference worker",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Internal: audio samples in, CLEWS segment embeddings out.",
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.worker = state
@@ -124,8 +133,9 @@ def create_worker_app(settings: Settings | None = None, load_in_background: bool
     async def readyz() -> JSONResponse:
         if state.ready.is_set():
             assert state.worker is not None
-            return JSONResponse({"status": "ready", "identity": state.identity(),
-                                 "queue_depth": state.worker.depth})
+            return JSONResponse(
+                {"status": "ready", "identity": state.identity(), "queue_depth": state.worker.depth}
+            )
         body = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
@@ -140,21 +150,33 @@ def create_worker_app(settings: Settings | None = None, load_in_background: bool
             why = f" ({state.load_error})" if state.load_error else " (loading the model)"
             raise ApiError(503, "not_ready", f"worker is not ready{why}", {"Retry-After": "5"})
         if not (math.isfinite(hop) and MIN_HOP_S <= hop <= MAX_HOP_S):
-            raise ApiError(422, "invalid_parameter",
-                           f"hop must be in {MIN_HOP_S:g}..{MAX_HOP_S:g} seconds, got {hop}")
+            raise ApiError(
+                422,
+                "invalid_parameter",
+                f"hop must be in {MIN_HOP_S:g}..{MAX_HOP_S:g} seconds, got {hop}",
+            )
         shift_list = _shifts(shifts)
         wave = _pcm(await request.body(), state.max_samples)
         assert state.worker is not None
         z = await state.worker.embed_async(wave, hop, shift_list)
         identity = state.identity()
         if "application/json" in request.headers.get("accept", ""):
-            return JSONResponse({"identity": identity, "hop_s": hop, "shape": list(z.shape),
-                                 "embeddings": z.tolist()})
+            return JSONResponse(
+                {
+                    "identity": identity,
+                    "hop_s": hop,
+                    "shape": list(z.shape),
+                    "embeddings": z.tolist(),
+                }
+            )
         return Response(
-            np.ascontiguousarray(z, dtype="<f4").tobytes(), media_type="application/octet-stream",
-            headers={"X-Refrain-Shape": f"{z.shape[0]},{z.shape[1]}",
-                     "X-Refrain-Model": identity["weights_sha256"],
-                     "X-Refrain-Identity": json.dumps(identity, sort_keys=True)},
+            np.ascontiguousarray(z, dtype="<f4").tobytes(),
+            media_type="application/octet-stream",
+            headers={
+                "X-Refrain-Shape": f"{z.shape[0]},{z.shape[1]}",
+                "X-Refrain-Model": identity["weights_sha256"],
+                "X-Refrain-Identity": json.dumps(identity, sort_keys=True),
+            },
         )
 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
@@ -171,9 +193,12 @@ def _shifts(text: str) -> tuple[int, ...]:
     except ValueError:
         raise ApiError(422, "invalid_parameter", f"shifts must be integers, got {text!r}") from None
     if len(values) > 2 * MAX_SHIFT + 1 or any(abs(v) > MAX_SHIFT for v in values):
-        raise ApiError(422, "invalid_parameter",
-                       f"shifts must be at most {2 * MAX_SHIFT + 1} values in "
-                       f"-{MAX_SHIFT}..{MAX_SHIFT}, got {text!r}")
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"shifts must be at most {2 * MAX_SHIFT + 1} values in "
+            f"-{MAX_SHIFT}..{MAX_SHIFT}, got {text!r}",
+        )
     return values
 
 
@@ -183,18 +208,27 @@ def _authorize(request: Request, token: str) -> None:
     auth = request.headers.get("authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
     if not hmac.compare_digest(given.encode(), token.encode()):
-        raise ApiError(401, "unauthorized", "the worker token is missing or wrong",
-                       {"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "the worker token is missing or wrong",
+            {"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _pcm(body: bytes, max_samples: int) -> np.ndarray:
     """Request body -> 1-D float32 waveform, or a 422 that says what was wrong."""
     if not body or len(body) % 4:
-        raise ApiError(422, "bad_pcm", "expected a non-empty body of little-endian float32 "
-                       f"samples (a multiple of 4 bytes), got {len(body)} bytes")
+        raise ApiError(
+            422,
+            "bad_pcm",
+            "expected a non-empty body of little-endian float32 "
+            f"samples (a multiple of 4 bytes), got {len(body)} bytes",
+        )
     if len(body) // 4 > max_samples:
-        raise ApiError(422, "audio_too_long",
-                       f"expected at most {max_samples} samples, got {len(body) // 4}")
+        raise ApiError(
+            422, "audio_too_long", f"expected at most {max_samples} samples, got {len(body) // 4}"
+        )
     wave = np.frombuffer(body, dtype="<f4").astype(np.float32)
     if not np.isfinite(wave).all():
         raise ApiError(422, "bad_pcm", "the samples contain NaN or infinite values")

@@ -110,8 +110,12 @@ def small_disk(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                           check=False, capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
     except OSError as e:
         pytest.skip(f"cannot mount a tmpfs to fill: {e}")
     if r.returncode:

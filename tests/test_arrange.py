@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from refrain.model.corpus.arrange import (
     TEXTURES,
     Arrangement,

@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
+
 from refrain.model import audio
 from refrain.model.audio import (
     SAMPLE_RATE,

@@ -24,11 +24,29 @@ def load_bench():
 @pytest.mark.slow
 def test_search_bench_flat_is_exact(tmp_path):
     bench = load_bench()
-    rows = bench.main([
-        "--tracks", "200", "--factories", "Flat", "--reducer", "64:100", "512:20",
-        "--queries", "20", "--recall-queries", "20", "--verify", "3", "--zdim", "32",
-        "--workdir", str(tmp_path), "--disk-probe", "0",
-    ])  # raises SystemExit if the ground truth disagrees with exhaustive_rank
+    rows = bench.main(
+        [
+            "--tracks",
+            "200",
+            "--factories",
+            "Flat",
+            "--reducer",
+            "64:100",
+            "512:20",
+            "--queries",
+            "20",
+            "--recall-queries",
+            "20",
+            "--verify",
+            "3",
+            "--zdim",
+            "32",
+            "--workdir",
+            str(tmp_path),
+            "--disk-probe",
+            "0",
+        ]
+    )  # raises SystemExit if the ground truth disagrees with exhaustive_rank
     col = {name: i for i, name in enumerate(bench.HEADER)}
     got = {(r[col["data"]], r[col["k:cand"]]): r for r in rows}
     assert set(got) == {(d, rc) for d in ("clustered", "random") for rc in ("64:100", "512:20")}
@@ -56,21 +74,29 @@ def test_embedding_statistics_recover_the_parts_and_drive_the_model_dataset(tmp_
     stats_mod = load_script("embedding_stats")
     rng = np.random.default_rng(0)
     zdim = 16
-    scales = {"work": np.r_[np.full(2, 3.0), np.full(zdim - 2, 0.1)],  # 2 strong directions
-              "version": np.full(zdim, 0.5), "segment": np.full(zdim, 1.0)}
+    scales = {
+        "work": np.r_[np.full(2, 3.0), np.full(zdim - 2, 0.1)],  # 2 strong directions
+        "version": np.full(zdim, 0.5),
+        "segment": np.full(zdim, 1.0),
+    }
     tracks = {}
     for w in range(2000):
         centre = scales["work"] * rng.standard_normal(zdim)
-        tracks[f"w{w}"] = [centre + scales["version"] * rng.standard_normal(zdim)
-                           + scales["segment"] * rng.standard_normal((8, zdim))
-                           for _ in range(4)]
+        tracks[f"w{w}"] = [
+            centre
+            + scales["version"] * rng.standard_normal(zdim)
+            + scales["segment"] * rng.standard_normal((8, zdim))
+            for _ in range(4)
+        ]
     stats = stats_mod.decompose(tracks)
     var = {p: (s**2).sum() for p, s in scales.items()}
     # each part is estimated from means over 4 versions x 8 segments, which carry the
     # finer parts' variance along
-    want = {"work": var["work"] + var["version"] / 4 + var["segment"] / 32,
-            "version": (var["version"] + var["segment"] / 8) * 3 / 4,
-            "segment": var["segment"] * 7 / 8}
+    want = {
+        "work": var["work"] + var["version"] / 4 + var["segment"] / 32,
+        "version": (var["version"] + var["segment"] / 8) * 3 / 4,
+        "segment": var["segment"] * 7 / 8,
+    }
     for part, v in want.items():
         assert stats[f"{part}_spectrum"].sum() == pytest.approx(v, rel=0.1)
     assert stats_mod.participation_ratio(stats["work_spectrum"]) < 3
@@ -84,7 +110,8 @@ def test_embedding_statistics_recover_the_parts_and_drive_the_model_dataset(tmp_
     assert x.shape == (400, bench.SEGMENTS, zdim)
     own = x.mean(axis=1, keepdims=True)
     assert ((x - own) ** 2).sum(-1).mean() == pytest.approx(
-        stats["segment_spectrum"].sum() * (1 - 1 / bench.SEGMENTS), rel=0.1)
+        stats["segment_spectrum"].sum() * (1 - 1 / bench.SEGMENTS), rel=0.1
+    )
     queries, sources = ds.queries(20)
     assert queries.shape == (20, bench.QUERY_SEGMENTS, zdim) and len(set(sources)) == 20
     with pytest.raises(SystemExit, match="zdim"):

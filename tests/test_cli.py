@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
 from refrain.model import load_model
 from refrain.service.cli import main
 
@@ -35,7 +36,7 @@ def test_embed_many_equals_embed_per_file(model_a):
     waves = [rng.standard_normal(int(s * 16000)).astype(np.float32) * 0.1 for s in (3, 25, 61, 40)]
     single = [model_a.embed(w, hop=5.0) for w in waves]
     batched = model_a.embed_many(waves, hop=5.0, batch_size=7)
-    for a, b in zip(single, batched):
+    for a, b in zip(single, batched, strict=False):
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-5
 
@@ -67,8 +68,10 @@ def test_cli_convert_then_embed(tmp_path, model_a):
     wav = tmp_path / "x.wav"
     rng = np.random.default_rng(0)
     sf.write(wav, rng.standard_normal(16000 * 7).astype(np.float32) * 0.2, 16000)
-    assert main(["embed", str(wav), "--out", str(tmp_path / "o"), "--checkpoint",
-                 str(tmp_path / "m")]) == 0
+    assert (
+        main(["embed", str(wav), "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "m")])
+        == 0
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "o" / "x.npy"), model_a.embed(wav))
 
 
@@ -98,3 +101,31 @@ def test_untrained_model_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="refrain"):
         load_model(tmp_path / "m")
     assert "untrained" in caplog.text
+
+
+def test_every_command_answers_help(capsys):
+    for argv in (
+        ["-h"],
+        ["corpus", "-h"],
+        ["corpus", "render", "-h"],
+        ["index", "build", "-h"],
+        ["ingest", "-h"],
+        ["train", "-h"],
+        ["evaluate", "-h"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0, argv
+        assert "usage: refrain" in capsys.readouterr().out, argv
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "music21", None)  # as if `refrain[train]` were not installed
+    for name in [m for m in sys.modules if m.startswith("music21.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    code = main(["corpus", "works", "--catalogue", str(tmp_path / "facts.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "music21" in err and "pip install 'refrain[train]'" in err

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from scipy import signal
+
 from refrain.model.corpus import degrade
 from refrain.model.corpus.catalogue import BachGuard, Facts, split_of
 from refrain.model.corpus.degrade import Band, Compressor, Eq, Mp3, Noise, Reverb
 from refrain.model.corpus.midi import TICKS_PER_SECOND, version_events, version_midi
 from refrain.model.corpus.versions import FAMILIES, VersionOptions, VersionParams, sample_version
 from refrain.model.corpus.works import Part, Work
-from scipy import signal
 
 SR = 16000
 
@@ -232,7 +233,7 @@ def test_bach_guard_recognises_chorale_tunes_elsewhere():
     chorale, melody = next((k, m) for k, m in guard.melodies.items() if len(m["intervals"]) > 30)
     copy = Facts("essenFolksong/x.abc#1", intervals=tuple(melody["intervals"]))
     assert guard.match(copy) == chorale
-    varied = Facts("essenFolksong/x.abc#2", intervals=(5, -5) + tuple(melody["intervals"][2:]))
+    varied = Facts("essenFolksong/x.abc#2", intervals=(5, -5, *tuple(melody["intervals"][2:])))
     assert guard.match(varied) is not None
     other = Facts("essenFolksong/x.abc#3", intervals=tuple([2, 2, 1, -5, 7, -3, 12] * 6))
     assert guard.match(other) is None
@@ -269,11 +270,22 @@ def test_selection_skips_reserved_short_derived_and_duplicate_works(monkeypatch)
     first = cat.select_works(1, catalogue, cat.SelectOptions("default"), guard=guard)
     assert [f.id for f in first.works] == ["ryansMammoth/b.abc"]
     # --min-parts: only works written in at least that many parts
-    catalogue.add([Facts("palestrina/m.krn", title="Kyrie", seconds=90.0, notes=400, parts=4,
-                         intervals=tune[5:])])
+    catalogue.add(
+        [
+            Facts(
+                "palestrina/m.krn",
+                title="Kyrie",
+                seconds=90.0,
+                notes=400,
+                parts=4,
+                intervals=tune[5:],
+            )
+        ]
+    )
     sources.append(cat.Source("palestrina/m.krn"))
-    parts = cat.select_works(None, catalogue, cat.SelectOptions("default", min_parts=3),
-                             guard=guard)
+    parts = cat.select_works(
+        None, catalogue, cat.SelectOptions("default", min_parts=3), guard=guard
+    )
     assert [f.id for f in parts.works] == ["palestrina/m.krn"]
     assert parts.rejected["ryansMammoth/b.abc"] == "too few parts"
 
@@ -392,9 +404,11 @@ def test_families_collapse_copies_of_one_harmonisation(chorales):
     tunes = select_families(_melodies(works.values()), list(works), None, load, 2, rejected)
     (family,) = tunes.families  # the twins are one harmonisation: too few
     assert family.members == sorted(_HERZLICH) and tunes.singles == 2
-    assert family.id.startswith("t") and family.id == select_families(
-        _melodies(works.values()), list(works), None, load, 2
-    ).families[0].id
+    assert (
+        family.id.startswith("t")
+        and family.id
+        == select_families(_melodies(works.values()), list(works), None, load, 2).families[0].id
+    )
     assert rejected[_TWINS[0]].startswith("tune with fewer than 2")
     everything = select_families(_melodies(works.values()), list(works), None, load, 1, {})
     by_members = {tuple(f.members): f for f in everything.families}
@@ -499,7 +513,7 @@ def test_tiny_corpus_is_deterministic_and_resumable(corpus):
     build_corpus(again, progress=False)
     first, second = _rows(options.out), _rows(again.out)
     assert first == second
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=False):
         assert (options.out / a["path"]).read_bytes() == (again.out / b["path"]).read_bytes()
     assert [r["params"] for r in _records(options.out)] == [
         r["params"] for r in _records(again.out)

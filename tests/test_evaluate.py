@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+
 from refrain.model import load_model
 from refrain.model.evaluate import EvalOptions, Item, evaluate, evaluate_detailed, read_manifest
 from refrain.service.cli import main
@@ -332,7 +333,7 @@ def test_cli_end_to_end(dataset, tmp_path, capsys):
 
 def test_cli_reports_bad_options_without_traceback(dataset, capsys):
     argv = ["evaluate", "--manifest", str(dataset), "--checkpoint", str(CKPT)]
-    assert main(argv + ["--query-seconds", "5,x"]) == 2
+    assert main([*argv, "--query-seconds", "5,x"]) == 2
     assert "query lengths" in capsys.readouterr().err
-    assert main(argv + ["--reduction", "nearest"]) == 2
+    assert main([*argv, "--reduction", "nearest"]) == 2
     assert "unknown reduction" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from refrain.index import (
     AddResult,
     IdentityMismatchError,
@@ -519,9 +520,14 @@ def test_transposed_query_is_ranked_by_its_best_key(index):
     # The same as an exhaustive comparison over every track and key.
     exact = exhaustive_rank(index, query, "min", 5)
     assert [t for t, _ in exact] == [h.track.track_id for h in hits]
-    np.testing.assert_allclose([d for _, d in exact], [h.distance for h in hits], rtol=1e-5, atol=1e-6)  # float32 rounding near 0
+    np.testing.assert_allclose(
+        [d for _, d in exact], [h.distance for h in hits], rtol=1e-5, atol=1e-6
+    )  # float32 rounding near 0
     # Without the key shifts the target is not found first.
     plain = QuerySegments(blocks[0], starts, 20.0, 30.0)
-    assert rank_tracks(index, plain, SearchOptions(top_k=5, reduction="min"))[0].track.track_id != target
+    assert (
+        rank_tracks(index, plain, SearchOptions(top_k=5, reduction="min"))[0].track.track_id
+        != target
+    )
     with pytest.raises(ValueError, match="shifts"):
         QuerySegments(blocks[0], starts, 20.0, 30.0, shifts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+
 from refrain.index import IndexOptions, TrackRecord, open_index
 
 ZDIM = 32
@@ -196,16 +197,19 @@ def test_fast_scan_pq_serves_the_exact_track_ranking(tmp_path):
         for record, _, _ in tracks[:10]:
             ix.delete_track(record.track_id)
         record, vectors, starts = tracks[10]
-        ix.replace_track(TrackRecord(record.track_id, content_sha256="new"), vectors[::-1] + 1,
-                         starts)
+        ix.replace_track(
+            TrackRecord(record.track_id, content_sha256="new"), vectors[::-1] + 1, starts
+        )
     with open_index(path, IDENTITY) as ix:
         assert len(ix) == 190
         q = queries(12).reshape(4, 3, ZDIM)
         for vectors in q:
             query = QuerySegments(vectors, np.arange(3) * 5.0, 20.0, 30.0)
-            hits = rank_tracks(ix, query, SearchOptions(top_k=K, k=256, candidates=40,
-                                                        reduction="min"))
+            hits = rank_tracks(
+                ix, query, SearchOptions(top_k=K, k=256, candidates=40, reduction="min")
+            )
             want = exhaustive_rank(ix, query, "min", K)
             assert [h.track.track_id for h in hits] == [t for t, _ in want]
-            np.testing.assert_allclose([h.distance for h in hits], [d for _, d in want],
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                [h.distance for h in hits], [d for _, d in want], rtol=1e-5, atol=1e-6
+            )

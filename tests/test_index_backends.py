@@ -9,6 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from test_index import (
+    IDENTITY,
+    ZDIM,
+    exact_neighbours,
+    fill,
+    list_all,
+    make_track,
+    segment_ids_of,
+)
+
 from refrain.index import (
     AddResult,
     CorruptIndexError,
@@ -21,15 +31,6 @@ from refrain.index import (
     open_index,
 )
 from refrain.index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
-from test_index import (
-    IDENTITY,
-    ZDIM,
-    exact_neighbours,
-    fill,
-    list_all,
-    make_track,
-    segment_ids_of,
-)
 
 HAVE_MILVUS = all(importlib.util.find_spec(m) for m in ("pymilvus", "milvus_lite"))
 needs_milvus = pytest.mark.skipif(
@@ -247,8 +248,10 @@ def test_search_concurrently_with_writes(index):
 
 
 def test_reducer_ranks_identically_on_both_backends(tmp_path, backend):
-    with open_backend("faiss", tmp_path / "faiss") as ref, \
-            open_backend(backend, tmp_path / "other") as ix:
+    with (
+        open_backend("faiss", tmp_path / "faiss") as ref,
+        open_backend(backend, tmp_path / "other") as ix,
+    ):
         fill(ref, 30, seed=2)
         fill(ix, 30, seed=2)
         rng = np.random.default_rng(6)
@@ -260,11 +263,13 @@ def test_reducer_ranks_identically_on_both_backends(tmp_path, backend):
             want = rank_tracks(ref, query, opts)
             got = rank_tracks(ix, query, opts)
             assert [h.track.track_id for h in got] == [h.track.track_id for h in want]
-            np.testing.assert_allclose([h.distance for h in got], [h.distance for h in want],
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                [h.distance for h in got], [h.distance for h in want], rtol=1e-5
+            )
             assert [h.matches for h in got] == [h.matches for h in want]
-            assert [t for t, _ in exhaustive_rank(ix, query, "bpwr-3", 5)] == \
-                [t for t, _ in exhaustive_rank(ref, query, "bpwr-3", 5)]
+            assert [t for t, _ in exhaustive_rank(ix, query, "bpwr-3", 5)] == [
+                t for t, _ in exhaustive_rank(ref, query, "bpwr-3", 5)
+            ]
 
 
 # -- Milvus only --------------------------------------------------------------------------
@@ -280,12 +285,20 @@ def test_milvus_top10_matches_exact_faiss(tmp_path):
     for i in range(300):
         n = int(rng.integers(4, 12))
         v = centres[rng.integers(40, size=n)] + 0.5 * rng.standard_normal((n, 64))
-        tracks.append((TrackRecord(f"t{i:03d}", content_sha256=str(i)), v.astype(np.float32),
-                       np.arange(n) * 5.0))
-    queries = (centres[rng.integers(40, size=50)]
-               + 0.5 * rng.standard_normal((50, 64))).astype(np.float32)
-    with open_index(tmp_path / "faiss", identity, "Flat") as ref, \
-            open_backend("milvus", tmp_path / "milvus", identity) as ix:
+        tracks.append(
+            (
+                TrackRecord(f"t{i:03d}", content_sha256=str(i)),
+                v.astype(np.float32),
+                np.arange(n) * 5.0,
+            )
+        )
+    queries = (centres[rng.integers(40, size=50)] + 0.5 * rng.standard_normal((50, 64))).astype(
+        np.float32
+    )
+    with (
+        open_index(tmp_path / "faiss", identity, "Flat") as ref,
+        open_backend("milvus", tmp_path / "milvus", identity) as ix,
+    ):
         for record, v, s in tracks:
             ref.add_track(record, v, s)
             ix.add_track(record, v, s)
@@ -348,18 +361,23 @@ def test_milvus_collection_of_another_model_or_catalog_is_refused(tmp_path):
 @pytest.mark.slow
 @needs_milvus
 def test_service_on_the_milvus_backend(live_server, tmp_path):
-    from conftest import CKPT_A
-    from helpers import SR, encode, synth_song
     from refrain.service.settings import Settings
 
-    settings = Settings(data_dir=tmp_path / "data", model=str(CKPT_A), open_writes=True,
-                        index_backend="milvus")
+    from conftest import CKPT_A
+    from helpers import SR, encode, synth_song
+
+    settings = Settings(
+        data_dir=tmp_path / "data", model=str(CKPT_A), open_writes=True, index_backend="milvus"
+    )
     songs = [synth_song(30.0, seed) for seed in (21, 22)]
     server = live_server(settings)
     with server.client() as c:
         for i, song in enumerate(songs):
-            r = c.post("/v1/tracks", data={"track_id": f"m{i}"},
-                       files={"audio": ("a.flac", encode(song, "flac"))})
+            r = c.post(
+                "/v1/tracks",
+                data={"track_id": f"m{i}"},
+                files={"audio": ("a.flac", encode(song, "flac"))},
+            )
             assert r.status_code == 201, r.text
         clip = encode(songs[1][5 * SR : 17 * SR], "wav")
         r = c.post("/v1/search", files={"audio": ("c.wav", clip)})

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from refrain.index import CorruptIndexError, TrackRecord, open_index
 
 ZDIM = 8

@@ -7,6 +7,8 @@ import sqlite3
 
 import numpy as np
 import pytest
+from test_index_journal import IDENTITY, assert_tracks, build, vectors_of
+
 from refrain.index import (
     CatalogUnavailableError,
     CorruptIndexError,
@@ -15,7 +17,6 @@ from refrain.index import (
     open_index,
 )
 from refrain.index.catalog import Catalog
-from test_index_journal import IDENTITY, assert_tracks, build, vectors_of
 
 
 def snapshot_files(path) -> dict[str, bytes]:

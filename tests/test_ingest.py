@@ -17,11 +17,13 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import CKPT_A, DATA, LiveServer
+
 from refrain.service import ingest_cli
 from refrain.service.archive import ArchiveLimits, extract_archive
 from refrain.service.exceptions import RefrainError, TooLarge
 from refrain.service.settings import Settings
+
+from conftest import CKPT_A, DATA, LiveServer
 
 KEY = {"Authorization": "Bearer k1"}
 FORMATS = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3", ".ogg": "OGG"}
@@ -39,8 +41,9 @@ def clip(path: Path, seconds: float = 6.0) -> Path:
     start = int((n * 2.5) % 60 * sr)
     gain = 0.5 + 0.05 * (n // 24)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, x[start : start + int(seconds * sr)] * gain, sr,
-             format=FORMATS[path.suffix.lower()])
+    sf.write(
+        path, x[start : start + int(seconds * sr)] * gain, sr, format=FORMATS[path.suffix.lower()]
+    )
     return path
 
 
@@ -56,8 +59,9 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(root):
-    srv = LiveServer(settings(root / "data", import_root=root / "imports",
-                              max_archive_bytes=50 << 20))
+    srv = LiveServer(
+        settings(root / "data", import_root=root / "imports", max_archive_bytes=50 << 20)
+    )
     yield srv
     srv.stop()
 
@@ -123,7 +127,7 @@ def test_bad_requests_are_refused_before_a_job_exists(client, root, tmp_path):
     assert r.status_code == 415
     r = client.post("/v1/ingest", files={"archive": ("a.zip", a.read_bytes())})
     assert r.status_code == 422 and r.json()["error"]["code"] == "bad_archive"
-    r = client.post("/v1/ingest", files=upload([a]) + [("archive", ("a.zip", b"PK"))])
+    r = client.post("/v1/ingest", files=[*upload([a]), ("archive", ("a.zip", b"PK"))])
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
     assert jobs_leftovers(root) == []
 
@@ -133,8 +137,10 @@ def test_bad_requests_are_refused_before_a_job_exists(client, root, tmp_path):
 
 def test_files_with_manifest_then_same_catalog_adds_nothing(client, tmp_path):
     paths = [clip(tmp_path / f"song{i}{ext}") for i, ext in enumerate(FORMATS)]
-    manifest = ("filename,track_id,title,artist,work_id\n"
-                "song0.wav,m-0,First,Ann,W1\nsong2.mp3,m-2,Third,,W1\n")
+    manifest = (
+        "filename,track_id,title,artist,work_id\n"
+        "song0.wav,m-0,First,Ann,W1\nsong2.mp3,m-2,Third,,W1\n"
+    )
     before = n_tracks(client)
     r = client.post("/v1/ingest", files=upload(paths), data={"manifest": manifest})
     assert r.status_code == 202, r.text
@@ -157,7 +163,7 @@ def test_files_with_manifest_then_same_catalog_adds_nothing(client, tmp_path):
 
 def test_corrupt_file_fails_alone(client, root, tmp_path):
     good = [clip(tmp_path / "ok1.wav"), clip(tmp_path / "ok2.flac")]
-    files = upload(good) + [("files", ("broken.mp3", b"ID3" + bytes(400), "audio/mpeg"))]
+    files = [*upload(good), ("files", ("broken.mp3", b"ID3" + bytes(400), "audio/mpeg"))]
     job = wait_job(client, client.post("/v1/ingest", files=files).json()["job_id"])
     assert job["state"] == "done"
     assert job["counts"]["done"] == 2 and job["counts"]["failed"] == 1
@@ -188,9 +194,14 @@ def test_zip_and_targz_with_manifest_inside(client, tmp_path):
         zf.write(a, "a.wav")
         zf.write(b, "sub/b.ogg")
         zf.writestr("notes.txt", "not audio")
-        zf.writestr("manifest.json", json.dumps([
-            {"filename": "sub/b.ogg", "track_id": "zip-b", "title": "Bee", "work_id": "W9"},
-        ]))
+        zf.writestr(
+            "manifest.json",
+            json.dumps(
+                [
+                    {"filename": "sub/b.ogg", "track_id": "zip-b", "title": "Bee", "work_id": "W9"},
+                ]
+            ),
+        )
     r = client.post("/v1/ingest", files={"archive": ("cat.zip", buf.getvalue())})
     assert r.status_code == 202, r.text
     assert r.json()["ignored"] == 1
@@ -248,8 +259,10 @@ def test_tar_with_links_or_absolute_paths_is_refused(client, root, kind):
 def test_decompression_bombs_are_refused(client, root):
     zeros = bytes(1 << 20)
     buf = io.BytesIO()
-    with (zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf,
-          zf.open("bomb.wav", "w", force_zip64=True) as f):
+    with (
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf,
+        zf.open("bomb.wav", "w", force_zip64=True) as f,
+    ):
         for _ in range(200):  # 200 MB of zeros, ~200 kB compressed
             f.write(zeros)
     assert len(buf.getvalue()) < 2 << 20
@@ -283,12 +296,23 @@ def _zip(members: dict[str, bytes], symlink: str | None = None) -> io.BytesIO:
 
 def test_extract_archive_rules(tmp_path):
     limits = ArchiveLimits(max_files=5, max_bytes=1 << 20)
-    out = extract_archive(_zip({
-        "a.WAV": b"1", "dir/b.flac": b"22", "__MACOSX/._a.WAV": b"x", "dir/manifest.csv": b"",
-        "manifest.csv": b"filename\n",
-    }), tmp_path, limits)
-    assert [(n, p.name) for n, p in out.files] == [("a.WAV", "000000.wav"),
-                                                   ("dir/b.flac", "000001.flac")]
+    out = extract_archive(
+        _zip(
+            {
+                "a.WAV": b"1",
+                "dir/b.flac": b"22",
+                "__MACOSX/._a.WAV": b"x",
+                "dir/manifest.csv": b"",
+                "manifest.csv": b"filename\n",
+            }
+        ),
+        tmp_path,
+        limits,
+    )
+    assert [(n, p.name) for n, p in out.files] == [
+        ("a.WAV", "000000.wav"),
+        ("dir/b.flac", "000001.flac"),
+    ]
     assert out.manifest == ("manifest.csv", b"filename\n") and out.ignored == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.wav", "000001.flac"]
     with pytest.raises(RefrainError) as e:
@@ -323,8 +347,12 @@ def test_path_ingestion_inside_the_root_only(client, root, tmp_path):
     outside = tmp_path / "secret"
     clip(outside / "s.wav")
     (root / "imports" / "escape").symlink_to(outside)
-    for body in ({"path": "../"}, {"path": str(outside)}, {"path": "escape"},
-                 {"path": "cat", "manifest": "../../x.csv"}):
+    for body in (
+        {"path": "../"},
+        {"path": str(outside)},
+        {"path": "escape"},
+        {"path": "cat", "manifest": "../../x.csv"},
+    ):
         r = client.post("/v1/ingest", json=body)
         assert r.status_code == 403, (body, r.text)
         assert r.json()["error"]["code"] == "path_forbidden"
@@ -407,12 +435,24 @@ def test_ingest_cli_uploads_and_resumes(server, client, tmp_path, capsys):
     cat = tmp_path / "catalog"
     for name in ("c1.wav", "c2.ogg", "nested/c3.flac"):
         clip(cat / name)
-    (cat / "list.csv").write_text("path,track_id,title,artist,work_id\n"
-                                  "c1.wav,cli-1,One,Band,W7\nc2.ogg,cli-2,,,\n"
-                                  "nested/c3.flac,,,,\n")
+    (cat / "list.csv").write_text(
+        "path,track_id,title,artist,work_id\n"
+        "c1.wav,cli-1,One,Band,W7\nc2.ogg,cli-2,,,\n"
+        "nested/c3.flac,,,,\n"
+    )
     before = n_tracks(client)
-    argv = ("ingest", str(cat / "list.csv"), "--url", server.url, "--api-key", "k1",
-            "--batch", "2", "--poll", "0.1")
+    argv = (
+        "ingest",
+        str(cat / "list.csv"),
+        "--url",
+        server.url,
+        "--api-key",
+        "k1",
+        "--batch",
+        "2",
+        "--poll",
+        "0.1",
+    )
     assert cli(*argv) == 0
     out = capsys.readouterr().out
     assert "added 3" in out
@@ -439,13 +479,22 @@ def test_ingest_cli_retries_connection_errors_and_503(tmp_path, monkeypatch):
     clip(tmp_path / "r" / "r1.wav")
     entries = ingest_cli.read_catalog(tmp_path / "r")
     calls, waits = [], []
-    replies = iter([
-        httpx.ConnectError("refused"),
-        httpx.Response(503, headers={"Retry-After": "7"}, json={"error": {}}),
-        httpx.Response(202, json={"job_id": "j1", "state": "queued", "total": 1}),
-        httpx.Response(200, json={"job_id": "j1", "state": "done", "errors": [], "counts": {
-            "total": 1, "pending": 0, "done": 1, "failed": 0, "skipped": 0}}),
-    ])
+    replies = iter(
+        [
+            httpx.ConnectError("refused"),
+            httpx.Response(503, headers={"Retry-After": "7"}, json={"error": {}}),
+            httpx.Response(202, json={"job_id": "j1", "state": "queued", "total": 1}),
+            httpx.Response(
+                200,
+                json={
+                    "job_id": "j1",
+                    "state": "done",
+                    "errors": [],
+                    "counts": {"total": 1, "pending": 0, "done": 1, "failed": 0, "skipped": 0},
+                },
+            ),
+        ]
+    )
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append((request.method, request.url.path))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CKPT_A, free_port
 from test_ingest import KEY, clip, upload
+
+from conftest import CKPT_A, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 N_FILES = 20
@@ -25,13 +26,32 @@ class Service:
     def __init__(self, data: Path, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "REFRAIN_DATA_DIR": str(data), "REFRAIN_MODEL": str(CKPT_A),
-               "REFRAIN_API_KEYS": "k1", "REFRAIN_OPEN_WRITES": "false"}
+        env = {
+            **os.environ,
+            "REFRAIN_DATA_DIR": str(data),
+            "REFRAIN_MODEL": str(CKPT_A),
+            "REFRAIN_API_KEYS": "k1",
+            "REFRAIN_OPEN_WRITES": "false",
+        }
         self.log = open(log, "ab")  # noqa: SIM115 - open for the process's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "refrain.service.app:create_app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "refrain.service.app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         self.wait_ready()
 

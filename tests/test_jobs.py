@@ -9,13 +9,15 @@ import time
 from pathlib import Path
 
 import soundfile as sf
-from conftest import CKPT_A, DATA, LiveServer
+
 from refrain.service import jobs as jobs_module
 from refrain.service.jobs import JobManager
 from refrain.service.jobstore import ItemState
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings
 from refrain.service.sources import Item
+
+from conftest import CKPT_A, DATA, LiveServer
 
 HOUR = 3600.0
 KEY = {"Authorization": "Bearer k1"}
@@ -24,6 +26,7 @@ KEY = {"Authorization": "Bearer k1"}
 def manager(data: Path, **kw) -> JobManager:
     """A started JobManager over a real job folder and SQLite store; its engine is never
     ready, so the workers leave every job as the test puts it."""
+
     def never(item, replace):
         raise AssertionError("a job was processed while the engine was not ready")
 
@@ -51,8 +54,10 @@ def sql(data: Path, query: str, *args) -> list[tuple]:
 def age(data: Path, job_id: str, hours: float) -> None:
     """Move a job's creation and end `hours` into the past."""
     with sqlite3.connect(data / "jobs" / "jobs.sqlite") as db:
-        db.execute("UPDATE jobs SET created = created - ?, finished = finished - ? WHERE id = ?",
-                   (hours * HOUR, hours * HOUR, job_id))
+        db.execute(
+            "UPDATE jobs SET created = created - ?, finished = finished - ? WHERE id = ?",
+            (hours * HOUR, hours * HOUR, job_id),
+        )
 
 
 def spooled(data: Path, job_id: str) -> list[str]:

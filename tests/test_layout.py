@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from refrain.index import SegmentStore, TrackRecord, open_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,22 +23,31 @@ HTTP_LAYER = {"app.py", "errors.py", "auth.py", "deps.py", "worker_app.py"}
 def test_the_wheel_installs_one_top_level_package(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, timeout=600,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     (wheel,) = tmp_path.glob("refrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"refrain"}, top
-    for module in ("refrain/__init__.py", "refrain/model/embedder.py", "refrain/index/store.py",
-                   "refrain/service/engine.py", "refrain/model/weights/default/config.json",
-                   "refrain/model/corpus/bach_melodies.json"):
+    for module in (
+        "refrain/__init__.py",
+        "refrain/model/embedder.py",
+        "refrain/index/store.py",
+        "refrain/service/engine.py",
+        "refrain/model/weights/default/config.json",
+        "refrain/model/corpus/bach_melodies.json",
+    ):
         assert module in names, module
 
 
 def test_the_public_names_import_lazily():
-    code = ("import sys, refrain.index; assert 'torch' not in sys.modules; "
-            "from refrain import load_model, open_index; import refrain; "
-            "print(refrain.__version__, load_model.__module__, open_index.__module__)")
+    code = (
+        "import sys, refrain.index; assert 'torch' not in sys.modules; "
+        "from refrain import load_model, open_index; import refrain; "
+        "print(refrain.__version__, load_model.__module__, open_index.__module__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[1:] == ["refrain.model.embedder", "refrain.index.store"]
 
@@ -52,7 +62,9 @@ def _http_names(path: Path) -> list[str]:
                 found.append(node.module)
             found += [a.name for a in node.names if a.name == "ApiError"]
         elif isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.split(".")[0] in ("fastapi", "starlette")]
+            found += [
+                a.name for a in node.names if a.name.split(".")[0] in ("fastapi", "starlette")
+            ]
         elif isinstance(node, ast.Name) and node.id == "ApiError":
             found.append("ApiError")
     return found
@@ -77,8 +89,11 @@ def test_the_core_maps_every_domain_error_to_one_status():
     from refrain.service import exceptions as ex
     from refrain.service.errors import STATUS, classify
 
-    kinds = [c for c in vars(ex).values()
-             if isinstance(c, type) and issubclass(c, ex.RefrainError) and c is not ex.RefrainError]
+    kinds = [
+        c
+        for c in vars(ex).values()
+        if isinstance(c, type) and issubclass(c, ex.RefrainError) and c is not ex.RefrainError
+    ]
     for kind in kinds:
         err = classify(kind("some_code", "a message"))
         assert err.code == "some_code" and err.message == "a message"
@@ -92,15 +107,19 @@ def test_both_backends_are_segment_stores(tmp_path):
     with open_index(tmp_path / "faiss", identity) as faiss_store:
         assert isinstance(faiss_store, SegmentStore)
         rng = np.random.default_rng(0)
-        faiss_store.add_track(TrackRecord("a"), rng.standard_normal((3, 8), dtype=np.float32),
-                              np.arange(3.0))
+        faiss_store.add_track(
+            TrackRecord("a"), rng.standard_normal((3, 8), dtype=np.float32), np.arange(3.0)
+        )
         with pytest.raises(ValueError, match="repeated"):
-            faiss_store.add_tracks([(TrackRecord("b"), np.zeros((1, 8), np.float32), np.zeros(1))] * 2)
+            faiss_store.add_tracks(
+                [(TrackRecord("b"), np.zeros((1, 8), np.float32), np.zeros(1))] * 2
+            )
     pytest.importorskip("milvus_lite")
     from refrain.index.milvus import open_milvus_index
 
     with open_milvus_index(tmp_path / "milvus", identity) as milvus_store:
         assert isinstance(milvus_store, SegmentStore)
         with pytest.raises(ValueError, match="repeated"):
-            milvus_store.add_tracks([(TrackRecord("b"), np.zeros((1, 8), np.float32),
-                                      np.zeros(1))] * 2)
+            milvus_store.add_tracks(
+                [(TrackRecord("b"), np.zeros((1, 8), np.float32), np.zeros(1))] * 2
+            )

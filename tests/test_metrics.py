@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from refrain.model import metrics
 from refrain.model.metrics import (
     Estimate,
@@ -108,7 +109,7 @@ def ref_rank_percentile(d, rel):
 
 def test_matches_reference_formulas_on_random_data():
     rng = np.random.default_rng(0)
-    for trial in range(200):
+    for _trial in range(200):
         n = int(rng.integers(2, 60))
         d = rng.random(n)
         rel = rng.random(n) < rng.uniform(0.05, 0.6)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
 from refrain.model import CheckpointError, ModelConfig, load_model
 from refrain.model.checkpoint import convert, load_checkpoint, save_refrain
 from refrain.model.config import BackboneConfig, CQTConfig, FrontendConfig, ShinglingConfig
@@ -43,6 +44,7 @@ def test_reproduces_official_embeddings(model_a, ref, hop, decoder):
     expected = np.load(FIXTURE_A / ref["file"])
     if decoder == "soundfile":
         import soundfile as sf
+
         from refrain.model.audio import resample
 
         x, sr = sf.read(audio, dtype="float32", always_2d=True)
@@ -188,8 +190,15 @@ def test_other_official_sizes_load_and_match_literal_computation(tmp_path):
     )
     (tmp_path / "configuration.yaml").write_text(yaml.safe_dump(conf))
     torch.save(
-        {"model": net.state_dict(), "optim": {}, "sched": {}, "conf": None, "epoch": 2,
-         "lr": 1e-4, "cost_best": 0.5},
+        {
+            "model": net.state_dict(),
+            "optim": {},
+            "sched": {},
+            "conf": None,
+            "epoch": 2,
+            "lr": 1e-4,
+            "cost_best": 0.5,
+        },
         tmp_path / "checkpoint_best.ckpt",
     )
     model = load_model(tmp_path / "checkpoint_best.ckpt")

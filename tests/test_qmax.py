@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-import refrain.model.qmax as qmax_module
 import soundfile as sf
-from helpers import SR, pitch_shift, synth_song, time_stretch
+
+import refrain.model.qmax as qmax_module
 from refrain.model.audio import resample
 from refrain.model.evaluate import Item, evaluate_detailed
 from refrain.model.qmax import (
@@ -24,6 +24,8 @@ from refrain.model.qmax import (
     qmax_pair,
 )
 from refrain.service.cli import build_parser, main
+
+from helpers import SR, pitch_shift, synth_song, time_stretch
 
 pytest.importorskip("librosa")  # the train extra
 
@@ -146,7 +148,7 @@ def test_process_pool_gives_the_same_matrices(monkeypatch, chromas):
     local, cost = QmaxScorer(workers=1).distances(queries, chromas)
     monkeypatch.setattr(qmax_module, "_POOL_MIN_CELLS", 0)
     pooled, pool_cost = QmaxScorer(workers=2).distances(queries, chromas)
-    for a, b in zip(local, pooled):
+    for a, b in zip(local, pooled, strict=False):
         np.testing.assert_array_equal(a, b)
     assert (cost.workers, pool_cost.workers, pool_cost.pairs) == (1, 2, 32)
 
@@ -155,11 +157,11 @@ def test_baseline_option_values():
     parser = build_parser()
     base = ["evaluate", "--manifest", "m.csv"]
     assert parser.parse_args(base).baseline is None
-    assert parser.parse_args(base + ["--baseline"]).baseline == "2dftm"
-    assert parser.parse_args(base + ["--baseline", "2dftm"]).baseline == "2dftm"
-    assert parser.parse_args(base + ["--baseline", "qmax", "--jobs", "3"]).jobs == 3
+    assert parser.parse_args([*base, "--baseline"]).baseline == "2dftm"
+    assert parser.parse_args([*base, "--baseline", "2dftm"]).baseline == "2dftm"
+    assert parser.parse_args([*base, "--baseline", "qmax", "--jobs", "3"]).jobs == 3
     with pytest.raises(SystemExit):
-        parser.parse_args(base + ["--baseline", "dtw"])
+        parser.parse_args([*base, "--baseline", "dtw"])
     assert QmaxParams(m=5).to_dict()["m"] == 5
     with pytest.raises(ValueError, match="kappa"):
         QmaxParams(kappa=0)
@@ -169,16 +171,30 @@ def test_cli_end_to_end_on_synthesised_versions(tmp_path, songs, capsys):
     # three works, three versions each: the original, transposed, slower and filtered
     rows = ["clique,path"]
     for w, x in enumerate(songs[:3]):
-        versions = {"orig": x[: 15 * SR], "up3": pitch_shift(x[: 15 * SR], 3),
-                    "slow": time_stretch(x[: 14 * SR], 0.9)}
+        versions = {
+            "orig": x[: 15 * SR],
+            "up3": pitch_shift(x[: 15 * SR], 3),
+            "slow": time_stretch(x[: 14 * SR], 0.9),
+        }
         for name, y in versions.items():
             sf.write(tmp_path / f"w{w}_{name}.flac", y, SR)
             rows.append(f"w{w},w{w}_{name}.flac")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(rows) + "\n")
     out = tmp_path / "qmax.json"
-    argv = ["evaluate", "--manifest", str(manifest), "--baseline", "qmax", "--jobs", "1",
-            "--query-seconds", "10", "--json", str(out)]
+    argv = [
+        "evaluate",
+        "--manifest",
+        str(manifest),
+        "--baseline",
+        "qmax",
+        "--jobs",
+        "1",
+        "--query-seconds",
+        "10",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
 
     printed = capsys.readouterr().out

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+
 from helpers import SR, synth_song
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +61,13 @@ def test_readme_block_runs(line, code, audio_dir, tmp_path):
     script.write_text(code, encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, (
         f"README.md block at line {line} failed:\n{code}\n--- stdout\n{done.stdout}"

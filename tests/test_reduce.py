@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from refrain.model.reduce import (
     Reduction,
     ReductionKind,
@@ -343,7 +344,7 @@ def test_parse_fields():
      "bpwr-x", "bpwr-+5", "bpwr- 5", "min-3", "mean-2", "BPWR-10", " min", "randmin", "worst"],
 )  # fmt: skip
 def test_parse_errors(text):
-    with pytest.raises(ValueError, match="reduction|k must") as info:
+    with pytest.raises(ValueError, match=r"reduction|k must") as info:
         Reduction.parse(text)
     if "-" not in text:
         assert "bpwr" in str(info.value) and "meanmin" in str(info.value)

@@ -12,14 +12,16 @@ import zipfile
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import CKPT_A, LiveServer
+from test_ingest import clip, wait_job
+from test_storage import tgz_of, zip_of
+
 from refrain.model.audio import AudioDecodeError, load_audio
 from refrain.service import storage
 from refrain.service.archive import ArchiveLimits, extract_archive
 from refrain.service.exceptions import RefrainError, TooLarge
 from refrain.service.settings import Settings
-from test_ingest import clip, wait_job
-from test_storage import tgz_of, zip_of
+
+from conftest import CKPT_A, LiveServer
 
 KEY = {"Authorization": "Bearer k1"}
 
@@ -47,8 +49,13 @@ def client(server):
 def float_wav(peak: float, seconds: float = 8.0, sr: int = 16000) -> bytes:
     t = np.arange(int(seconds * sr)) / sr
     buf = io.BytesIO()
-    sf.write(buf, (np.sin(2 * np.pi * 440 * t) * peak).astype(np.float32), sr,
-             format="WAV", subtype="FLOAT")
+    sf.write(
+        buf,
+        (np.sin(2 * np.pi * 440 * t) * peak).astype(np.float32),
+        sr,
+        format="WAV",
+        subtype="FLOAT",
+    )
     return buf.getvalue()
 
 
@@ -65,8 +72,13 @@ def test_huge_finite_samples_are_bad_audio_everywhere(client, tmp_path):
     assert r.status_code == 422 and r.json()["error"]["code"] == "bad_audio", r.text
     r = client.post("/v1/tracks", files={"audio": ("huge.wav", huge)}, data={"track_id": "huge"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "bad_audio", r.text
-    r = client.post("/v1/ingest", files=[("files", ("huge.wav", huge)),
-                                         ("files", ("ok.wav", clip(tmp_path / "ok.wav").read_bytes()))])
+    r = client.post(
+        "/v1/ingest",
+        files=[
+            ("files", ("huge.wav", huge)),
+            ("files", ("ok.wav", clip(tmp_path / "ok.wav").read_bytes())),
+        ],
+    )
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["job_id"])
     assert job["counts"]["failed"] == 1 and job["counts"]["done"] == 1, job
@@ -91,8 +103,9 @@ def test_a_full_disk_answers_507_and_writes_resume_once_space_is_back(small_disk
             long = dc_flac(600)  # 117 segments: a journal record of 61 kB
             assert len(long) < 20_000
             small_disk.fill(leave=40_000)  # room for the upload, not for its index write
-            r = c.post("/v1/tracks", files={"audio": ("long.flac", long)},
-                       data={"track_id": "long"})
+            r = c.post(
+                "/v1/tracks", files={"audio": ("long.flac", long)}, data={"track_id": "long"}
+            )
             assert r.status_code == 507, r.text
             assert r.json()["error"]["code"] == "insufficient_storage"
             assert "index write of 117 segments" in r.json()["error"]["message"]
@@ -103,8 +116,9 @@ def test_a_full_disk_answers_507_and_writes_resume_once_space_is_back(small_disk
             small_disk.fill()
             short = dc_flac(80)  # 13 segments, 7 kB: more than the journal's last page holds
             for _ in range(2):
-                r = c.post("/v1/tracks", files={"audio": ("short.flac", short)},
-                           data={"track_id": "short"})
+                r = c.post(
+                    "/v1/tracks", files={"audio": ("short.flac", short)}, data={"track_id": "short"}
+                )
                 assert r.status_code == 507, r.text
                 assert r.json()["error"]["code"] == "insufficient_storage"
             assert c.get("/readyz").status_code == 200
@@ -112,8 +126,9 @@ def test_a_full_disk_answers_507_and_writes_resume_once_space_is_back(small_disk
 
             small_disk.free()  # space is back: writes work again, no restart
             monkeypatch.undo()
-            r = c.post("/v1/tracks", files={"audio": ("short.flac", short)},
-                       data={"track_id": "short"})
+            r = c.post(
+                "/v1/tracks", files={"audio": ("short.flac", short)}, data={"track_id": "short"}
+            )
             assert r.status_code == 201, r.text
             assert c.get("/readyz").json() == {"status": "ready"}
             assert c.get("/v1/tracks/short").json()["n_segments"] == 13
@@ -150,8 +165,11 @@ def zip_bomb(members: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("bomb", [lambda: tgz_bomb(64 << 20), lambda: zip_bomb(128)],
-                         ids=["tgz-one-member", "zip-many-members"])
+@pytest.mark.parametrize(
+    "bomb",
+    [lambda: tgz_bomb(64 << 20), lambda: zip_bomb(128)],
+    ids=["tgz-one-member", "zip-many-members"],
+)
 def test_decompression_bombs_are_refused_before_anything_is_written(tmp_path, bomb):
     data = bomb()
     assert len(data) < 1 << 20
@@ -185,26 +203,35 @@ def test_the_per_file_limit_applies_before_writing(tmp_path):
 
 def test_a_nul_in_an_ingest_path_is_refused(client):
     for body in ({"path": "catalog\u0000x"}, {"path": "catalog", "manifest": "m\u0000.csv"}):
-        r = client.post("/v1/ingest", content=json.dumps(body),
-                        headers={"Content-Type": "application/json"})
+        r = client.post(
+            "/v1/ingest", content=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_path", r.text
 
 
 def test_metadata_has_length_limits(client, tmp_path):
     audio = clip(tmp_path / "m.wav").read_bytes()
     for field, n in (("title", 501), ("artist", 501), ("work_id", 201)):
-        r = client.post("/v1/tracks", files={"audio": ("m.wav", audio)},
-                        data={"track_id": "meta", field: "x" * n})
+        r = client.post(
+            "/v1/tracks",
+            files={"audio": ("m.wav", audio)},
+            data={"track_id": "meta", field: "x" * n},
+        )
         assert r.status_code == 422, r.text
         err = r.json()["error"]
         assert err["code"] == "invalid_metadata" and f"{field} must be at most" in err["message"]
     manifest = json.dumps([{"filename": "m.wav", "track_id": "meta", "title": "y" * 900_000}])
-    r = client.post("/v1/ingest", files=[("files", ("m.wav", audio)),
-                                         ("manifest", ("manifest.json", manifest.encode()))])
+    r = client.post(
+        "/v1/ingest",
+        files=[("files", ("m.wav", audio)), ("manifest", ("manifest.json", manifest.encode()))],
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_metadata", r.text
     assert client.get("/v1/tracks/meta").status_code == 404
-    r = client.post("/v1/tracks", files={"audio": ("m.wav", audio)},
-                    data={"track_id": "meta", "title": "t" * 500})
+    r = client.post(
+        "/v1/tracks",
+        files={"audio": ("m.wav", audio)},
+        data={"track_id": "meta", "title": "t" * 500},
+    )
     assert r.status_code == 201 and r.json()["title"] == "t" * 500
 
 
@@ -216,8 +243,11 @@ def test_a_manifest_linking_outside_the_import_root_is_not_read(client, server, 
     secret = tmp_path / "secret.csv"
     secret.write_text("filename,password\nsong.wav,hunter2\n")
     (folder / "manifest.csv").symlink_to(secret)
-    r = client.post("/v1/ingest", content=json.dumps({"path": "linked"}),
-                    headers={"Content-Type": "application/json"})
+    r = client.post(
+        "/v1/ingest",
+        content=json.dumps({"path": "linked"}),
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 202, r.text  # the manifest is ignored, not read
     assert "hunter2" not in r.text and "password" not in r.text
     job = wait_job(client, r.json()["job_id"], items="true")

@@ -8,9 +8,11 @@ import threading
 import faiss
 import pytest
 import soundfile as sf
-from conftest import CKPT_A, DATA, LiveServer
+
 from refrain.service.engine import omp_threads
 from refrain.service.settings import Settings
+
+from conftest import CKPT_A, DATA, LiveServer
 
 
 def in_fresh_thread(fn):
@@ -23,8 +25,12 @@ def in_fresh_thread(fn):
 
 
 def wav(seconds: float, offset: float = 0.0) -> bytes:
-    x, sr = sf.read(DATA / "audio" / "song75s.flac", dtype="float32",
-                    start=int(offset * 44100), frames=int(seconds * 44100))
+    x, sr = sf.read(
+        DATA / "audio" / "song75s.flac",
+        dtype="float32",
+        start=int(offset * 44100),
+        frames=int(seconds * 44100),
+    )
     buf = io.BytesIO()
     sf.write(buf, x, sr, format="WAV")
     return buf.getvalue()
@@ -32,8 +38,9 @@ def wav(seconds: float, offset: float = 0.0) -> bytes:
 
 def test_searches_run_with_the_configured_faiss_threads(tmp_path):
     default = in_fresh_thread(faiss.omp_get_max_threads)
-    server = LiveServer(Settings(data_dir=tmp_path / "data", model=str(CKPT_A), api_keys="k1",
-                                 search_threads=1))
+    server = LiveServer(
+        Settings(data_dir=tmp_path / "data", model=str(CKPT_A), api_keys="k1", search_threads=1)
+    )
     try:
         runtime = server.app.state.runtime
         seen = []

@@ -8,9 +8,11 @@ import math
 import numpy as np
 import pytest
 import soundfile as sf
+
+from refrain.service.settings import Settings
+
 from conftest import CKPT_A
 from helpers import SR, encode, pitch_shift, synth_song, time_stretch
-from refrain.service.settings import Settings
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -18,8 +20,14 @@ FORMATS = ["flac", "mp3", "ogg", "m4a", "wav", "opus"]
 
 
 def settings(tmp_path, **kw) -> Settings:
-    base = {"data_dir": tmp_path / "data", "model": str(CKPT_A), "api_keys": KEY,
-            "max_query_s": 60.0, "max_reference_s": 200.0, "max_upload_bytes": 32 << 20}
+    base = {
+        "data_dir": tmp_path / "data",
+        "model": str(CKPT_A),
+        "api_keys": KEY,
+        "max_query_s": 60.0,
+        "max_reference_s": 200.0,
+        "max_upload_bytes": 32 << 20,
+    }
     return Settings(**{**base, **kw})
 
 
@@ -38,7 +46,8 @@ def add_catalog(client, songs) -> None:
     for i, song in enumerate(songs):
         fmt = FORMATS[i % len(FORMATS)]
         r = client.post(
-            "/v1/tracks", headers=AUTH,
+            "/v1/tracks",
+            headers=AUTH,
             files={"audio": (f"song{i}.{fmt}", encode(song, fmt))},
             data={"track_id": f"song{i}", "title": f"Song {i}", "work_id": f"work{i}"},
         )
@@ -71,17 +80,26 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
             assert m["ref_start_s"] <= start + 1e-6 and m["ref_end_s"] >= start + 10 - 1e-6
             assert m["query_start_s"] == 0.0 and m["query_end_s"] == pytest.approx(10.0, abs=0.01)
         # Identical re-upload is a no-op, other content under the same id is a conflict.
-        same = c.post("/v1/tracks", headers=AUTH, data={"track_id": "song0"},
-                      files={"audio": ("a.flac", encode(songs[0], "flac"))})
+        same = c.post(
+            "/v1/tracks",
+            headers=AUTH,
+            data={"track_id": "song0"},
+            files={"audio": ("a.flac", encode(songs[0], "flac"))},
+        )
         assert same.status_code == 200 and same.json()["result"] == "unchanged"
-        other = c.post("/v1/tracks", headers=AUTH, data={"track_id": "song0"},
-                       files={"audio": ("a.flac", encode(songs[1], "flac"))})
+        other = c.post(
+            "/v1/tracks",
+            headers=AUTH,
+            data={"track_id": "song0"},
+            files={"audio": ("a.flac", encode(songs[1], "flac"))},
+        )
         assert other.status_code == 409
         page = c.get("/v1/tracks", params={"limit": 4}).json()
         assert len(page["tracks"]) == 4 and page["next_cursor"]
         rest = c.get("/v1/tracks", params={"limit": 4, "cursor": page["next_cursor"]}).json()
         assert [t["track_id"] for t in page["tracks"] + rest["tracks"]] == [
-            f"song{i}" for i in range(6)]
+            f"song{i}" for i in range(6)
+        ]
     server.stop()
 
     again = live_server(settings(tmp_path, model=None))
@@ -93,8 +111,12 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
         assert top["track_id"] == "song3"
         assert c.delete("/v1/tracks/song3", headers=AUTH).status_code == 200
         assert c.get("/v1/tracks/song3").status_code == 404
-        ids = [r["track_id"] for r in
-               c.post("/v1/search", files={"audio": ("c.wav", wav_bytes(clip))}).json()["results"]]
+        ids = [
+            r["track_id"]
+            for r in c.post("/v1/search", files={"audio": ("c.wav", wav_bytes(clip))}).json()[
+                "results"
+            ]
+        ]
         assert "song3" not in ids
 
 
@@ -116,8 +138,11 @@ def test_transformed_clips_find_their_source(live_server, tmp_path, songs, name,
         for i, song in enumerate(songs):
             clip = transform(song[int(18 * SR) : int(30 * SR)])
             # Every key is tried (the default tries the clip as it is only).
-            r = c.post("/v1/search", files={"audio": ("clip.wav", wav_bytes(clip))},
-                       data={"transpositions": "6"})
+            r = c.post(
+                "/v1/search",
+                files={"audio": ("clip.wav", wav_bytes(clip))},
+                data={"transpositions": "6"},
+            )
             assert r.status_code == 200, r.text
             top = r.json()["results"][0]
             assert top["track_id"] == f"song{i}", (name, i, r.json())
@@ -138,14 +163,26 @@ def test_bad_requests_get_json_errors_and_service_keeps_serving(live_server, tmp
         ("0.1 s", {"audio": ("x.wav", wav_bytes(songs[0][: SR // 10]))}, {}, 422),
         ("silence", {"audio": ("x.wav", wav_bytes(silent))}, {}, 422),
         ("too long", {"audio": ("x.flac", too_long)}, {}, 422),
-        ("unknown reduction", {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))},
-         {"reduction": "median"}, 422),
+        (
+            "unknown reduction",
+            {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))},
+            {"reduction": "median"},
+            422,
+        ),
         ("top_k=0", {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))}, {"top_k": "0"}, 422),
-        ("top_k huge", {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))},
-         {"top_k": "1000000"}, 422),
+        (
+            "top_k huge",
+            {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))},
+            {"top_k": "1000000"},
+            422,
+        ),
         ("top_k text", {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))}, {"top_k": "ten"}, 422),
-        ("transpositions 7", {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))},
-         {"transpositions": "7"}, 422),
+        (
+            "transpositions 7",
+            {"audio": ("x.wav", wav_bytes(songs[0][: 6 * SR]))},
+            {"transpositions": "7"},
+            422,
+        ),
         ("no audio field", {"other": ("x.wav", b"abc")}, {}, 422),
     ]
     good = wav_bytes(songs[0][: 8 * SR])
@@ -166,12 +203,18 @@ def test_bad_requests_get_json_errors_and_service_keeps_serving(live_server, tmp
         # Writes need a valid key.
         files = {"audio": ("a.wav", good)}
         assert c.post("/v1/tracks", files=files).status_code == 401
-        assert c.post("/v1/tracks", files=files,
-                      headers={"Authorization": "Bearer wrong"}).status_code == 403
+        assert (
+            c.post("/v1/tracks", files=files, headers={"Authorization": "Bearer wrong"}).status_code
+            == 403
+        )
         assert c.post("/v1/tracks", files=files, headers={"X-API-Key": KEY}).status_code == 201
         assert c.delete("/v1/tracks/anything").status_code == 401
-        assert c.post("/v1/tracks", files=files, headers=AUTH,
-                      data={"track_id": "../../etc"}).status_code == 422
+        assert (
+            c.post(
+                "/v1/tracks", files=files, headers=AUTH, data={"track_id": "../../etc"}
+            ).status_code
+            == 422
+        )
 
         metrics = c.get("/metrics").text
         assert 'refrain_errors_total{type="unsupported_audio"}' in metrics
@@ -208,5 +251,5 @@ def test_index_refuses_another_model(live_server, tmp_path):
     server.stop()
     from conftest import LiveServer
 
-    with pytest.raises(RuntimeError, match="another|different|model"):
+    with pytest.raises(RuntimeError, match=r"another|different|model"):
         LiveServer(settings(tmp_path, model=None))

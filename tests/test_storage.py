@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import CKPT_A, DATA, LiveServer
+
 from refrain.service import storage
 from refrain.service.archive import ArchiveLimits, extract_archive
 from refrain.service.exceptions import InsufficientStorage, RefrainError
 from refrain.service.settings import Settings
+
+from conftest import CKPT_A, DATA, LiveServer
 
 KEY = {"Authorization": "Bearer k1"}
 MIN_FREE = 1 << 30
@@ -24,8 +26,12 @@ QUIET = bytes(1 << 20)  # an audio-named member that deflates to almost nothing
 
 
 def wav(seconds: float, offset: float) -> bytes:
-    x, sr = sf.read(DATA / "audio" / "song75s.flac", dtype="float32",
-                    start=int(offset * 44100), frames=int(seconds * 44100))
+    x, sr = sf.read(
+        DATA / "audio" / "song75s.flac",
+        dtype="float32",
+        start=int(offset * 44100),
+        frames=int(seconds * 44100),
+    )
     buf = io.BytesIO()
     sf.write(buf, x, sr, format="WAV")
     return buf.getvalue()
@@ -54,15 +60,19 @@ def disk(monkeypatch):
     """Set `disk.free` to the bytes the service should see as free; None: the real figure."""
     state = type("Disk", (), {"free": None})()
     real = storage.free_bytes
-    monkeypatch.setattr(storage, "free_bytes",
-                        lambda path: real(path) if state.free is None else state.free)
+    monkeypatch.setattr(
+        storage, "free_bytes", lambda path: real(path) if state.free is None else state.free
+    )
     return state
 
 
 def spool(data: Path) -> list[str]:
     """Every file and folder under the jobs folder but the job database."""
-    return sorted(str(p.relative_to(data)) for p in (data / "jobs").rglob("*")
-                  if not p.name.startswith("jobs.sqlite"))
+    return sorted(
+        str(p.relative_to(data))
+        for p in (data / "jobs").rglob("*")
+        if not p.name.startswith("jobs.sqlite")
+    )
 
 
 def n_jobs(data: Path) -> int:
@@ -72,8 +82,9 @@ def n_jobs(data: Path) -> int:
 
 def test_uploads_archives_and_tracks_are_refused_when_the_disk_is_nearly_full(tmp_path, disk):
     data = tmp_path / "data"
-    server = LiveServer(Settings(data_dir=data, model=str(CKPT_A), api_keys="k1",
-                                 min_free_bytes=MIN_FREE))
+    server = LiveServer(
+        Settings(data_dir=data, model=str(CKPT_A), api_keys="k1", min_free_bytes=MIN_FREE)
+    )
     a, b = wav(6, 0), wav(6, 10)
     archive_members = {"a.wav": a, "quiet.wav": QUIET, "notes.txt": b"not audio"}
     archive = zip_of(archive_members)
@@ -81,6 +92,7 @@ def test_uploads_archives_and_tracks_are_refused_when_the_disk_is_nearly_full(tm
     assert len(archive) + 4096 < declared
     try:
         with server.client(headers=KEY) as c:
+
             def refused(r) -> None:
                 assert r.status_code == 507, r.text
                 err = r.json()["error"]
@@ -123,11 +135,16 @@ def test_uploads_archives_and_tracks_are_refused_when_the_disk_is_nearly_full(tm
 
 @pytest.mark.parametrize("pack", [zip_of, tgz_of])
 def test_extract_archive_checks_space_before_writing(tmp_path, pack):
-    members = {"a.wav": b"1" * 100, "dir/b.flac": b"2" * 50, "manifest.csv": b"filename\n",
-               "readme.txt": b"3" * 1000}
+    members = {
+        "a.wav": b"1" * 100,
+        "dir/b.flac": b"2" * 50,
+        "manifest.csv": b"filename\n",
+        "readme.txt": b"3" * 1000,
+    }
     seen = []
-    out = extract_archive(io.BytesIO(pack(members)), tmp_path, ArchiveLimits(10, 1 << 20),
-                          seen.append)
+    out = extract_archive(
+        io.BytesIO(pack(members)), tmp_path, ArchiveLimits(10, 1 << 20), seen.append
+    )
     assert seen == [150] and len(out.files) == 2  # the audio members, declared sizes
 
     def full(n: int) -> None:

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import SR, pitch_shift, synth_song, time_stretch
+
 from refrain.model.augment import AugmentConfig, augment
 from refrain.model.augment import time_stretch as cqt_stretch
 from refrain.model.calibrate import calibrate, fit_logistic
 from refrain.model.losses import LOSSES, LossConfig, contrastive_loss
 from refrain.model.reduce import Reduction, reduce
+
+from helpers import SR, pitch_shift, synth_song, time_stretch
 
 
 def literal_clews(z, labels, ids, pos, neg, gamma=5.0, epsilon=1e-6):
@@ -117,13 +119,23 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
     from refrain.model.train import RunConfig, train
 
     raw = {
-        "model": {"frontend": {"channels": [8, 16]},
-                  "backbone": {"blocks": [1, 1], "channels": [16, 32], "down": [1, 2]},
-                  "zdim": 32},
-        "data": {"manifest": str(tiny_corpus / "manifest.csv"), "cache": str(tmp_path / "cache"),
-                 "crop_s": 20, "versions_per_work": 2},
-        "training": {"out": str(tmp_path / "run"), "works_per_batch": 3, "steps_per_epoch": 2,
-                     "epochs": 1},
+        "model": {
+            "frontend": {"channels": [8, 16]},
+            "backbone": {"blocks": [1, 1], "channels": [16, 32], "down": [1, 2]},
+            "zdim": 32,
+        },
+        "data": {
+            "manifest": str(tiny_corpus / "manifest.csv"),
+            "cache": str(tmp_path / "cache"),
+            "crop_s": 20,
+            "versions_per_work": 2,
+        },
+        "training": {
+            "out": str(tmp_path / "run"),
+            "works_per_batch": 3,
+            "steps_per_epoch": 2,
+            "epochs": 1,
+        },
     }
     best = train(RunConfig.from_dict(raw))
     history = (tmp_path / "run" / "history.json").read_text()
@@ -132,7 +144,9 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
     train(RunConfig.from_dict(raw))
     import json
 
-    assert [row["epoch"] for row in json.loads((tmp_path / "run" / "history.json").read_text())] == [1, 2]
+    assert [
+        row["epoch"] for row in json.loads((tmp_path / "run" / "history.json").read_text())
+    ] == [1, 2]
     model = load_model(best)
     assert model.info["trained"] is True and model.zdim == 32
     z = model.embed(tiny_corpus / "w0_v0.flac")
@@ -179,18 +193,36 @@ def test_rendered_corpus_trains_end_to_end(tmp_path):
     from refrain.model.train import RunConfig, train
 
     summary = build_corpus(
-        CorpusOptions(out=tmp_path / "corpus", works=4, versions=2, seed=3, max_seconds=25.0,
-                      splits=(1.0, 0.0, 0.0), jobs=1),
+        CorpusOptions(
+            out=tmp_path / "corpus",
+            works=4,
+            versions=2,
+            seed=3,
+            max_seconds=25.0,
+            splits=(1.0, 0.0, 0.0),
+            jobs=1,
+        ),
         progress=False,
     )
     assert summary.rows == 8 and not summary.failed
     raw = {
-        "model": {"frontend": {"channels": [8, 16]},
-                  "backbone": {"blocks": [1], "channels": [16], "down": [1]}, "zdim": 16},
-        "data": {"manifest": str(tmp_path / "corpus" / "manifest.csv"),
-                 "cache": str(tmp_path / "cache"), "crop_s": 20, "versions_per_work": 2},
-        "training": {"out": str(tmp_path / "run"), "works_per_batch": 2, "steps_per_epoch": 1,
-                     "epochs": 1},
+        "model": {
+            "frontend": {"channels": [8, 16]},
+            "backbone": {"blocks": [1], "channels": [16], "down": [1]},
+            "zdim": 16,
+        },
+        "data": {
+            "manifest": str(tmp_path / "corpus" / "manifest.csv"),
+            "cache": str(tmp_path / "cache"),
+            "crop_s": 20,
+            "versions_per_work": 2,
+        },
+        "training": {
+            "out": str(tmp_path / "run"),
+            "works_per_batch": 2,
+            "steps_per_epoch": 1,
+            "epochs": 1,
+        },
     }
     best = train(RunConfig.from_dict(raw))
     assert (best / "model.safetensors").exists()
@@ -199,8 +231,10 @@ def test_rendered_corpus_trains_end_to_end(tmp_path):
 def test_several_manifests_make_one_track_list(tmp_path):
     from refrain.model.train import RunConfig, read_tracks
 
-    for name, rows in (("a", [["w1", "x.flac", "train"], ["w2", "y.flac", "valid"]]),
-                       ("b", [["w1", "z.flac", "train"]])):
+    for name, rows in (
+        ("a", [["w1", "x.flac", "train"], ["w2", "y.flac", "valid"]]),
+        ("b", [["w1", "z.flac", "train"]]),
+    ):
         (tmp_path / name).mkdir()
         with open(tmp_path / name / "manifest.csv", "w", newline="") as f:
             csv.writer(f).writerows([["clique", "path", "split"], *rows])
@@ -240,13 +274,22 @@ def test_grouped_batches_take_their_works_from_one_manifest():
     for g, prefix, n in ((0, "a", 10), (1, "b", 6), (2, "c", 2)):  # group c cannot fill a batch
         for w in range(n):
             for v in range(2):
-                tracks.append(Track(f"{prefix}{w}", f"{prefix}{w}-{v}.flac", "train",
-                                    np.zeros((84, 200), np.float16), group=g))
+                tracks.append(
+                    Track(
+                        f"{prefix}{w}",
+                        f"{prefix}{w}-{v}.flac",
+                        "train",
+                        np.zeros((84, 200), np.float16),
+                        group=g,
+                    )
+                )
     tracks.append(Track("a0", "a0-late.flac", "train", np.zeros((84, 200), np.float16), group=2))
 
     def groups_of_batches(group_p):
-        raw = {"data": {"crop_s": 20, "versions_per_work": 2, "group_p": group_p},
-               "training": {"works_per_batch": 4}}
+        raw = {
+            "data": {"crop_s": 20, "versions_per_work": 2, "group_p": group_p},
+            "training": {"works_per_batch": 4},
+        }
         sampler = BatchSampler(tracks, RunConfig.from_dict(raw), seed=0)
         out = []
         for _ in range(60):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
 from conftest import CKPT_A, free_port
 from helpers import SR, encode, synth_song
 
@@ -41,8 +42,11 @@ class Process:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "refrain.service.cli", *self.args], cwd=ROOT, stdout=out,
-                stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                [sys.executable, "-m", "refrain.service.cli", *self.args],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -77,12 +81,25 @@ def processes(tmp_path_factory):
     env = {"REFRAIN_WORKER_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "REFRAIN_MAX_WAIT_MS": "20"}
     started: list[Process] = []
     try:
-        good = Process(["worker", "--port", str(free_port()), "--model", str(CKPT_A)], env,
-                       tmp / "worker.log")
+        good = Process(
+            ["worker", "--port", str(free_port()), "--model", str(CKPT_A)], env, tmp / "worker.log"
+        )
         started.append(good)
         api_env = {**env, "REFRAIN_WORKER_URLS": good.url}
-        api = Process(["serve", "--port", str(free_port()), "--data", str(tmp / "data"),
-                       "--model", str(CKPT_A), "--open-writes"], api_env, tmp / "api.log")
+        api = Process(
+            [
+                "serve",
+                "--port",
+                str(free_port()),
+                "--data",
+                str(tmp / "data"),
+                "--model",
+                str(CKPT_A),
+                "--open-writes",
+            ],
+            api_env,
+            tmp / "api.log",
+        )
         started.append(api)
         yield good, api
     finally:
@@ -129,23 +146,33 @@ def test_worker_protocol_and_identity_check(processes):
     # transpositions: the rows of each shift in turn, each the embedding of the rolled CQT
     from refrain.model.embedder import transposed
 
-    r = httpx.post(url, params={"hop": 5, "shifts": "0,-2,3"}, content=wave.tobytes(),
-                   headers=auth, timeout=60)
+    r = httpx.post(
+        url, params={"hop": 5, "shifts": "0,-2,3"}, content=wave.tobytes(), headers=auth, timeout=60
+    )
     zs = np.frombuffer(r.content, "<f4").reshape(-1, dim)
-    expect = model.embed_spectrograms(transposed(
-        model.spectrogram(torch.from_numpy(wave), 5.0), (0, -2, 3))).numpy()
+    expect = model.embed_spectrograms(
+        transposed(model.spectrogram(torch.from_numpy(wave), 5.0), (0, -2, 3))
+    ).numpy()
     assert zs.shape == (3 * len(model.embed(wave, hop=5.0)), dim)
     np.testing.assert_allclose(zs, expect, atol=1e-4)
     assert not np.allclose(zs[: len(zs) // 3], zs[len(zs) // 3 : 2 * len(zs) // 3], atol=1e-3)
-    j = httpx.post(url, params={"hop": 2.5}, content=wave.tobytes(),
-                   headers={**auth, "Accept": "application/json"}, timeout=60).json()
+    j = httpx.post(
+        url,
+        params={"hop": 2.5},
+        content=wave.tobytes(),
+        headers={**auth, "Accept": "application/json"},
+        timeout=60,
+    ).json()
     assert j["identity"] == ready["identity"] and j["shape"] == [rows, dim]
-    for body, params, code in [(b"abc", {}, "bad_pcm"), (b"", {}, "bad_pcm"),
-                               (np.full(8, np.nan, "<f4").tobytes(), {}, "bad_pcm"),
-                               (wave.tobytes(), {"hop": 0}, "invalid_parameter"),
-                               (wave.tobytes(), {"shifts": "0,13"}, "invalid_parameter"),
-                               (wave.tobytes(), {"shifts": "up"}, "invalid_parameter"),
-                               (wave.tobytes(), {"hop": "x"}, "invalid_request")]:
+    for body, params, code in [
+        (b"abc", {}, "bad_pcm"),
+        (b"", {}, "bad_pcm"),
+        (np.full(8, np.nan, "<f4").tobytes(), {}, "bad_pcm"),
+        (wave.tobytes(), {"hop": 0}, "invalid_parameter"),
+        (wave.tobytes(), {"shifts": "0,13"}, "invalid_parameter"),
+        (wave.tobytes(), {"shifts": "up"}, "invalid_parameter"),
+        (wave.tobytes(), {"hop": "x"}, "invalid_request"),
+    ]:
         r = httpx.post(url, params=params, content=body, headers=auth)
         assert r.status_code == 422 and r.json()["error"]["code"] == code
     metrics = httpx.get(good.url + "/metrics").text
@@ -168,8 +195,11 @@ def test_ingest_search_outage_and_recovery(processes, songs):
     good, api = processes
     c = httpx.Client(base_url=api.url, timeout=120)
     for i, song in enumerate(songs):
-        r = c.post("/v1/tracks", data={"track_id": f"s{i}"},
-                   files={"audio": (f"s{i}.flac", encode(song, "flac"))})
+        r = c.post(
+            "/v1/tracks",
+            data={"track_id": f"s{i}"},
+            files={"audio": (f"s{i}.flac", encode(song, "flac"))},
+        )
         assert r.status_code == 201, r.text
     clip = wav(songs[1][8 * SR : 20 * SR])
     r = c.post("/v1/search", files={"audio": ("c.wav", clip)})
@@ -178,8 +208,11 @@ def test_ingest_search_outage_and_recovery(processes, songs):
     # The worker stops answering mid-request (frozen, then killed): 503, never 500.
     good.signal(signal.SIGSTOP)
     answer: dict = {}
-    request = threading.Thread(target=lambda: answer.setdefault(
-        "r", c.post("/v1/search", files={"audio": ("c.wav", clip)})))
+    request = threading.Thread(
+        target=lambda: answer.setdefault(
+            "r", c.post("/v1/search", files={"audio": ("c.wav", clip)})
+        )
+    )
     request.start()
     deadline = time.monotonic() + 30
     while queue_depth(api) < 1 and time.monotonic() < deadline:
@@ -193,8 +226,9 @@ def test_ingest_search_outage_and_recovery(processes, songs):
     assert r.headers["retry-after"] and r.json()["error"]["code"] == "workers_unavailable"
 
     # While no worker is up: searches and ingestion are refused with 503, reads still work.
-    r = c.post("/v1/tracks", data={"track_id": "s9"},
-               files={"audio": ("s.flac", encode(songs[0], "flac"))})
+    r = c.post(
+        "/v1/tracks", data={"track_id": "s9"}, files={"audio": ("s.flac", encode(songs[0], "flac"))}
+    )
     assert r.status_code == 503 and r.headers["retry-after"]
     assert c.post("/v1/search", files={"audio": ("c.wav", clip)}).status_code == 503
     assert c.get("/v1/tracks/s0").status_code == 200
@@ -204,8 +238,9 @@ def test_ingest_search_outage_and_recovery(processes, songs):
     good.start()
     r = c.post("/v1/search", files={"audio": ("c.wav", clip)})
     assert r.status_code == 200 and r.json()["results"][0]["track_id"] == "s1"
-    r = c.post("/v1/tracks", data={"track_id": "s9"},
-               files={"audio": ("s.flac", encode(songs[2], "flac"))})
+    r = c.post(
+        "/v1/tracks", data={"track_id": "s9"}, files={"audio": ("s.flac", encode(songs[2], "flac"))}
+    )
     assert r.status_code == 201, r.text
     metrics = c.get("/metrics").text
     assert 'refrain_errors_total{type="workers_unavailable"}' in metrics

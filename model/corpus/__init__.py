@@ -5,8 +5,8 @@ different versions (transposed, re-timed, re-orchestrated, rearranged, with drum
 different soundfonts, then degraded as recordings are) so that the versions of one work form a
 clique. The Bach chorales are reserved for evaluation and never enter the default selection.
 
-    python -m refrain.model.corpus render --out data/corpus --works 200 --versions 6 --seed 0 --jobs 2
-    python -m refrain.model.corpus render --out data/bach --collection bach-eval --works 0 --versions 2
+    refrain corpus render --out data/corpus --works 200 --versions 6 --seed 0 --jobs 2
+    refrain corpus render --out data/bach --collection bach-eval --works 0 --versions 2
     python -m refrain.model.corpus families         # the chorale tunes (bach-eval's cliques)
     python -m refrain.model.corpus works            # how many usable works there are
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from refrain.model.corpus.harmony import (
     Chord,
     Key,
@@ -126,7 +127,7 @@ def harmony_slots(work: Work, rhythm: str) -> list[tuple[float, float]]:
     """The spans of the harmonic rhythm: every beat, half bar or bar of the measure grid."""
     beat = beat_length(work.meter)
     spans = []
-    for a, b in zip(work.measures, work.measures[1:]):
+    for a, b in zip(work.measures, work.measures[1:], strict=False):
         length = b - a
         if rhythm == "bar" or length <= beat + 1e-6:
             step = length
@@ -154,7 +155,7 @@ def harmonisation(
         tune, key = mode_change(tune, key)
     spans = harmony_slots(work, a.rhythm)
     chords = harmonise(tune, spans, key, rng, a.temperature, a.sevenths, a.inversions)
-    return tune, key, [Slot(s, e, c) for (s, e), c in zip(spans, chords)]
+    return tune, key, [Slot(s, e, c) for (s, e), c in zip(spans, chords, strict=False)]
 
 
 def arrange(work: Work, arrangement: Arrangement) -> Work:
@@ -376,7 +377,9 @@ def _warp_positions(positions, measures, bar_map) -> list[float]:
 def _warp_notes(notes: list[Note], measures, bar_map) -> list[Note]:
     ends = _warp_positions([o + d for o, d, _, _ in notes], measures, bar_map)
     starts = _warp_positions([o for o, _, _, _ in notes], measures, bar_map)
-    return [(s, max(e - s, 0.05), p, v) for s, e, (_, _, p, v) in zip(starts, ends, notes)]
+    return [
+        (s, max(e - s, 0.05), p, v) for s, e, (_, _, p, v) in zip(starts, ends, notes, strict=False)
+    ]
 
 
 def chord_difference(work: Work, a: Arrangement, b: Arrangement) -> float:

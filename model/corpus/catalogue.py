@@ -283,7 +283,7 @@ def split_of(work_id: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.
     """The split of a work, fixed by its id alone: every version of it lands in the same one."""
     u = stable_fraction("split:" + work_id) * sum(fractions)
     acc = 0.0
-    for name, frac in zip(SPLITS, fractions):
+    for name, frac in zip(SPLITS, fractions, strict=False):
         acc += frac
         if u < acc:
             return name

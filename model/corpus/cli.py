@@ -1,4 +1,4 @@
-"""Command line: `python -m refrain.model.corpus render|works|bach-melodies ...`."""
+"""Command line: `refrain corpus render|works|harmony|families|bach-melodies ...`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from tqdm import tqdm
 
 from refrain.model.corpus.catalogue import (
     BachGuard,
@@ -21,7 +23,6 @@ from refrain.model.corpus.pipeline import CorpusOptions, build_corpus
 from refrain.model.corpus.render import RenderError
 from refrain.model.corpus.versions import VersionOptions
 from refrain.model.corpus.works import list_sources
-from tqdm import tqdm
 
 COLLECTIONS = ("default", "bach-eval")
 TUNE_HOMOPHONY = 0.65  # --tunes: most other parts start their notes with the top line's
@@ -58,15 +59,28 @@ def _probability(text: str) -> float:
     return value
 
 
+DESCRIPTION = (
+    "Synthetic version corpus from music21's bundled scores, rendered with FluidSynth. "
+    "The Bach chorales are reserved for evaluation (--collection bach-eval)."
+)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """`refrain corpus ACTION ...`, registered on the `refrain` command's subparsers."""
+    p = sub.add_parser("corpus", help="build and inspect the synthetic version corpus",
+                       description=DESCRIPTION)
+    add_actions(p)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="refrain corpus",
-        description=(
-            "Synthetic version corpus from music21's bundled scores, rendered with FluidSynth. "
-            "The Bach chorales are reserved for evaluation (--collection bach-eval)."
-        ),
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+    """The same actions on their own (`python -m refrain.model.corpus`)."""
+    p = argparse.ArgumentParser(prog="refrain corpus", description=DESCRIPTION)
+    add_actions(p)
+    return p
+
+
+def add_actions(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
 
     r = sub.add_parser("render", help="render (or complete) a corpus into a folder")
     r.add_argument("--out", type=Path, required=True, help="output folder")
@@ -158,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
         help="seconds allowed per FluidSynth render",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=_render)
 
     w = sub.add_parser("works", help="count (or list) the usable works of a collection")
     w.add_argument("--collection", choices=COLLECTIONS, default="default")
@@ -166,36 +181,31 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--min-parts", type=_positive(int), default=1)
     w.add_argument("--jobs", type=_positive(int), default=1)
     w.add_argument("--list", action="store_true", help="print every usable work")
+    w.set_defaults(func=_works)
 
     h = sub.add_parser(
         "harmony", help="how much the harmonisations of a corpus's arranged versions differ"
     )
     h.add_argument("corpus", type=Path, help="a corpus folder rendered with --arrange")
     h.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    h.set_defaults(func=_harmony)
 
     f = sub.add_parser("families", help="print the Bach chorale tunes and their harmonisations")
     f.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
     f.add_argument("--min-family", type=_positive(int), default=2)
     f.add_argument("--jobs", type=_positive(int), default=1)
     f.add_argument("--json", type=Path, default=None, help="also write the table here")
+    f.set_defaults(func=_families)
 
     b = sub.add_parser("bach-melodies", help="rebuild the chorale melodies the Bach guard uses")
     b.add_argument("output", type=Path)
     b.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
-    return p
+    b.set_defaults(func=_bach_melodies)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "render":
-        return _render(args)
-    if args.command == "works":
-        return _works(args)
-    if args.command == "harmony":
-        return _harmony(args)
-    if args.command == "families":
-        return _families(args)
-    return _bach_melodies(args)
+    return int(args.func(args) or 0)
 
 
 def _render(args) -> int:

@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from refrain.model.corpus.works import Part, Work, list_sources, normalise_title, stable_fraction
 
 TUNE_THRESHOLD = 0.60
@@ -183,7 +184,7 @@ def group(
             x = parent[x]
         return x
 
-    for i, j in zip(*np.nonzero(np.triu(linked, 1))):
+    for i, j in zip(*np.nonzero(np.triu(linked, 1)), strict=False):
         a, b = root(int(i)), root(int(j))
         if a != b:
             parent[max(a, b)] = min(a, b)
@@ -234,7 +235,8 @@ def harmonisation_overlap(a: Work, b: Work) -> float:
         if score > best:
             best_t, best = t, score
     shares = [
-        _align(x, (y + best_t)[None, :])[0] / min(len(x), len(y)) for x, y in zip(va, vb)
+        _align(x, (y + best_t)[None, :])[0] / min(len(x), len(y))
+        for x, y in zip(va, vb, strict=False)
     ]
     return float(min(shares))
 
@@ -275,9 +277,7 @@ def _rk_titles() -> dict[str, str]:
     if not _RK:
         from music21.corpus import chorales
 
-        _RK.update(
-            {str(k): str(v["title"]) for k, v in chorales.ChoraleListRKBWV().byBWV.items()}
-        )
+        _RK.update({str(k): str(v["title"]) for k, v in chorales.ChoraleListRKBWV().byBWV.items()})
     return _RK
 
 

@@ -13,6 +13,7 @@ import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from refrain.model.corpus.arrange import Arrangement, beat_length
 
 if TYPE_CHECKING:

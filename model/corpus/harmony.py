@@ -157,7 +157,7 @@ def _transition(vocab, key: Key) -> np.ndarray:
     n = len(vocab)
     t = np.zeros((n, n))
     for i, (ra, qa, _) in enumerate(vocab):
-        for j, (rb, qb, _) in enumerate(vocab):
+        for j, (rb, _qb, _) in enumerate(vocab):
             motion = (rb - ra) % 12
             if i == j:
                 t[i, j] = -0.3

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from refrain.model.corpus.grooves import groove_notes
 from refrain.model.corpus.versions import DRUM_CHANNEL, VersionParams, performed_work
 from refrain.model.corpus.works import Work
@@ -89,7 +90,7 @@ def version_events(work: Work, params: VersionParams, max_seconds: float) -> lis
     rng = np.random.default_rng(params.seed)
     timeline = Timeline(work, params)
     raw = []  # (start quarter, end quarter, channel, pitch, velocity)
-    for part, plan, lines in zip(work.parts, params.parts, _lines(params)):
+    for part, plan, lines in zip(work.parts, params.parts, _lines(params), strict=False):
         notes = np.array(part.notes, dtype=np.float64).reshape(-1, 4)
         for v0, w0, w1 in timeline.spans:
             inside = notes[(notes[:, 0] >= w0) & (notes[:, 0] < w1)]

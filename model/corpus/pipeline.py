@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from tqdm import tqdm
+
 from refrain.model.corpus.catalogue import Catalogue, SelectOptions, select_works, split_of
 from refrain.model.corpus.degrade import apply_chain, describe, mp3_decode
 from refrain.model.corpus.families import catalogued_melodies, select_families, write_table
@@ -44,7 +46,6 @@ from refrain.model.corpus.versions import (
     sample_version,
 )
 from refrain.model.corpus.works import Source, Work, WorkError, clique_id, load_work
-from tqdm import tqdm
 
 MANIFEST_COLUMNS = (
     "clique",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from refrain.model.corpus.arrange import Arrangement, chord_difference, harmonisation
 from refrain.model.corpus.works import Work
 
@@ -25,7 +26,7 @@ class HarmonyReport:
         if not values:
             return {}
         q = np.quantile(values, _QUANTILES)
-        return {f"q{int(100 * k)}": round(float(v), 3) for k, v in zip(_QUANTILES, q)}
+        return {f"q{int(100 * k)}": round(float(v), 3) for k, v in zip(_QUANTILES, q, strict=False)}
 
     def summary(self) -> str:
         lines = [f"{self.works} works, {len(self.pairs)} pairs of arranged versions"]

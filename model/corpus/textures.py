@@ -54,7 +54,7 @@ def subdivision(beat: float) -> float:
 def melody_at(melody: list[Note], t: float) -> int | None:
     """The tune's pitch sounding (or last begun) at `t`."""
     best = None
-    for onset, dur, pitch, _ in melody:
+    for onset, _dur, pitch, _ in melody:
         if onset > t + 1e-6:
             break
         best = pitch
@@ -125,7 +125,7 @@ def _arpeggio(slots, beat, top, vel, rng) -> list[Note]:
     out = []
     for s in slots:
         pitches = voicing(s.chord, top - 5, 3)
-        pitches = [bass_pitch(s.chord.bass, 43)] + pitches + [pitches[0] + 12]
+        pitches = [bass_pitch(s.chord.bass, 43), *pitches, pitches[0] + 12]
         cycle = pitches + pitches[-2:0:-1] if updown else pitches
         t, k = s.start, 0
         while t < s.end - 1e-6:
@@ -172,7 +172,7 @@ def _strum(slots, beat, top, vel, rng) -> list[Note]:
     ups = rng.random() < 0.6
     out = []
     for s in slots:
-        shape = [bass_pitch(s.chord.bass, 40)] + voicing(s.chord, min(top, 66), 3)
+        shape = [bass_pitch(s.chord.bass, 40), *voicing(s.chord, min(top, 66), 3)]
         shape.append(shape[1] + 12)
         strokes = []
         for t in beats_of(s, beat):

@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from refrain.model.corpus.arrange import Arrangement, arrange, sample_arrangement
 from refrain.model.corpus.degrade import Degradation, degradation_from_json, sample_degradations
 from refrain.model.corpus.works import Work
@@ -34,8 +35,20 @@ FAMILIES: dict[str, tuple[int, ...]] = {
 BASS_FAMILY = ("bass", (32, 33, 35, 38))
 # Families by role in an arranged version (part names of `model.corpus.arrange`).
 ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
-    "melody": ("voice", "choir", "reeds", "pipe", "strings", "brass", "synth lead", "organ",
-               "piano", "guitar", "mallets", "free reed"),
+    "melody": (
+        "voice",
+        "choir",
+        "reeds",
+        "pipe",
+        "strings",
+        "brass",
+        "synth lead",
+        "organ",
+        "piano",
+        "guitar",
+        "mallets",
+        "free reed",
+    ),
     "accompaniment": ("piano", "organ", "guitar", "strings", "harp", "mallets", "synth pad"),
     "pad": ("synth pad", "strings", "organ", "choir"),
     "inner": ("choir", "organ", "strings", "brass", "reeds", "piano"),
@@ -239,8 +252,9 @@ def _plan_roles(work: Work, rng: np.random.Generator, options: VersionOptions) -
     plans = []
     for k, part in enumerate(work.parts):
         role = part.name.split()[0]
-        if role in ("alto", "tenor") or (role == "bass" and shared and "alto" in
-                                          [p.name for p in work.parts]):
+        if role in ("alto", "tenor") or (
+            role == "bass" and shared and "alto" in [p.name for p in work.parts]
+        ):
             family = shared or str(rng.choice(ROLE_FAMILIES["inner"]))
             if role == "bass" and rng.random() < 0.5:
                 family = "bass"
@@ -253,8 +267,11 @@ def _plan_roles(work: Work, rng: np.random.Generator, options: VersionOptions) -
         programs = _ROLE_PROGRAMS.get(family) or FAMILIES[family]
         program = int(rng.choice(programs))
         dropped = k > 0 and role not in ("melody", "bass") and rng.random() < options.drop_part / 3
-        double = int(rng.choice((12, -12))) if role == "melody" and \
-            rng.random() < options.double_part else 0
+        double = (
+            int(rng.choice((12, -12)))
+            if role == "melody" and rng.random() < options.double_part
+            else 0
+        )
         double_program = int(rng.choice(programs)) if double else 0
         gain = float(rng.uniform(0.85, 1.1) if role == "melody" else rng.uniform(0.55, 0.95))
         plans.append(PartPlan(family, program, round(gain, 3), dropped, double, double_program))

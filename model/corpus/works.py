@@ -231,7 +231,7 @@ def _abc_tunes(path: Path) -> list[str]:
     if not starts:
         return [text]
     header = text[: starts[0]]
-    return [header + text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    return [header + text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=False)]
 
 
 @contextlib.contextmanager

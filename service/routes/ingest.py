@@ -9,12 +9,14 @@ leave less than `min_free_bytes` free on the data volume are refused (507) befor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
 from refrain.model.audio import AUDIO_EXTENSIONS
 from refrain.service.archive import MAX_MANIFEST_BYTES, ArchiveLimits, copy_to_file, extract_archive
 from refrain.service.auth import require_read, require_write
@@ -32,7 +34,6 @@ from refrain.service.sources import (
     scan_folder,
 )
 from refrain.service.storage import SpaceGuard, stream_size
-from starlette.datastructures import UploadFile
 
 router = APIRouter()
 
@@ -54,22 +55,41 @@ class PathIngest(BaseModel):
 
 
 _FILE = {"type": "string", "format": "binary"}
-_BODY = {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "files": {"type": "array", "items": _FILE, "description": "audio files"},
-        "archive": {**_FILE, "description": "zip or tar (.gz, .bz2, .xz) of audio files"},
-        "manifest": {**_FILE, "description": "CSV filename,track_id,title,artist,work_id "
-                                             "or a JSON list of objects with those keys"},
-        "replace": {"type": "boolean", "default": False},
-    }}},
-    "application/json": {"schema": PathIngest.model_json_schema()},
-}}
+_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "files": {"type": "array", "items": _FILE, "description": "audio files"},
+                    "archive": {
+                        **_FILE,
+                        "description": "zip or tar (.gz, .bz2, .xz) of audio files",
+                    },
+                    "manifest": {
+                        **_FILE,
+                        "description": "CSV filename,track_id,title,artist,work_id "
+                        "or a JSON list of objects with those keys",
+                    },
+                    "replace": {"type": "boolean", "default": False},
+                },
+            }
+        },
+        "application/json": {"schema": PathIngest.model_json_schema()},
+    },
+}
 
 
-@router.post("/v1/ingest", tags=["ingest"], status_code=202,
-             dependencies=[Depends(require_write)], openapi_extra={"requestBody": _BODY},
-             response_model=JobCreated,
-             responses=responses(401, 403, 413, 415, 422, 503, 507))
+@router.post(
+    "/v1/ingest",
+    tags=["ingest"],
+    status_code=202,
+    dependencies=[Depends(require_write)],
+    openapi_extra={"requestBody": _BODY},
+    response_model=JobCreated,
+    responses=responses(401, 403, 413, 415, 422, 503, 507),
+)
 async def ingest(request: Request, jobs: JobsDep, settings: SettingsDep) -> JSONResponse:
     """multipart/form-data: `files` (one or more) or one `archive` (zip, tar, tar.gz/bz2/xz),
     optional `manifest` (CSV or JSON), optional `replace`. application/json: `{"path": ...,
@@ -88,11 +108,17 @@ async def ingest(request: Request, jobs: JobsDep, settings: SettingsDep) -> JSON
     return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['job_id']}"})
 
 
-@router.get("/v1/jobs/{job_id}", tags=["ingest"], dependencies=[Depends(require_read)],
-            response_model=Job, response_model_exclude_unset=True,
-            responses=responses(401, 403, 404, 422, 503))
+@router.get(
+    "/v1/jobs/{job_id}",
+    tags=["ingest"],
+    dependencies=[Depends(require_read)],
+    response_model=Job,
+    response_model_exclude_unset=True,
+    responses=responses(401, 403, 404, 422, 503),
+)
 async def get_job(
-    jobs: JobsDep, job_id: str,
+    jobs: JobsDep,
+    job_id: str,
     items: bool = Query(False, description="also list every item with its state and result"),
 ) -> dict:
     job = await run_in_threadpool(jobs.get, job_id, items)
@@ -103,30 +129,36 @@ async def get_job(
 
 async def _from_form(request: Request, jobs: JobManager, settings: Settings) -> dict[str, Any]:
     form = await request.form(
-        max_files=settings.max_archive_files + 2, max_fields=len(FORM_FIELDS) + 8,
+        max_files=settings.max_archive_files + 2,
+        max_fields=len(FORM_FIELDS) + 8,
         max_part_size=MAX_MANIFEST_BYTES,
     )
     try:
         unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
         if unknown:
-            raise InvalidInput("invalid_request",
-                           f"unknown form fields {unknown}; expected {', '.join(FORM_FIELDS)}")
+            raise InvalidInput(
+                "invalid_request",
+                f"unknown form fields {unknown}; expected {', '.join(FORM_FIELDS)}",
+            )
         files = form.getlist("files")
         archives = form.getlist("archive")
         if not all(isinstance(f, UploadFile) for f in files + archives):
             raise InvalidInput("invalid_request", "files and archive must be file uploads")
         if bool(files) == bool(archives) or len(archives) > 1:
-            raise InvalidInput("invalid_request",
-                           "send either files (one or more audio files) or one archive")
+            raise InvalidInput(
+                "invalid_request", "send either files (one or more audio files) or one archive"
+            )
         manifest = await _form_manifest(form.get("manifest"))
         replace = str(form.get("replace") or "").lower() in ("1", "true", "yes", "on")
         space = SpaceGuard(settings.data_dir, settings.min_free_bytes)
-        if files:
-            return await run_in_threadpool(submit_files, jobs, files, manifest, replace, space)
-        limits = ArchiveLimits(settings.max_archive_files, settings.max_archive_bytes,
-                               settings.max_upload_bytes)
+        uploads = cast(list[UploadFile], files)  # checked above: all file uploads
+        if uploads:
+            return await run_in_threadpool(submit_files, jobs, uploads, manifest, replace, space)
+        limits = ArchiveLimits(
+            settings.max_archive_files, settings.max_archive_bytes, settings.max_upload_bytes
+        )
         return await run_in_threadpool(
-            submit_archive, jobs, archives[0], manifest, replace, limits, space
+            submit_archive, jobs, cast(UploadFile, archives[0]), manifest, replace, limits, space
         )
     finally:
         await form.close()
@@ -139,8 +171,9 @@ async def _form_manifest(value: Any) -> Manifest | None:
         return parse_manifest(value.encode(), "manifest")
     data = await value.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
-        raise TooLarge("manifest_too_large",
-                       f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+        raise TooLarge(
+            "manifest_too_large", f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes"
+        )
     return parse_manifest(data, value.filename or "manifest")
 
 
@@ -156,7 +189,10 @@ async def _from_json(request: Request, jobs: JobManager, settings: Settings) -> 
 
 
 def submit_files(
-    jobs: JobManager, uploads: list[UploadFile], manifest: Manifest | None, replace: bool,
+    jobs: JobManager,
+    uploads: list[UploadFile],
+    manifest: Manifest | None,
+    replace: bool,
     space: SpaceGuard,
 ) -> dict[str, Any]:
     """Uploaded files -> a job; default track id and title: the file name without extension."""
@@ -168,15 +204,19 @@ def submit_files(
             ext = Path(name).suffix.lower()
             found.append((name, st.files / f"{n:06d}{ext if ext in AUDIO_EXTENSIONS else ''}"))
         items = build_items(found, manifest, owned=True, default_id=basename_id)
-        for up, (_, path) in zip(uploads, found):
+        for up, (_, path) in zip(uploads, found, strict=False):
             up.file.seek(0)
             copy_to_file(up.file, path)
         return jobs.create(st, items, "files", replace=replace)
 
 
 def submit_archive(
-    jobs: JobManager, upload: UploadFile, manifest: Manifest | None, replace: bool,
-    limits: ArchiveLimits, space: SpaceGuard,
+    jobs: JobManager,
+    upload: UploadFile,
+    manifest: Manifest | None,
+    replace: bool,
+    limits: ArchiveLimits,
+    space: SpaceGuard,
 ) -> dict[str, Any]:
     """An archive -> a job of its audio members; a manifest sent beside the archive wins over
     the one inside. Default track id: the member path without extension."""
@@ -196,7 +236,8 @@ def submit_path(jobs: JobManager, settings: Settings, body: PathIngest) -> dict[
     """A folder under the import root -> a job reading its audio files in place. Default
     track id: the path relative to the folder without extension."""
     root = settings.import_root
-    folder = resolve_under(root, body.path)
+    folder = resolve_under(root, body.path)  # Forbidden when no import root is set
+    assert root is not None
     found, ignored, inside = scan_folder(folder, root, settings.max_archive_files)
     manifest = None
     if body.manifest:

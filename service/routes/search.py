@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
+
 from refrain.service.auth import require_read
 from refrain.service.deps import EngineDep
 from refrain.service.engine import MAX_TOP_K, SearchRequest
@@ -14,9 +15,13 @@ from refrain.service.schemas import SearchResponse, responses
 router = APIRouter()
 
 
-@router.post("/v1/search", tags=["search"], dependencies=[Depends(require_read)],
-             response_model=SearchResponse,
-             responses=responses(401, 403, 413, 415, 422, 502, 503))
+@router.post(
+    "/v1/search",
+    tags=["search"],
+    dependencies=[Depends(require_read)],
+    response_model=SearchResponse,
+    responses=responses(401, 403, 413, 415, 422, 502, 503),
+)
 async def search(
     engine: EngineDep,
     audio: UploadFile = File(..., description="the query clip (5-60 s is typical)"),
@@ -24,8 +29,10 @@ async def search(
     reduction: str | None = Form(None, description="segment distance reduction, e.g. min, bpwr-10"),
     hop: float | None = Form(None, description="seconds between query segments"),
     transpositions: int | None = Form(
-        None, description="also try the clip shifted by up to this many semitones each way, "
-        "0..6 (6 tries every key); default: the server's REFRAIN_QUERY_TRANSPOSITIONS"),
+        None,
+        description="also try the clip shifted by up to this many semitones each way, "
+        "0..6 (6 tries every key); default: the server's REFRAIN_QUERY_TRANSPOSITIONS",
+    ),
 ) -> dict:
     request = SearchRequest(b"", top_k, reduction or None, hop, transpositions)
     request.check()  # before reading the upload

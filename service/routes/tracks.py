@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+
 from refrain.index import AddResult
 from refrain.service.auth import require_read, require_write
 from refrain.service.deps import EngineDep, SettingsDep
@@ -31,11 +32,18 @@ def check_track_id(track_id: str) -> str:
 
 
 @router.post(
-    "/v1/tracks", tags=["catalog"], dependencies=[Depends(require_write)], status_code=201,
+    "/v1/tracks",
+    tags=["catalog"],
+    dependencies=[Depends(require_write)],
+    status_code=201,
     response_model=AddedTrack,
-    responses={200: {"model": AddedTrack, "description": "this id already holds the same audio: "
-                     "nothing was written"},
-               **responses(401, 403, 409, 413, 415, 422, 502, 503, 507)},
+    responses={
+        200: {
+            "model": AddedTrack,
+            "description": "this id already holds the same audio: nothing was written",
+        },
+        **responses(401, 403, 409, 413, 415, 422, 502, 503, 507),
+    },
 )
 async def add_track(
     engine: EngineDep,
@@ -47,10 +55,12 @@ async def add_track(
     work_id: str | None = Form(None, description="the work this track is a version of"),
     replace: bool = Form(False, description="replace a track with the same id and other audio"),
 ) -> JSONResponse:
-    meta = TrackMeta(check_track_id(track_id) if track_id else uuid.uuid4().hex, title, artist,
-                     work_id)
-    check_metadata({"track_id": meta.track_id, "title": title, "artist": artist,
-                    "work_id": work_id})
+    meta = TrackMeta(
+        check_track_id(track_id) if track_id else uuid.uuid4().hex, title, artist, work_id
+    )
+    check_metadata(
+        {"track_id": meta.track_id, "title": title, "artist": artist, "work_id": work_id}
+    )
     # the index stores far less than the audio; its size is the bound the guard can know
     space = SpaceGuard(settings.data_dir, settings.min_free_bytes)
     await run_in_threadpool(space.require, stream_size(audio.file), "the track")
@@ -60,23 +70,37 @@ async def add_track(
     return JSONResponse({**track.to_json(), "result": result.value}, status_code=status)
 
 
-@router.get("/v1/tracks/{track_id:path}", tags=["catalog"], dependencies=[Depends(require_read)],
-            response_model=Track, responses=responses(401, 403, 404, 422, 503))
+@router.get(
+    "/v1/tracks/{track_id:path}",
+    tags=["catalog"],
+    dependencies=[Depends(require_read)],
+    response_model=Track,
+    responses=responses(401, 403, 404, 422, 503),
+)
 async def get_track(engine: EngineDep, track_id: str) -> dict:
     track = await run_in_threadpool(engine.get_track, track_id)
     return track.to_json()
 
 
-@router.delete("/v1/tracks/{track_id:path}", tags=["catalog"],
-               dependencies=[Depends(require_write)], response_model=Deleted,
-               responses=responses(401, 403, 404, 422, 503, 507))
+@router.delete(
+    "/v1/tracks/{track_id:path}",
+    tags=["catalog"],
+    dependencies=[Depends(require_write)],
+    response_model=Deleted,
+    responses=responses(401, 403, 404, 422, 503, 507),
+)
 async def delete_track(engine: EngineDep, track_id: str) -> dict:
     await run_in_threadpool(engine.delete_track, track_id)
     return {"deleted": track_id}
 
 
-@router.get("/v1/tracks", tags=["catalog"], dependencies=[Depends(require_read)],
-            response_model=TrackPage, responses=responses(401, 403, 422, 503))
+@router.get(
+    "/v1/tracks",
+    tags=["catalog"],
+    dependencies=[Depends(require_read)],
+    response_model=TrackPage,
+    responses=responses(401, 403, 422, 503),
+)
 async def list_tracks(
     engine: EngineDep,
     limit: int = Query(100, ge=1, le=1000),
