@@ -108,8 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # optional dependencies -> the extra that installs them
-EXTRAS = {"music21": "train", "mido": "train", "librosa": "train", "pymilvus": "milvus",
-          "milvus_lite": "milvus"}
+EXTRAS = {
+    "music21": "train",
+    "mido": "train",
+    "librosa": "train",
+    "pymilvus": "milvus",
+    "milvus_lite": "milvus",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         root = (e.name or "").split(".")[0]
         if root not in EXTRAS:
             raise
-        print(f"refrain {args.command}: needs {root}, which the {EXTRAS[root]!r} extra installs: "
-              f"pip install 'refrain[{EXTRAS[root]}]'", file=sys.stderr)
+        print(
+            f"refrain {args.command}: needs {root}, which the {EXTRAS[root]!r} extra installs: "
+            f"pip install 'refrain[{EXTRAS[root]}]'",
+            file=sys.stderr,
+        )
         return 2
     except (ValueError, OSError) as e:  # expected user-facing failures: no traceback
         print(f"refrain {args.command}: error: {e}", file=sys.stderr)

@@ -67,8 +67,9 @@ DESCRIPTION = (
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """`refrain corpus ACTION ...`, registered on the `refrain` command's subparsers."""
-    p = sub.add_parser("corpus", help="build and inspect the synthetic version corpus",
-                       description=DESCRIPTION)
+    p = sub.add_parser(
+        "corpus", help="build and inspect the synthetic version corpus", description=DESCRIPTION
+    )
     add_actions(p)
 
 
