@@ -17,12 +17,9 @@ per-track features go through the same decoding and query clips, and it scores e
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
-import json
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -35,7 +32,7 @@ import numpy as np
 import torch
 
 from refrain.model.audio import AudioDecodeError
-from refrain.model.metrics import EvalResult, format_table, retrieval_metrics
+from refrain.model.metrics import EvalResult, retrieval_metrics
 from refrain.model.reduce import Reduction, track_distance
 
 if TYPE_CHECKING:
@@ -49,7 +46,6 @@ __all__ = [
     "evaluate",
     "evaluate_detailed",
     "read_manifest",
-    "run_evaluation",
 ]
 
 MANIFEST_COLUMNS = ("clique", "path")
@@ -505,82 +501,3 @@ def _distances(queries, cands, reduction: str, device, progress: bool, desc: str
         row = [track_distance(q, c, reduction, qmask, cmask) for c, cmask in cand_blocks]
         out[start : start + len(q)] = torch.cat(row, dim=1).cpu().numpy()
     return out
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def _parse_seconds(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(
-            f"expected comma-separated query lengths in seconds such as '5,10,20,30', got {text!r}"
-        ) from None
-
-
-def _cost_line(cost: dict) -> str:
-    """E.g. 'qmax: 162,000 pairs in 95.0 s, 0.59 ms per pair (2 processes, 1.1 ms of CPU
-    per pair)': wall time, then process time summed over the scoring processes."""
-    return (
-        f"{cost['scorer']}: {cost['pairs']:,} pairs in {cost['wall_s']:.1f} s, "
-        f"{cost['ms_per_pair']:.3g} ms per pair ({cost['workers']} processes, "
-        f"{cost['cpu_ms_per_pair']:.3g} ms of CPU per pair)"
-    )
-
-
-def run_evaluation(args: argparse.Namespace) -> int:
-    """`refrain evaluate`: print the table and counts, write JSON if asked.
-
-    Returns 0, or 1 when some files could not be decoded (the results then cover the rest).
-    """
-    from refrain.model import load_model
-
-    start = time.perf_counter()
-    items = read_manifest(args.manifest, split=args.split)
-    if args.max_tracks is not None:
-        if args.max_tracks < 1:
-            raise ValueError(f"expected --max-tracks >= 1, got {args.max_tracks}")
-        items = items[: args.max_tracks]
-    options = EvalOptions(
-        reduction=args.reduction,
-        segment_reduction=args.segment_reduction,
-        query_seconds=_parse_seconds(args.query_seconds),
-        hop=args.hop,
-        queries_per_track=args.queries_per_track,
-        seed=args.seed,
-        max_seconds=args.max_seconds or None,
-    )
-    baseline = getattr(args, "baseline", None)
-    if baseline is True or baseline == "2dftm":  # True: the former on/off flag
-        from refrain.model.baseline import ChromaBaseline
-
-        model = ChromaBaseline()
-    elif baseline == "qmax":
-        from refrain.model.qmax import QmaxScorer
-
-        try:
-            model = QmaxScorer(workers=getattr(args, "jobs", None))
-        except ImportError as e:  # librosa is in the train extra
-            raise ValueError(str(e)) from None
-    elif baseline is not None:
-        raise ValueError(f"unknown baseline {baseline!r}; expected 2dftm or qmax")
-    else:
-        model = load_model(args.checkpoint, device=args.device)
-    ev = evaluate_detailed(model, items, options, progress=True)
-    wall = time.perf_counter() - start
-    for i, err in ev.skipped:
-        print(f"skipped (cannot decode): {items[i].path}: {err}", file=sys.stderr)
-    print(format_table(ev.results))
-    print(ev.summary())
-    if ev.pairwise is not None:
-        print(_cost_line(ev.pairwise))
-    print(f"wall time {wall:.1f} s")
-    if args.json:
-        out = ev.to_dict(per_query=args.per_query)
-        out["settings"].update(manifest=str(args.manifest), checkpoint=args.checkpoint)
-        out["wall_s"] = wall
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.json}")
-    return 1 if ev.skipped else 0
