@@ -55,6 +55,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "segments (the default) or Qmax chroma alignment (needs librosa)",
     )
     p.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="C",
+        help="also report each level with the model's C nearest tracks re-ranked by Qmax "
+        "alignment fused with the distance (alignment verification; needs the train extra)",
+    )
+    p.add_argument(
+        "--verify-weight",
+        type=float,
+        default=1.0,
+        help="weight of the alignment in the fusion (refrain.model.verify)",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=None,
@@ -207,6 +221,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         queries_per_track=args.queries_per_track,
         seed=args.seed,
         max_seconds=args.max_seconds or None,
+        verify=args.verify,
+        verify_weight=args.verify_weight,
     )
     baseline = getattr(args, "baseline", None)
     if baseline is True or baseline == "2dftm":  # True: the former on/off flag
@@ -232,6 +248,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(ev.summary())
     if ev.pairwise is not None:
         print(_cost_line(ev.pairwise))
+    if ev.verification is not None:
+        print(_cost_line({"scorer": "verification", **ev.verification}))
     print(f"wall time {wall:.1f} s")
     if args.json:
         out = ev.to_dict(per_query=args.per_query)

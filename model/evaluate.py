@@ -145,6 +145,10 @@ class EvalOptions:
     seed: int = 0  # seed of the segment query offsets
     max_seconds: float | None = 600.0  # tracks are cut to their start (the reference's maxlen)
     batch_size: int = 32  # segments per network call
+    # alignment verification (`model.verify`): also report every level with the model's
+    # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
+    verify: int = 0
+    verify_weight: float = 1.0
 
     def __post_init__(self) -> None:
         Reduction.parse(self.reduction)
@@ -160,6 +164,10 @@ class EvalOptions:
         for name in ("queries_per_track", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)!r}")
+        if self.verify:
+            from refrain.model.verify import Fusion
+
+            Fusion(self.verify, self.verify_weight)  # raises on bad values
         if self.seed < 0:
             raise ValueError(f"expected a non-negative seed, got {self.seed!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -185,6 +193,7 @@ class Evaluation:
     model_identity: dict | None = None
     wall_s: float = 0.0
     pairwise: dict | None = None  # a pairwise scorer's name and cost (pairs, seconds, ...)
+    verification: dict | None = None  # alignment verification's fusion and cost, if run
     n_tracks: int = field(init=False)  # tracks evaluated
     n_cliques: int = field(init=False)  # distinct cliques among them
 
@@ -229,6 +238,8 @@ class Evaluation:
         }
         if self.pairwise is not None:
             out["pairwise"] = self.pairwise
+        if self.verification is not None:
+            out["verification"] = self.verification
         if per_query:
             out["tracks"] = [{"clique": it.clique, "path": _path_str(it)} for it in self.items]
             out["per_query"] = {
@@ -339,18 +350,24 @@ def evaluate_detailed(
                 np.array(offsets),
             )
         )
-    pairwise = None
-    if scorer is None:  # one level's distance matrix at a time
-        dists = (
+    pairwise = verification = None
+    if scorer is None:
+        dists = [
             _distances(qz, cands, reduction, device, progress, label)
             for label, _, qz, reduction, _ in levels
-        )
+        ]
     else:
         dists, cost = model.distances([level[2] for level in levels], cands, progress=progress)
         pairwise = {"scorer": scorer, **cost.to_dict()}
 
+    if scorer is None and opts.verify:
+        fused, cost = _verified(model, items, opts, waveforms, kept, levels, dists, progress)
+        levels = levels + [(f"{level[0]} +verify", *level[1:]) for level in levels]
+        dists = dists + fused
+        verification = cost
+
     results, per_query = {}, {}
-    for (label, qids, _, _, offsets), dist in zip(levels, dists, strict=False):
+    for (label, qids, _, _, offsets), dist in zip(levels, dists, strict=True):
         metrics = retrieval_metrics(dist, labels[qids], labels[ids], qids, ids)
         nearest = ids[np.where(qids[:, None] == ids[None, :], np.inf, dist).argmin(1)]
         index = metrics["per_query"].pop("index")
@@ -369,7 +386,40 @@ def evaluate_detailed(
         model_identity=identity,
         wall_s=time.perf_counter() - start,
         pairwise=pairwise,
+        verification=verification,
     )
+
+
+def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
+    """Each level's distances with its shortlists re-ranked by `model.verify.Fusion`: the
+    chroma of the same tracks and clips (same draws), Qmax of the shortlisted pairs only."""
+    from refrain.model.qmax import QmaxScorer, shortlist_qmax
+    from refrain.model.verify import Fusion
+
+    fusion = Fusion(opts.verify, opts.verify_weight)
+    qmax_scorer = QmaxScorer(config=model.config)
+    whole, queries, _ = _embed_all(qmax_scorer, items, opts, None, waveforms, progress)
+    cands = [whole[i] for i in kept]
+    fused, pairs, wall, cpu = [], 0, 0.0, 0.0
+    for (_, qids, *_rest), dist, tau in zip(
+        levels, dists, (None, *opts.query_seconds), strict=True
+    ):
+        chroma = [whole[i] for i in qids] if tau is None else [z for _, _, z in queries[tau]]
+        masked = np.where(qids[:, None] == np.array(kept)[None, :], np.inf, dist)
+        shortlist = fusion.shortlist(masked)
+        qmax, cost = shortlist_qmax(qmax_scorer, chroma, cands, shortlist, progress=progress)
+        fused.append(fusion.rerank(dist, qmax, shortlist))
+        pairs, wall, cpu = pairs + cost.pairs, wall + cost.wall_s, cpu + cost.cpu_s
+    total = {
+        "pairs": pairs,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "workers": qmax_scorer.workers,
+        "ms_per_pair": 1000 * wall / max(pairs, 1),
+        "cpu_ms_per_pair": 1000 * cpu / max(pairs, 1),
+        **fusion.to_dict(),
+    }
+    return fused, total
 
 
 # -- embedding -------------------------------------------------------------------------------

@@ -166,17 +166,21 @@ class _Candidates:
         self.states = [_unit(delay_embed(c, params.m, params.tau)) for c in cands]
         self.profiles = np.stack([_unit(c.mean(0)) for c in cands])
 
-    def qmax_row(self, query: np.ndarray) -> np.ndarray:
-        """Qmax of one query chroma (n, 12) against every candidate: (C,)."""
+    def qmax_row(self, query: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+        """Qmax of one query chroma (n, 12) against every candidate, or against the
+        candidates `cols` only: (C,) or (len(cols),)."""
         p = self.params
-        shifts = oti(_unit(query.mean(0)), self.profiles)
+        cols = np.arange(len(self.states)) if cols is None else np.asarray(cols, dtype=np.int64)
+        shifts = oti(_unit(query.mean(0)), self.profiles[cols])
         rolled = {
             k: _unit(delay_embed(np.roll(query, k, axis=1), p.m, p.tau)) for k in np.unique(shifts)
         }
         return np.array(
             [
-                qmax(cross_recurrence(rolled[k], c, p.kappa), p.gap_onset, p.gap_extend)
-                for k, c in zip(shifts, self.states, strict=False)
+                qmax(
+                    cross_recurrence(rolled[k], self.states[j], p.kappa), p.gap_onset, p.gap_extend
+                )
+                for k, j in zip(shifts, cols, strict=True)
             ]
         )
 
@@ -200,6 +204,12 @@ def _init_worker(cands: Sequence[np.ndarray], params: QmaxParams) -> None:
 def _score_chunk(queries: list[np.ndarray]) -> tuple[np.ndarray, float]:
     start = time.process_time()
     rows = np.stack([_WORKER.qmax_row(q) for q in queries])
+    return rows, time.process_time() - start
+
+
+def _score_shortlists(tasks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list, float]:
+    start = time.process_time()
+    rows = [_WORKER.qmax_row(q, cols) for q, cols in tasks]
     return rows, time.process_time() - start
 
 
@@ -335,6 +345,54 @@ class QmaxScorer:
             at += len(group)
         cost = PairCost(self.name, qmaxes.size, time.perf_counter() - start, cpu, max(workers, 1))
         return out, cost
+
+
+def shortlist_qmax(
+    scorer: QmaxScorer,
+    queries: Sequence[np.ndarray],
+    cands: Sequence[np.ndarray],
+    shortlists: Sequence[np.ndarray],
+    progress: bool = False,
+) -> tuple[list[np.ndarray], PairCost]:
+    """Qmax of each query chroma against its shortlisted candidates only (`shortlists[i]`:
+    columns of `cands`): what alignment verification (`refrain.model.verify`) scores."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    tasks = list(zip(queries, shortlists, strict=True))
+    pairs = sum(len(cols) for cols in shortlists)
+    out: list[np.ndarray] = [np.zeros(0)] * len(tasks)
+    size = max(1, math.ceil(len(tasks) / (scorer.workers * _TASKS_PER_WORKER)))
+    chunks = [range(i, min(i + size, len(tasks))) for i in range(0, len(tasks), size)]
+    bar = tqdm(total=pairs, desc="verify", unit="pair", leave=False, disable=not progress)
+    cpu = 0.0
+    cells = sum(len(q) * sum(len(cands[j]) for j in cols) for q, cols in tasks)
+    workers = 1 if cells < _POOL_MIN_CELLS else min(scorer.workers, len(chunks))
+    if workers <= 1:
+        prepared = _Candidates(cands, scorer.params)
+        with _one_blas_thread():
+            for chunk in chunks:
+                t = time.process_time()
+                for i in chunk:
+                    out[i] = prepared.qmax_row(*tasks[i])
+                cpu += time.process_time() - t
+                bar.update(sum(len(shortlists[i]) for i in chunk))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            workers, context, _init_worker, (list(cands), scorer.params)
+        ) as pool:
+            futures = {pool.submit(_score_shortlists, [tasks[i] for i in c]): c for c in chunks}
+            for future in as_completed(futures):
+                chunk = futures[future]
+                rows, seconds = future.result()
+                for i, row in zip(chunk, rows, strict=True):
+                    out[i] = row
+                cpu += seconds
+                bar.update(sum(len(shortlists[i]) for i in chunk))
+    bar.close()
+    cost = PairCost("verify", pairs, time.perf_counter() - start, cpu, max(workers, 1))
+    return out, cost
 
 
 def qmax_pair(query: np.ndarray, cand: np.ndarray, params: QmaxParams | None = None) -> float:

@@ -1,0 +1,118 @@
+"""Alignment verification: the embedding's shortlist re-ranked by Qmax fused with the distance.
+
+The fusion's arithmetic on constructed matrices, the shortlisted Qmax against the full matrix
+on real audio, and `refrain evaluate --verify` end to end on synthesised versions.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from refrain.model.metrics import retrieval_metrics
+from refrain.model.verify import BELOW, Fusion
+from refrain.service.cli import main
+
+from helpers import SR, pitch_shift, synth_song, time_stretch
+
+pytest.importorskip("librosa")  # the train extra
+
+
+def test_weight_zero_is_the_embeddings_ranking():
+    rng = np.random.default_rng(0)
+    dist = rng.random((6, 9))
+    dist[0, 0] = np.inf  # the query itself
+    fusion = Fusion(candidates=4, weight=0.0)
+    shortlist = fusion.shortlist(dist)
+    assert all(len(s) == 4 for s in shortlist) and 0 not in shortlist[0]
+    qmax = [rng.random(len(s)) * 30 for s in shortlist]
+    fused = fusion.rerank(dist, qmax, shortlist)
+    for row, frow in zip(dist, fused, strict=True):
+        np.testing.assert_array_equal(
+            np.argsort(row, kind="stable"), np.argsort(frow, kind="stable")
+        )
+    assert np.isinf(fused[0, 0]) and (fused[:, :][np.isfinite(fused)] < 2 * BELOW).all()
+
+
+def test_a_large_weight_orders_the_shortlist_by_alignment_and_keeps_the_rest_below():
+    dist = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    fusion = Fusion(candidates=3, weight=1000.0)
+    shortlist = fusion.shortlist(dist)
+    np.testing.assert_array_equal(shortlist[0], [0, 1, 2])
+    fused = fusion.rerank(dist, [np.array([1.0, 50.0, 9.0])], shortlist)
+    assert list(np.argsort(fused[0])) == [1, 2, 0, 3, 4, 5]  # by Qmax, then the embedding's
+
+
+def test_fit_finds_the_weight_that_helps():
+    # 4 works x 3 versions; the embedding confuses works pairwise, the alignment does not
+    labels = np.repeat(np.arange(4), 3)
+    rng = np.random.default_rng(1)
+    same = labels[:, None] == labels[None, :]
+    dist = rng.random((12, 12)) + 0.4 * same
+    np.fill_diagonal(dist, np.inf)
+    qmax_full = np.where(same, 40.0, 5.0) + rng.random((12, 12))
+    ids = np.arange(12)
+    base = retrieval_metrics(dist, labels, labels, ids, ids)["MAP"]
+    shortlist = Fusion(candidates=11).shortlist(dist)
+    qmax = [qmax_full[i, cols] for i, cols in enumerate(shortlist)]
+    best, scores = Fusion.fit(dist, qmax, shortlist, labels, labels, ids, ids, candidates=11)
+    assert scores[0.0] == pytest.approx(base) and base < 0.7
+    assert best.weight > 0 and scores[best.weight] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="candidates"):
+        Fusion(candidates=1)
+    with pytest.raises(ValueError, match="weight"):
+        Fusion(weight=-1)
+
+
+def test_shortlisted_qmax_equals_the_full_matrix(tmp_path):
+    from refrain.model.audio import resample
+    from refrain.model.qmax import QmaxScorer, shortlist_qmax
+
+    scorer = QmaxScorer(workers=1)
+    songs = [synth_song(20.0, seed) for seed in (21, 22, 23)]
+    chroma = [scorer.chroma(resample(x.mean(1).astype(np.float32), SR, 16000)) for x in songs]
+    queries = [chroma[0][5:30], np.roll(chroma[1], 2, axis=1), chroma[2]]
+    (full,), _ = scorer.distances([queries], chroma)
+    shortlists = [np.array([2, 0]), np.array([1]), np.array([0, 1, 2])]
+    rows, cost = shortlist_qmax(scorer, queries, chroma, shortlists)
+    for i, cols in enumerate(shortlists):
+        np.testing.assert_allclose(rows[i], 1.0 / full[i, cols] - 1.0, rtol=1e-9)
+    assert cost.pairs == 6
+
+
+@pytest.mark.slow
+def test_evaluate_reports_verified_levels_beside_the_model(tmp_path, capsys):
+    rows = ["clique,path"]
+    for w, seed in enumerate((31, 32, 33)):
+        x = synth_song(16.0, seed)
+        for name, y in {"orig": x, "up2": pitch_shift(x, 2), "fast": time_stretch(x, 1.1)}.items():
+            sf.write(tmp_path / f"w{w}_{name}.flac", y, SR)
+            rows.append(f"w{w},w{w}_{name}.flac")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval.json"
+    argv = [
+        "evaluate",
+        "--manifest",
+        str(manifest),
+        "--query-seconds",
+        "10",
+        "--verify",
+        "4",
+        "--verify-weight",
+        "0",
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "track (bpwr-10) +verify" in printed and "verification:" in printed
+    report = json.loads(out.read_text())
+    results = report["results"]
+    # weight 0: verification may not change a single rank
+    for level in ("track (bpwr-10)", "segment 10 s (min)"):
+        assert results[f"{level} +verify"]["map"] == results[level]["map"]
+    v = report["verification"]
+    assert (v["candidates"], v["weight"]) == (4, 0.0)
+    assert v["pairs"] == 9 * 4 + 9 * 4 and v["wall_s"] > 0
