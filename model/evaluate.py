@@ -148,7 +148,7 @@ class EvalOptions:
     # alignment verification (`model.verify`): also report every level with the model's
     # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
     verify: int = 0
-    verify_weight: float = 1.0
+    verify_weight: float = 0.5
 
     def __post_init__(self) -> None:
         Reduction.parse(self.reduction)

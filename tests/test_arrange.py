@@ -237,3 +237,31 @@ def test_tiny_arranged_corpus_renders_reports_and_trains(tmp_path):
         },
     }
     assert (train(RunConfig.from_dict(raw)) / "model.safetensors").exists()
+
+
+def test_blended_settings_voice_the_tune_inside_the_chords():
+    work = _tune()
+    plain = VersionOptions(arrange=1.0, originals=1)
+    blend = VersionOptions(arrange=1.0, originals=1, blend=1.0)
+    for version in range(1, 9):
+        before = sample_version(work, version, 5, SOUNDFONTS, plain)
+        # blend 0 draws exactly what corpora drawn before blending existed drew
+        assert sample_version(work, version, 5, SOUNDFONTS, replace(plain, blend=0.0)) == before
+        assert "blend" not in before.to_json()["arrangement"]
+        mixed = sample_version(work, version, 5, SOUNDFONTS, blend)
+        a = mixed.arrangement
+        assert a.blend and a.texture == "hymn" and not a.counter and not a.handoff
+        assert a.rhythm == "beat" and mixed.to_json()["arrangement"]["blend"] is True
+        assert VersionParams.from_json(json.loads(json.dumps(mixed.to_json()))) == mixed
+        # voiced as an original: families of the general table, no louder tune
+        families = [p.family for p in mixed.parts]
+        arranged = arrange(work, a)
+        assert len(families) == len(arranged.parts) >= 3
+        assert arranged.parts[0].name == "melody"
+        assert all(0.6 <= p.gain <= 1.1 for p in mixed.parts if p.family != "bass")
+    # half of the arranged versions are blended at 0.5
+    half = replace(blend, blend=0.5)
+    share = np.mean(
+        [sample_version(work, v, 5, SOUNDFONTS, half).arrangement.blend for v in range(1, 201)]
+    )
+    assert 0.4 < share < 0.6

@@ -17,7 +17,7 @@ The result is an ordinary `Work`, rendered by the rest of the corpus pipeline li
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -59,9 +59,13 @@ class Arrangement:
     rhythm_variation: float  # chance per beat of a dotted rhythm or an anticipation
     octave_phrase: bool  # one phrase of the tune an octave away
     handoff: bool  # one phrase of the tune played by another instrument
+    blend: bool = False  # a blended four-part setting (`blended`); voiced as an original
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.blend:  # records of corpora drawn before blending existed stay the same
+            del d["blend"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> Arrangement:
@@ -98,6 +102,14 @@ def sample_arrangement(work: Work, rng: np.random.Generator) -> Arrangement:
         rhythm_variation=round(float(rng.choice((0.0, 0.15, 0.3))), 3),
         octave_phrase=bool(rng.random() < 0.15),
         handoff=bool(rng.random() < 0.2),
+    )
+
+
+def blended(a: Arrangement) -> Arrangement:
+    """`a` as a blended four-part setting: hymn voicing under the tune, a chord per beat,
+    the tune whole (no handed-off phrase, no counter-melody), voiced like an original."""
+    return replace(
+        a, texture="hymn", bass="none", counter=False, rhythm="beat", handoff=False, blend=True
     )
 
 

@@ -136,6 +136,13 @@ def add_actions(p: argparse.ArgumentParser) -> None:
         help="chance that a version is a new arrangement of the tune (harmony, texture, groove)",
     )
     r.add_argument(
+        "--blend",
+        type=_probability,
+        default=0.0,
+        help="chance that an arranged version is a blended four-part setting: the tune on top "
+        "of hymn chords, every part voiced alike (no lead instrument)",
+    )
+    r.add_argument(
         "--originals",
         type=_positive(int, zero=True),
         default=1,
@@ -228,7 +235,9 @@ def _render(args) -> int:
         jobs=args.jobs,
         timeout_s=args.timeout,
         catalogue=args.catalogue,
-        version_options=VersionOptions(arrange=args.arrange, originals=args.originals),
+        version_options=VersionOptions(
+            arrange=args.arrange, originals=args.originals, blend=args.blend
+        ),
     )
     start = time.monotonic()
     try:

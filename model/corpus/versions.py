@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from refrain.model.corpus.arrange import Arrangement, arrange, sample_arrangement
+from refrain.model.corpus.arrange import Arrangement, arrange, blended, sample_arrangement
 from refrain.model.corpus.degrade import Degradation, degradation_from_json, sample_degradations
 from refrain.model.corpus.works import Work
 
@@ -82,6 +82,10 @@ class VersionOptions:
     synth_effects: float = 0.5  # chance of FluidSynth's own reverb and chorus
     arrange: float = 0.0  # chance that a version is a new arrangement of the work's tune
     originals: int = 1  # versions 0..originals-1 always keep the work's own parts
+    # chance that an arranged version is a blended four-part setting: the tune on top of a
+    # hymn voicing, every part voiced as an original's are (no lead instrument, no louder
+    # tune, no counter-melody), so that the tune has to be heard inside the chords
+    blend: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ class VersionParams:
         d["degradations"] = [g.to_json() for g in self.degradations]
         if self.arrangement is None:  # records of the work's own parts stay as they were
             del d["arrangement"]
+        else:
+            d["arrangement"] = self.arrangement.to_json()
         return d
 
     @classmethod
@@ -181,6 +187,10 @@ def sample_version(
         arrange_rng = version_rng(seed, work.id + "#arrange", version)
         if arrange_rng.random() < options.arrange:
             arrangement = sample_arrangement(work, arrange_rng)
+            if options.blend > 0:  # its own generator too: blend 0 draws as before
+                blend_rng = version_rng(seed, work.id + "#blend", version)
+                if blend_rng.random() < options.blend:
+                    arrangement = blended(arrangement)
             work = arrange(work, arrangement)
     audio_seed = int(rng.integers(2**31))
     soundfont = soundfonts[int(rng.integers(len(soundfonts)))]
@@ -188,13 +198,14 @@ def sample_version(
     lo, hi = options.tempo
     tempo = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     drift = float(rng.uniform(-options.drift, options.drift)) if rng.random() < 0.6 else 0.0
-    if arrangement is None:
+    if arrangement is None or arrangement.blend:
         parts = _plan_parts(work, rng, options)
     else:
         parts = _plan_roles(work, rng, options)
     sections = _plan_sections(len(work.measures) - 1, rng, options)
     drums = None
-    if rng.random() < (options.drums if arrangement is None else max(options.drums, 0.6)):
+    plain = arrangement is None or arrangement.blend
+    if rng.random() < (options.drums if plain else max(options.drums, 0.6)):
         kit = int(rng.choice(DRUM_KITS))
         drums = DrumPlan(kit, int(rng.choice((42, 44, 51))), float(rng.uniform(0.5, 0.9)))
     jitter = float(rng.uniform(0.0, options.jitter_ms))
