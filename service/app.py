@@ -38,19 +38,25 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._reject(scope, send)
         seen = 0
-        started = False
+        started = exceeded = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    exceeded = True
                     raise _BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if exceeded:  # a parser turned the refusal into an error of its own: answer 413
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._reject(scope, send)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 

@@ -31,8 +31,8 @@ def get_engine(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Engine:
 
 
 def get_jobs(runtime: Annotated[Runtime, Depends(get_runtime)]) -> JobManager:
-    runtime.core()  # jobs are created and reported once the service is ready
-    return runtime.jobs
+    """The job manager; 503 while loading, or while the job database cannot be opened."""
+    return runtime.jobs_ready()
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -15,7 +15,7 @@ from refrain.model.calibrate import Calibration, uncalibrated_score
 from refrain.model.embedder import Embedder, load_model
 from refrain.service.backend import open_store
 from refrain.service.engine import Engine, SegmentEmbedder
-from refrain.service.exceptions import not_ready
+from refrain.service.exceptions import Unavailable, not_ready
 from refrain.service.jobs import JobManager
 from refrain.service.metrics import Metrics
 from refrain.service.remote_worker import RemoteWorkers
@@ -33,6 +33,7 @@ class Runtime:
         self.engine: Engine | None = None
         self.jobs = JobManager(settings, metrics, self.ingest_item, lambda: self.ready)
         self.load_error: str | None = None
+        self.jobs_error: str | None = None  # why ingestion is down while search is up
         self._model: Embedder | None = None
         self._store: SegmentStore | None = None
         self._worker: SegmentEmbedder | None = None
@@ -53,7 +54,7 @@ class Runtime:
             self.engine = Engine(
                 s, model, store, self._worker, self.metrics, score or uncalibrated_score
             )
-            self.jobs.start()
+            self._start_jobs()
             self.engine.refresh_metrics()
             self._ready.set()
             self.metrics.ready.set(1)
@@ -62,6 +63,24 @@ class Runtime:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("failed to start: %s", self.load_error)
             raise
+
+    def _start_jobs(self) -> None:
+        """Resume ingestion; a job database that cannot be opened takes ingestion down (503
+        naming the file), not search and the catalog."""
+        try:
+            self.jobs.start()
+        except Exception as e:  # noqa: BLE001 - reported by every ingestion request
+            where = self.settings.jobs_dir / "jobs.sqlite"
+            self.jobs_error = f"the job database {where} cannot be opened ({e}); move it away "
+            self.jobs_error += "to start with no jobs, or restore it from a backup"
+            log.error("ingestion is down: %s", self.jobs_error)
+
+    def jobs_ready(self) -> JobManager:
+        """The job manager, once the engine is up and the job database open."""
+        self.core()
+        if self.jobs_error is not None:
+            raise Unavailable("jobs_unavailable", self.jobs_error, retry_after_s=None)
+        return self.jobs
 
     def _identity(self, model: Embedder) -> dict[str, Any]:
         return {**model.identity.to_dict(), "hop_s": self.settings.reference_hop_s}

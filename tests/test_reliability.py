@@ -252,3 +252,52 @@ def test_a_manifest_linking_outside_the_import_root_is_not_read(client, server, 
     assert "hunter2" not in r.text and "password" not in r.text
     job = wait_job(client, r.json()["job_id"], items="true")
     assert job["ignored"] == 1 and job["items"][0]["track_id"] == "song"
+
+
+def test_an_over_limit_chunked_body_is_a_413(live_server, tmp_path):
+    srv = live_server(settings(tmp_path / "data", max_upload_bytes=1 << 20))
+    head = (
+        b'--B\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\n"
+    )
+
+    def body():  # no Content-Length: the limit is only seen while streaming
+        yield head
+        for _ in range(3):
+            yield bytes(1 << 20)
+        yield b"\r\n--B--\r\n"
+
+    with srv.client(headers=KEY) as c:
+        for route in ("/v1/search", "/v1/tracks"):
+            r = c.post(
+                route, content=body(), headers={"Content-Type": "multipart/form-data; boundary=B"}
+            )
+            assert r.status_code == 413, (route, r.text)
+            assert r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_a_corrupt_job_database_takes_down_ingestion_only(live_server, tmp_path):
+    data = tmp_path / "data"
+    (data / "jobs").mkdir(parents=True)
+    (data / "jobs" / "jobs.sqlite").write_bytes(b"this is not a database" * 512)
+    srv = live_server(settings(data))
+    with srv.client(headers=KEY) as c:
+        r = c.post(
+            "/v1/tracks",
+            files={"audio": ("a.wav", clip(tmp_path / "a.wav").read_bytes())},
+            data={"track_id": "a"},
+        )
+        assert r.status_code == 201, r.text
+        found = c.post(
+            "/v1/search", files={"audio": ("q.wav", clip(tmp_path / "q.wav").read_bytes())}
+        )
+        assert found.status_code == 200 and c.get("/v1/tracks").json()["tracks"]
+        for r in (
+            c.post("/v1/ingest", files={"files": ("b.wav", b"RIFF")}),
+            c.get("/v1/jobs/" + "0" * 32),
+        ):
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["code"] == "jobs_unavailable" and "jobs.sqlite" in err["message"]
+    # the file is kept for the operator
+    assert (data / "jobs" / "jobs.sqlite").read_bytes().startswith(b"this is not")
