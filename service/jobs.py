@@ -14,7 +14,9 @@ the item ends 'skipped' instead of 'done'. No track is ever added twice.
 Outcomes. ADDED/REPLACED -> 'done', UNCHANGED -> 'skipped' (ingesting a catalog twice adds
 nothing twice), a per-item error (bad audio, track exists with other content...) -> 'failed'
 with the API error code and message, and the job goes on. A job ends 'done' once every item is
-final, 'failed' only when the index itself refuses writes (remaining items fail with it).
+final: 'failed' when every item failed, else 'done' with its count of failed items
+(`counts.failed`), and 'failed' at once when the index itself refuses writes (the remaining
+items fail with it). `GET /v1/jobs` lists jobs newest first, by state if asked.
 Transient failures (overload, not ready, a backend or the workers down) are retried; an item
 in progress at `stop()` is finished or abandoned, and then redone after the restart.
 
@@ -215,6 +217,16 @@ class JobManager:
             eta = round(pending * (time.time() - run[0]) / run[1], 1)
         progress = round((total - pending) / total, 4) if total else 1.0
         return {**job, "progress": progress, "eta_s": eta}
+
+    def page(
+        self, limit: int = 50, cursor: str | None = None, state: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Jobs newest first, with their counts and progress; and the next page's cursor."""
+        jobs, next_cursor = self._store().page(limit, cursor, state)
+        for job in jobs:
+            total, pending = job["counts"]["total"], job["counts"]["pending"]
+            job["progress"] = round((total - pending) / total, 4) if total else 1.0
+        return jobs, next_cursor
 
     def _store(self) -> JobStore:
         if self.store is None:

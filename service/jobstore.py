@@ -190,6 +190,58 @@ class JobStore:
             ]
         return out
 
+    def page(
+        self, limit: int, cursor: str | None = None, state: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Jobs newest first (by creation), at most `limit`, after `cursor` (the last job id
+        of the previous page), optionally in one `state`; and the next page's cursor."""
+        where, args = [], []
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        with self._read() as db:
+            if cursor is not None:
+                row = db.execute("SELECT created FROM jobs WHERE id = ?", (cursor,)).fetchone()
+                if row is None:
+                    return [], None
+                where.append("(created < ? OR (created = ? AND id < ?))")
+                args += [row[0], row[0], cursor]
+            sql = (
+                "SELECT id, state, source, total, ignored, created, started, finished, error "
+                "FROM jobs"
+                + (" WHERE " + " AND ".join(where) if where else "")
+                + " ORDER BY created DESC, id DESC LIMIT ?"
+            )
+            rows = db.execute(sql, (*args, limit + 1)).fetchall()
+            counts = {}
+            for job_id, *_ in rows[:limit]:
+                counts[job_id] = dict(
+                    db.execute(
+                        "SELECT state, count(*) FROM items WHERE job_id = ? GROUP BY state",
+                        (job_id,),
+                    ).fetchall()
+                )
+        jobs = [
+            {
+                "job_id": job_id,
+                "state": st,
+                "source": source,
+                "ignored": ignored,
+                "created": created,
+                "started": started,
+                "finished": finished,
+                "error": error,
+                "counts": {
+                    "total": total,
+                    **{s.value: counts[job_id].get(s.value, 0) for s in ItemState},
+                },
+            }
+            for job_id, st, source, total, ignored, created, started, finished, error in rows[
+                :limit
+            ]
+        ]
+        return jobs, (jobs[-1]["job_id"] if len(rows) > limit else None)
+
     def leftovers(self) -> tuple[set[str], list[Path]]:
         """Ids of unfinished jobs, and stored files of their items that are already final."""
         with self._read() as db:
@@ -273,10 +325,17 @@ class JobStore:
                 "SELECT 1 FROM items WHERE job_id = ? AND state = 'pending' LIMIT 1", (job_id,)
             ).fetchone():
                 return False
+            # every item failed: the job failed; otherwise done (with its failed count)
+            succeeded = db.execute(
+                "SELECT 1 FROM items WHERE job_id = ? AND state != 'failed' LIMIT 1", (job_id,)
+            ).fetchone()
+            final, error = (
+                ("done", None) if succeeded else ("failed", "every item failed (see errors)")
+            )
             db.execute(
-                "UPDATE jobs SET state = 'done', finished = ? WHERE id = ? "
-                "AND state IN ('queued', 'running')",
-                (now, job_id),
+                "UPDATE jobs SET state = ?, finished = ?, error = COALESCE(error, ?) "
+                "WHERE id = ? AND state IN ('queued', 'running')",
+                (final, now, error, job_id),
             )
             return True
 

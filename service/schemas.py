@@ -126,7 +126,10 @@ class JobItem(BaseModel):
 
 class Job(BaseModel):
     job_id: str
-    state: str = Field(description="queued, running, done or failed")
+    state: str = Field(
+        description="queued, running, done (counts.failed may be > 0: some items failed) or "
+        "failed (every item failed, or the index refused writes)"
+    )
     source: str
     counts: JobCounts
     ignored: int
@@ -138,6 +141,24 @@ class Job(BaseModel):
     items: list[JobItem] | None = Field(None, description="with ?items=true")
     progress: float
     eta_s: float | None
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    state: str = Field(description="queued, running, done (counts.failed may be > 0) or failed")
+    source: str
+    counts: JobCounts
+    ignored: int
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    progress: float
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page")
 
 
 class Health(BaseModel):

@@ -166,6 +166,10 @@ def test_a_purged_job_answers_404(tmp_path):
             while c.get(f"/v1/jobs/{job_id}").json()["state"] != "done":
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+            listed = c.get("/v1/jobs", params={"state": "done"}).json()
+            assert [j["job_id"] for j in listed["jobs"]] == [job_id] and not listed["next_cursor"]
+            assert c.get("/v1/jobs", params={"state": "queued"}).json()["jobs"] == []
+            assert c.get("/v1/jobs", params={"state": "lost"}).status_code == 422
             jobs = server.app.state.runtime.jobs
             assert jobs.purge() == 0  # the default retention is a week
             assert jobs.purge(now=time.time() + 169 * HOUR) == 1
@@ -176,3 +180,49 @@ def test_a_purged_job_answers_404(tmp_path):
             assert c.get("/v1/tracks/kept").status_code == 200  # the tracks stay
     finally:
         server.stop()
+
+
+def finish_all(m: JobManager, job_id: str, states: list[ItemState]) -> None:
+    for pos, state in enumerate(states):
+        code = "bad_audio" if state is ItemState.FAILED else None
+        m.store.finish(job_id, pos, state, None if code else "added", code, code)
+
+
+def test_a_job_whose_items_all_failed_ends_failed(tmp_path):
+    m = manager(tmp_path / "data")
+    try:
+        every, some = add_job(m, 2), add_job(m, 3)
+        finish_all(m, every, [ItemState.FAILED, ItemState.FAILED])
+        finish_all(m, some, [ItemState.FAILED, ItemState.DONE, ItemState.SKIPPED])
+        failed, done = m.get(every), m.get(some)
+        assert failed["state"] == "failed" and failed["error"] == "every item failed (see errors)"
+        assert len(failed["errors"]) == 2 and failed["counts"]["failed"] == 2
+        assert done["state"] == "done" and done["error"] is None
+        assert done["counts"] == {"total": 3, "pending": 0, "done": 1, "failed": 1, "skipped": 1}
+    finally:
+        m.stop()
+
+
+def test_jobs_are_listed_newest_first_by_page_and_state(tmp_path):
+    m = manager(tmp_path / "data")
+    try:
+        ids = [add_job(m, 1) for _ in range(5)]
+        for k, job_id in enumerate(ids):  # distinct creation times, oldest first
+            age(tmp_path / "data", job_id, 5 - k)
+        finish_all(m, ids[1], [ItemState.DONE])
+        seen, cursor = [], None
+        while True:
+            page, cursor = m.page(limit=2, cursor=cursor)
+            assert len(page) <= 2
+            seen += [j["job_id"] for j in page]
+            if cursor is None:
+                break
+        assert seen == ids[::-1]
+        done, _ = m.page(state="done")
+        assert [j["job_id"] for j in done] == [ids[1]] and done[0]["progress"] == 1.0
+        queued, _ = m.page(state="queued")
+        assert [j["job_id"] for j in queued] == [ids[4], ids[3], ids[2], ids[0]]
+        assert queued[0]["progress"] == 0.0 and queued[0]["counts"]["pending"] == 1
+        assert m.page(cursor="0" * 32) == ([], None)
+    finally:
+        m.stop()

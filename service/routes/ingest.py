@@ -23,7 +23,8 @@ from refrain.service.auth import require_read, require_write
 from refrain.service.deps import JobsDep, SettingsDep
 from refrain.service.exceptions import InvalidInput, NotFound, TooLarge, UnsupportedMedia
 from refrain.service.jobs import JobManager
-from refrain.service.schemas import Job, JobCreated, responses
+from refrain.service.jobstore import JobState
+from refrain.service.schemas import Job, JobCreated, JobPage, responses
 from refrain.service.settings import Settings
 from refrain.service.sources import (
     basename_id,
@@ -106,6 +107,26 @@ async def ingest(request: Request, jobs: JobsDep, settings: SettingsDep) -> JSON
             f'application/json ({{"path": ...}}), got {kind or "no content type"!r}',
         )
     return JSONResponse(job, status_code=202, headers={"Location": f"/v1/jobs/{job['job_id']}"})
+
+
+@router.get(
+    "/v1/jobs",
+    tags=["ingest"],
+    dependencies=[Depends(require_read)],
+    response_model=JobPage,
+    responses=responses(401, 403, 422, 503),
+)
+async def list_jobs(
+    jobs: JobsDep,
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
+    state: JobState | None = Query(None, description="only jobs in this state"),
+) -> dict:
+    """Jobs newest first, with their counts and progress (without per-item errors)."""
+    page, next_cursor = await run_in_threadpool(
+        jobs.page, limit, cursor, state.value if state else None
+    )
+    return {"jobs": page, "next_cursor": next_cursor}
 
 
 @router.get(
