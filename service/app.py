@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import threading
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,6 +21,8 @@ from refrain.service.runtime import Runtime
 from refrain.service.settings import Settings
 
 log = logging.getLogger("refrain.service")
+request_log = logging.getLogger("refrain.requests")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class _BodyTooLarge(Exception):
@@ -81,22 +86,34 @@ async def _drain() -> Message:
 
 
 class MetricsMiddleware:
-    """Request counts and latency by route template, method and status."""
+    """Request counts and latency by route template, method and status; with `json_log`, one
+    JSON line per request on the `refrain.requests` logger. Every response carries an
+    `X-Request-ID` (the client's, if it sent a sane one, else a new one), as does its log line."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, json_log: bool = False) -> None:
         self.app = app
         self.metrics = metrics
+        self.json_log = json_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500
         t0 = time.perf_counter()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
         async def capture(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (b"x-request-id", request_id.encode()),
+                    ],
+                }
             await send(message)
 
         try:
@@ -105,8 +122,22 @@ class MetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
+            seconds = time.perf_counter() - t0
             self.metrics.requests.labels(path, method, str(status)).inc()
-            self.metrics.latency.labels(path, method).observe(time.perf_counter() - t0)
+            self.metrics.latency.labels(path, method).observe(seconds)
+            if self.json_log:
+                request_log.info(
+                    json.dumps(
+                        {
+                            "method": method,
+                            "route": path,
+                            "path": scope.get("path", ""),
+                            "status": status,
+                            "latency_ms": round(seconds * 1000, 2),
+                            "request_id": request_id,
+                        }
+                    )
+                )
 
 
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
@@ -146,7 +177,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     for module in (search, tracks, ingest, ops):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, json_log=settings.log_requests == "json")
     return app
 
 

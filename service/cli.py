@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("no REFRAIN_API_KEYS set: writes are refused until keys are configured")
     if settings.keys and settings.reads_open:
         log.warning("searches and reads are open without an API key (REFRAIN_OPEN_READS=true)")
-    log.warning(
+    log.info(
         "serving on http://%s:%d, data in %s", args.host, args.port, settings.data_dir.resolve()
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
@@ -117,8 +117,15 @@ EXTRAS = {
 }
 
 
+# libraries whose INFO lines are noise to an operator: faiss's loader reports which CPU
+# build it tried, httpx one line per request (inside `refrain ingest`'s progress bar)
+QUIET = ("faiss", "faiss.loader", "httpx", "httpcore")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

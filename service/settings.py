@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     reference_hop_s: float = Field(5.0, gt=0, le=20, description="segment hop of references")
     query_hop_s: float = Field(5.0, gt=0, le=20, description="default segment hop of queries")
 
+    log_requests: str = Field(
+        "",
+        description="one log line per request: '' (off: uvicorn's access log only) or "
+        "'json' (method, route, path, status, latency_ms, request_id; for log shippers)",
+    )
     api_keys: str = Field("", description="comma-separated API keys")
     open_writes: bool = Field(False, description="allow writes without a key (loopback use)")
     open_reads: bool | None = Field(
@@ -85,6 +90,13 @@ class Settings(BaseSettings):
     milvus_token: str = Field("", description="Milvus credentials (user:password or token)")
     milvus_collection: str = Field("refrain_segments", description="Milvus collection name")
     milvus_index_type: str = Field("FLAT", description="Milvus index type: FLAT, IVF_FLAT, HNSW")
+
+    @field_validator("log_requests")
+    @classmethod
+    def _log_requests(cls, v: str) -> str:
+        if v not in ("", "json"):
+            raise ValueError(f"log_requests must be '' or 'json', got {v!r}")
+        return v
 
     @field_validator("index_backend")
     @classmethod

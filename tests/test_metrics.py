@@ -1,5 +1,6 @@
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -248,3 +249,48 @@ def test_eval_result_needs_top1_and_top10():
     dist, labels = _toy_collection()
     with pytest.raises(ValueError, match="ks"):
         EvalResult.from_metrics(retrieval_metrics(dist, labels, labels, ks=(1, 5)))
+
+
+def test_json_request_logs_carry_route_status_latency_and_request_id(live_server, tmp_path, caplog):
+    import json
+    import logging
+
+    from refrain.service.settings import Settings
+
+    from conftest import CKPT_A
+
+    srv = live_server(Settings(data_dir=tmp_path / "data", model=str(CKPT_A), log_requests="json"))
+    with caplog.at_level(logging.INFO, logger="refrain.requests"), srv.client() as c:
+        r = c.get("/v1/tracks/missing", headers={"X-Request-ID": "req-42"})
+        assert r.status_code == 404 and r.headers["x-request-id"] == "req-42"
+        fresh = c.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+        assert len(fresh.headers["x-request-id"]) == 32  # refused, a new one given
+        deadline = time.monotonic() + 5  # a line is written once its response has gone
+        while True:
+            lines = [
+                json.loads(rec.getMessage())
+                for rec in caplog.records
+                if rec.name == "refrain.requests"
+            ]
+            routes = {line["route"] for line in lines}
+            if routes >= {"/healthz", "/v1/tracks/{track_id:path}"}:
+                break
+            assert time.monotonic() < deadline, routes
+            time.sleep(0.05)
+    missing = next(line for line in lines if line["request_id"] == "req-42")
+    assert missing["route"] == "/v1/tracks/{track_id:path}" and missing["status"] == 404
+    assert missing["method"] == "GET" and missing["path"] == "/v1/tracks/missing"
+    assert missing["latency_ms"] >= 0
+    assert any(line["route"] == "/healthz" for line in lines)
+
+
+def test_the_command_line_silences_library_chatter():
+    import logging
+
+    import pytest
+
+    from refrain.service.cli import QUIET, main
+
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    assert all(logging.getLogger(name).level == logging.WARNING for name in QUIET)
