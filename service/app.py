@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from refrain.service import docs, errors
+from refrain.service import errors, pages
 from refrain.service.metrics import Metrics
 from refrain.service.routes import ingest, ops, search, tracks
 from refrain.service.runtime import Runtime
@@ -173,7 +173,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     app.state.metrics = metrics
     app.state.runtime = runtime
     errors.install(app)
-    docs.install(app)
+    pages.install(app)
     for module in (search, tracks, ingest, ops):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)

@@ -16,7 +16,7 @@ from refrain.index import SegmentStore, TrackRecord, open_index
 ROOT = Path(__file__).resolve().parents[1]
 
 # the service's HTTP layer: the only modules that may speak in HTTP statuses
-HTTP_LAYER = {"app.py", "errors.py", "auth.py", "deps.py", "worker_app.py"}
+HTTP_LAYER = {"app.py", "errors.py", "auth.py", "deps.py", "pages.py", "worker_app.py"}
 
 
 @pytest.mark.slow
@@ -38,6 +38,8 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
         "refrain/service/engine.py",
         "refrain/model/weights/default/config.json",
         "refrain/model/corpus/bach_melodies.json",
+        "refrain/service/console/index.html",
+        "refrain/service/console/console.js",
     ):
         assert module in names, module
 
