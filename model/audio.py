@@ -65,8 +65,15 @@ class AudioTooLongError(AudioDecodeError):
         super().__init__(f"expected audio of at most {limit_s:g} s, got {length}")
 
 
+class TruncatedAudioError(AudioDecodeError):
+    """The stream ends well before the length its header declares (a cut-off upload)."""
+
+
 def load_audio(
-    source: Source, sample_rate: int = SAMPLE_RATE, max_duration_s: float | None = None
+    source: Source,
+    sample_rate: int = SAMPLE_RATE,
+    max_duration_s: float | None = None,
+    complete: bool = False,
 ) -> np.ndarray:
     """Decode `source` to float32 mono samples at `sample_rate`, shape (T,).
 
@@ -74,13 +81,24 @@ def load_audio(
     `sample_rate`. Raises `AudioTooLongError` past `max_duration_s` (checked on the container's
     length before decoding and again while decoding) and `AudioDecodeError` for any other bad
     input. A path that cannot be opened raises the usual `OSError`.
+
+    A damaged stream keeps what decoded before the damage; with `complete` (references, which
+    must be whole), a stream ending more than 2 % (and 0.5 s) short of the length its header
+    declares raises `TruncatedAudioError` instead.
     """
     if sample_rate <= 0:
         raise ValueError(f"expected a positive sample rate, got {sample_rate}")
     if max_duration_s is not None and max_duration_s <= 0:
         raise ValueError(f"expected a positive max_duration_s or None, got {max_duration_s}")
     with _open_input(source) as file:
-        x, sr = _decode(file, max_duration_s)
+        x, sr, declared_s = _decode(file, max_duration_s)
+    if complete and declared_s is not None and sr > 0:
+        got = x.size / sr
+        if got < declared_s - max(0.5, 0.02 * declared_s):
+            raise TruncatedAudioError(
+                f"the audio ends after {got:.2f} s of the {declared_s:.2f} s its header declares "
+                "(a truncated file?)"
+            )
     if x.size == 0:
         raise AudioDecodeError("expected at least one audio sample, got a zero-length stream")
     check_samples(x)
@@ -192,26 +210,28 @@ def _require_content(file: BinaryIO) -> None:
         raise AudioDecodeError("expected audio data, got 0 bytes")
 
 
-Decoder = Callable[[BinaryIO, float | None], tuple[np.ndarray, int]]
+Decoded = tuple[np.ndarray, int, float | None]  # samples, rate, the header's length (s)
+Decoder = Callable[[BinaryIO, float | None], Decoded]
 
 
-def _decode(file: BinaryIO, max_duration_s: float | None) -> tuple[np.ndarray, int]:
-    """Mono samples and their rate from the first decoder that reads `file`."""
+def _decode(file: BinaryIO, max_duration_s: float | None) -> Decoded:
+    """Mono samples, their rate and the declared length from the first decoder that reads
+    `file`."""
     failures: list[AudioDecodeError] = []
-    empty: tuple[np.ndarray, int] | None = None
+    empty: Decoded | None = None
     for decoder in _decoders(file):
         file.seek(0)
         try:
-            x, sr = decoder(file, max_duration_s)
+            x, sr, declared = decoder(file, max_duration_s)
         except AudioTooLongError:
             raise
         except AudioDecodeError as e:
             failures.append(e)
             continue
         if x.size:
-            return x, sr
+            return x, sr, declared
         # A streaming WAV header says 0 bytes of data; libsndfile believes it, FFmpeg reads on.
-        empty = x, sr
+        empty = x, sr, declared
     if empty is not None:
         return empty
     causes = "; ".join(str(e) for e in failures)
@@ -230,14 +250,16 @@ def _decoders(file: BinaryIO) -> tuple[Decoder, Decoder]:
     return (_decode_pyav, _decode_soundfile) if is_mp3 else (_decode_soundfile, _decode_pyav)
 
 
-def _decode_soundfile(file: BinaryIO, max_duration_s: float | None) -> tuple[np.ndarray, int]:
+def _decode_soundfile(file: BinaryIO, max_duration_s: float | None) -> Decoded:
     blocks: list[np.ndarray] = []
+    declared = None
     try:
         with sf.SoundFile(file) as f:
             sr = _check_rate(f.samplerate)
             frames = _known_frames(f.frames)
             if frames is not None:
-                _check_duration(frames / sr, max_duration_s)
+                declared = frames / sr
+                _check_duration(declared, max_duration_s)
             cap = _frame_cap(sr, max_duration_s)
             total = 0
             # Block reads: a header may claim any length, so never allocate from it.
@@ -255,7 +277,7 @@ def _decode_soundfile(file: BinaryIO, max_duration_s: float | None) -> tuple[np.
         raise
     except _SOUNDFILE_ERRORS as e:
         raise AudioDecodeError(f"libsndfile: {_reason(e)}") from e
-    return _concat(blocks), sr
+    return _concat(blocks), sr, declared
 
 
 @contextmanager
@@ -281,7 +303,7 @@ def _pyav_duration(container: av.container.InputContainer) -> float | None:
     return None
 
 
-def _decode_pyav(file: BinaryIO, max_duration_s: float | None) -> tuple[np.ndarray, int]:
+def _decode_pyav(file: BinaryIO, max_duration_s: float | None) -> Decoded:
     with _open_pyav(file) as container:
         duration = _pyav_duration(container)
         if duration is not None:
@@ -322,7 +344,7 @@ def _decode_pyav(file: BinaryIO, max_duration_s: float | None) -> tuple[np.ndarr
                 raise AudioTooLongError(total / sr, max_duration_s, exact=False)
     if not chunks and last_error is not None:
         raise AudioDecodeError(f"FFmpeg: {_reason(last_error)}") from last_error
-    return _concat(chunks), sr or SAMPLE_RATE
+    return _concat(chunks), sr or SAMPLE_RATE, duration
 
 
 def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:

@@ -137,9 +137,14 @@ class Engine:
 
     # -- audio ---------------------------------------------------------------------------------
 
-    def decode(self, data: bytes, max_s: float, min_s: float = 0.0) -> np.ndarray:
-        """Bytes -> a validated waveform at the model's rate (InvalidInput for bad audio)."""
-        wave = load_audio(data, sample_rate=self.model.sample_rate, max_duration_s=max_s)
+    def decode(
+        self, data: bytes, max_s: float, min_s: float = 0.0, complete: bool = False
+    ) -> np.ndarray:
+        """Bytes -> a validated waveform at the model's rate (InvalidInput for bad audio;
+        with `complete`, also for a stream that ends short of its declared length)."""
+        wave = load_audio(
+            data, sample_rate=self.model.sample_rate, max_duration_s=max_s, complete=complete
+        )
         seconds = len(wave) / self.model.sample_rate
         self.metrics.audio_decoded.inc(seconds)
         if seconds < min_s:
@@ -185,7 +190,9 @@ class Engine:
             raise Conflict(
                 "track_exists", f"track {track_id!r} exists with other content; send replace=true"
             )
-        wave = self.decode(data, self.settings.max_reference_s, min_s=MIN_REFERENCE_S)
+        wave = self.decode(
+            data, self.settings.max_reference_s, min_s=MIN_REFERENCE_S, complete=True
+        )
         return CheckedReference(digest, wave=wave)
 
     def record(self, meta: TrackMeta, checked: CheckedReference) -> TrackRecord:

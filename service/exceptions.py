@@ -22,7 +22,12 @@ from refrain.index import (
     TrackNotFoundError,
 )
 from refrain.index.milvus import BackendUnavailableError
-from refrain.model.audio import AudioDecodeError, AudioTooLongError, UnsupportedAudioError
+from refrain.model.audio import (
+    AudioDecodeError,
+    AudioTooLongError,
+    TruncatedAudioError,
+    UnsupportedAudioError,
+)
 from refrain.service.remote_worker import WorkerRejected, WorkersUnavailable
 from refrain.service.worker import Overloaded
 
@@ -105,6 +110,8 @@ def as_domain_error(exc: BaseException) -> RefrainError:
         return exc
     if isinstance(exc, AudioTooLongError):
         return InvalidInput("audio_too_long", str(exc))
+    if isinstance(exc, TruncatedAudioError):
+        return InvalidInput("truncated_audio", str(exc))
     if isinstance(exc, UnsupportedAudioError):
         return UnsupportedMedia("unsupported_audio", str(exc))
     if isinstance(exc, AudioDecodeError):

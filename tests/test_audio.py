@@ -219,9 +219,9 @@ def test_mp3_matches_flac_length_and_both_decoders_agree() -> None:
     assert np.corrcoef(mp3, flac)[0, 1] > 0.99
 
     with open(DATA / "song75s.mp3", "rb") as f:
-        via_sf, sr_sf = audio._decode_soundfile(f, None)
+        via_sf, sr_sf, _ = audio._decode_soundfile(f, None)
         f.seek(0)
-        via_av, sr_av = audio._decode_pyav(f, None)
+        via_av, sr_av, _ = audio._decode_pyav(f, None)
     assert sr_sf == sr_av == 44100 and len(via_sf) == len(via_av)
     diff = resample(via_sf, sr_sf, SAMPLE_RATE) - resample(via_av, sr_av, SAMPLE_RATE)
     assert np.abs(diff).max() <= 1e-5
@@ -231,8 +231,8 @@ def test_mp3_matches_flac_length_and_both_decoders_agree() -> None:
 @pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
 def test_both_decoders_scale_and_downmix_pcm_alike(subtype: str) -> None:
     data = _wav_bytes(_music(22050, seconds=1.0), 22050, subtype)
-    via_sf, sr_sf = audio._decode_soundfile(io.BytesIO(data), None)
-    via_av, sr_av = audio._decode_pyav(io.BytesIO(data), None)
+    via_sf, sr_sf, _ = audio._decode_soundfile(io.BytesIO(data), None)
+    via_av, sr_av, _ = audio._decode_pyav(io.BytesIO(data), None)
     assert sr_sf == sr_av == 22050
     np.testing.assert_allclose(via_av, via_sf, rtol=0, atol=1e-7)
 

@@ -21,7 +21,7 @@ from refrain.service.archive import ArchiveLimits, extract_archive
 from refrain.service.exceptions import RefrainError, TooLarge
 from refrain.service.settings import Settings
 
-from conftest import CKPT_A, LiveServer
+from conftest import CKPT_A, DATA, LiveServer
 
 KEY = {"Authorization": "Bearer k1"}
 
@@ -301,3 +301,23 @@ def test_a_corrupt_job_database_takes_down_ingestion_only(live_server, tmp_path)
             assert err["code"] == "jobs_unavailable" and "jobs.sqlite" in err["message"]
     # the file is kept for the operator
     assert (data / "jobs" / "jobs.sqlite").read_bytes().startswith(b"this is not")
+
+
+def test_a_truncated_reference_is_refused_and_a_truncated_clip_still_searches(client, tmp_path):
+    x, sr = sf.read(DATA / "audio" / "song75s.flac", dtype="float32", frames=30 * 44100)
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="FLAC")
+    whole = buf.getvalue()
+    cut = whole[: len(whole) // 10]  # an upload cut off at 10 %: the header still says 30 s
+    r = client.post("/v1/tracks", files={"audio": ("cut.flac", cut)}, data={"track_id": "cut"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "truncated_audio" and "30.00 s its header declares" in err["message"]
+    assert client.get("/v1/tracks/cut").status_code == 404
+    # the whole file is stored; a truncated query clip is searched with what it holds
+    r = client.post(
+        "/v1/tracks", files={"audio": ("whole.flac", whole)}, data={"track_id": "whole"}
+    )
+    assert r.status_code == 201, r.text
+    found = client.post("/v1/search", files={"audio": ("q.flac", whole[: len(whole) // 3])})
+    assert found.status_code == 200 and found.json()["query_duration_s"] < 15
