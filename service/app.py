@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from refrain.service import errors, pages
+from refrain.service.auth import EarlyAuth
 from refrain.service.metrics import Metrics
 from refrain.service.routes import ingest, ops, search, tracks
 from refrain.service.runtime import Runtime
@@ -176,6 +177,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     pages.install(app)
     for module in (search, tracks, ingest, ops):
         app.include_router(module.router)
+    app.add_middleware(EarlyAuth, settings=settings)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, json_log=settings.log_requests == "json")
     return app

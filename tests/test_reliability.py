@@ -321,3 +321,47 @@ def test_a_truncated_reference_is_refused_and_a_truncated_clip_still_searches(cl
     assert r.status_code == 201, r.text
     found = client.post("/v1/search", files={"audio": ("q.flac", whole[: len(whole) // 3])})
     assert found.status_code == 200 and found.json()["query_duration_s"] < 15
+
+
+def test_unauthenticated_uploads_are_refused_before_their_body_is_read(tmp_path):
+    import asyncio
+
+    from refrain.service.app import create_app
+
+    app = create_app(settings(tmp_path / "data"))  # keys set: writes and reads need one
+
+    async def post(path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+        chunks = 0
+
+        async def receive():
+            nonlocal chunks
+            chunks += 1
+            return {"type": "http.request", "body": b"x" * 65536, "more_body": chunks < 64}
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "headers": [(b"content-type", b"multipart/form-data; boundary=B"), *headers],
+        }
+        await app(scope, receive, send)
+        return sent[0]["status"], chunks
+
+    for path in ("/v1/tracks", "/v1/search"):
+        assert asyncio.run(post(path, [])) == (401, 0)
+        assert asyncio.run(post(path, [(b"x-api-key", b"wrong")])) == (403, 0)
+        status, chunks = asyncio.run(post(path, [(b"authorization", b"Bearer k1")]))
+        assert status != 401 and chunks > 0  # with the key the body is read (then 503: loading)
