@@ -14,6 +14,7 @@ written once, here.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from refrain.model.audio import load_audio
 from refrain.model.calibrate import uncalibrated_score
 from refrain.model.embedder import Embedder, check_embeddings
 from refrain.model.reduce import Reduction
-from refrain.service.exceptions import Conflict, InvalidInput, NotFound, TooLarge
+from refrain.service.exceptions import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings
 from refrain.service.sources import Item
@@ -230,18 +231,38 @@ class Engine:
         return self.add_reference(data, meta, replace=replace)[0]
 
     def read_item(self, item: Item) -> bytes:
+        """An item's bytes. A file read in place (ingested by path) must, once open, be the
+        file its path resolves to inside the import root: one swapped for a link to
+        elsewhere after the job was accepted is refused (links within the root still work)."""
         limit = self.settings.max_upload_bytes
         try:
-            size = item.path.stat().st_size
-            if size > limit:
-                raise TooLarge(
-                    "file_too_large", f"{item.filename} has {size} bytes, at most {limit}"
-                )
-            return item.path.read_bytes()
+            fd = os.open(item.path, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                if not item.owned:
+                    self._check_inside_root(item, f.fileno())
+                size = os.fstat(f.fileno()).st_size
+                if size > limit:
+                    raise TooLarge(
+                        "file_too_large", f"{item.filename} has {size} bytes, at most {limit}"
+                    )
+                return f.read()
         except FileNotFoundError:
             raise InvalidInput("file_missing", f"{item.filename} no longer exists") from None
         except OSError as e:
             raise InvalidInput("file_unreadable", f"cannot read {item.filename}: {e}") from None
+
+    def _check_inside_root(self, item: Item, fd: int) -> None:
+        root = self.settings.import_root
+        if root is None:
+            return
+        real = item.path.resolve()
+        if not real.is_relative_to(root.resolve()):
+            raise Forbidden(
+                "path_forbidden", f"{item.filename} now resolves outside the import root; not read"
+            )
+        opened, found = os.fstat(fd), os.stat(real)
+        if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
+            raise Forbidden("path_forbidden", f"{item.filename} changed as it was opened; not read")
 
     def get_track(self, track_id: str) -> TrackRecord:
         track = self.store.get_track(track_id)

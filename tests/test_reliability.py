@@ -365,3 +365,37 @@ def test_unauthenticated_uploads_are_refused_before_their_body_is_read(tmp_path)
         assert asyncio.run(post(path, [(b"x-api-key", b"wrong")])) == (403, 0)
         status, chunks = asyncio.run(post(path, [(b"authorization", b"Bearer k1")]))
         assert status != 401 and chunks > 0  # with the key the body is read (then 503: loading)
+
+
+def test_a_file_swapped_for_an_outside_link_after_the_job_was_accepted_is_not_read(tmp_path):
+    from refrain.service.engine import Engine
+    from refrain.service.exceptions import Forbidden
+    from refrain.service.metrics import Metrics
+    from refrain.service.sources import Item
+
+    root = tmp_path / "imports"
+    (root / "catalog").mkdir(parents=True)
+    secret = tmp_path / "outside.wav"
+    secret.write_bytes(b"RIFF-secret" * 100)
+    inside = root / "catalog" / "a.wav"
+    inside.write_bytes(b"RIFF-audio" * 100)
+    engine = Engine(settings(tmp_path / "data", import_root=root), None, None, None, Metrics())
+    item = Item("a.wav", inside, False, "a", "", "", None)
+    assert engine.read_item(item).startswith(b"RIFF-audio")
+    inside.unlink()
+    inside.symlink_to(secret)  # swapped after the check that accepted the job
+    with pytest.raises(Forbidden) as e:
+        engine.read_item(item)
+    assert e.value.code == "path_forbidden" and "outside the import root" in e.value.message
+    inside.unlink()  # a link within the root is still read
+    (root / "catalog" / "b.wav").write_bytes(b"RIFF-b" * 100)
+    inside.symlink_to(root / "catalog" / "b.wav")
+    assert engine.read_item(item).startswith(b"RIFF-b")
+    inside.unlink()  # a folder above it swapped for a link to elsewhere
+    (root / "catalog" / "b.wav").unlink()
+    (root / "catalog").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "a.wav").write_bytes(b"RIFF-other" * 100)
+    (root / "catalog").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(Forbidden, match="outside the import root"):
+        engine.read_item(item)
