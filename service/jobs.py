@@ -210,13 +210,12 @@ class JobManager:
         job = self._store().report(job_id, items)
         if job is None:
             return None
-        total, pending = job["counts"]["total"], job["counts"]["pending"]
+        pending = job["counts"]["pending"]
         run = self._runs.get(job_id)
         eta = None
         if pending and run and run[1] > 0:
             eta = round(pending * (time.time() - run[0]) / run[1], 1)
-        progress = round((total - pending) / total, 4) if total else 1.0
-        return {**job, "progress": progress, "eta_s": eta}
+        return {**job, "progress": _progress(job["counts"]), "eta_s": eta}
 
     def page(
         self, limit: int = 50, cursor: str | None = None, state: str | None = None
@@ -224,8 +223,7 @@ class JobManager:
         """Jobs newest first, with their counts and progress; and the next page's cursor."""
         jobs, next_cursor = self._store().page(limit, cursor, state)
         for job in jobs:
-            total, pending = job["counts"]["total"], job["counts"]["pending"]
-            job["progress"] = round((total - pending) / total, 4) if total else 1.0
+            job["progress"] = _progress(job["counts"])
         return jobs, next_cursor
 
     def _store(self) -> JobStore:
@@ -317,6 +315,12 @@ class JobManager:
     def _close_job(self, job_id: str) -> None:
         shutil.rmtree(self.dir / job_id, ignore_errors=True)
         self._runs.pop(job_id, None)
+
+
+def _progress(counts: dict[str, int]) -> float:
+    """Share of a job's items that are final (1.0 for an empty job)."""
+    total = counts["total"]
+    return round((total - counts["pending"]) / total, 4) if total else 1.0
 
 
 def _transient(e: Exception) -> bool:

@@ -124,7 +124,9 @@ class JobItem(BaseModel):
     result: str | None
 
 
-class Job(BaseModel):
+class JobSummary(BaseModel):
+    """A job as `GET /v1/jobs` lists it."""
+
     job_id: str
     state: str = Field(
         description="queued, running, done (counts.failed may be > 0: some items failed) or "
@@ -137,23 +139,15 @@ class Job(BaseModel):
     started: float | None
     finished: float | None
     error: str | None
+    progress: float
+
+
+class Job(JobSummary):
+    """One job with its item errors, ETA and, if asked, every item."""
+
     errors: list[ItemError]
     items: list[JobItem] | None = Field(None, description="with ?items=true")
-    progress: float
     eta_s: float | None
-
-
-class JobSummary(BaseModel):
-    job_id: str
-    state: str = Field(description="queued, running, done (counts.failed may be > 0) or failed")
-    source: str
-    counts: JobCounts
-    ignored: int
-    created: float
-    started: float | None
-    finished: float | None
-    error: str | None
-    progress: float
 
 
 class JobPage(BaseModel):
