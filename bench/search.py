@@ -22,6 +22,12 @@ Data are seeded and regenerated per batch of tracks (nothing of size N is kept b
   trained embedding space is far from isotropic, and ANN indexes depend on that.
 A query is a noisy copy of 3 consecutive segments of a stored track ("a version" of it).
 
+Alignment verification (`--reducer K:CANDIDATES:VERIFY`, e.g. 512:100:50): every track is
+stored with a seeded chroma sequence as long as its audio (2 frames a second, a random walk
+over pitch classes, 5.2 KB), and a query carries 30 s of its source's sequence with noise,
+so the VERIFY best candidates are aligned and the returned ones located as in the service.
+"verify ms" is that stage's median (not in "reduce ms").
+
 Recall@10 compares the served top 10 with the exhaustive top 10 over every stored track (the
 same nsqeuc distances and reduction as `exhaustive_rank`, vectorised over the generated
 batches and checked against `exhaustive_rank` itself on a few queries): a served track counts
@@ -158,6 +164,32 @@ def track_id(i: int) -> str:
     return f"t{i:07d}"
 
 
+TRACK_S = (SEGMENTS - 1) * HOP_S + 20.0
+
+
+def track_chroma(seed: int, i: int) -> np.ndarray:
+    """Track i's chroma sequence: a random walk over pitch classes at SEQUENCE_RATE."""
+    from refrain.model.sequence import SEQUENCE_RATE
+
+    rng = np.random.default_rng([seed, 7, i])
+    n = int(TRACK_S * SEQUENCE_RATE)
+    x = np.abs(np.cumsum(0.4 * rng.standard_normal((n, 12)), axis=0)) + rng.random((n, 12))
+    return (x / x.max(1, keepdims=True)).astype(np.float32)
+
+
+def query_chroma(seed: int, source: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 30 s query's sequences: its source's chroma at a seeded offset, with noise."""
+    from refrain.model.sequence import FINE_RATE, SEQUENCE_RATE
+
+    rng = np.random.default_rng([seed, 8, n])
+    ref = track_chroma(seed, source)
+    m = int(QUERY_S * SEQUENCE_RATE)
+    o = int(rng.integers(0, len(ref) - m + 1))
+    coarse = np.clip(ref[o : o + m] + 0.1 * rng.random((m, 12)), 0, None)
+    fine = np.repeat(coarse, int(FINE_RATE / SEQUENCE_RATE), axis=0)
+    return coarse / coarse.max(1, keepdims=True), fine
+
+
 def ground_truth(ds: Dataset, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive `min` ranking over every track: (q, TOP) distances and track numbers."""
     q = torch.from_numpy(queries.reshape(-1, ds.zdim))
@@ -176,9 +208,12 @@ def ground_truth(ds: Dataset, queries: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return best_d, best_i
 
 
-def query_segments(vectors: np.ndarray, segment_s: float) -> QuerySegments:
+def query_segments(
+    vectors: np.ndarray, segment_s: float, chroma: tuple[np.ndarray, np.ndarray] | None = None
+) -> QuerySegments:
     starts = np.arange(QUERY_SEGMENTS, dtype=np.float64) * HOP_S
-    return QuerySegments(vectors, starts, segment_s, QUERY_S)
+    coarse, fine = chroma if chroma is not None else (None, None)
+    return QuerySegments(vectors, starts, segment_s, QUERY_S, chroma=coarse, fine=fine)
 
 
 def verify_ground_truth(
@@ -285,13 +320,21 @@ class Built:
         return self.ingest_s + self.snapshot_s
 
 
-def identity(zdim: int) -> dict:
-    return {"weights_sha256": "bench", "zdim": zdim, "hop_s": HOP_S}
+def identity(zdim: int, seed: int = 0) -> dict:
+    return {"weights_sha256": "bench", "zdim": zdim, "hop_s": HOP_S, "seed": seed}
 
 
-def ingest(index: SegmentIndex, ds: Dataset, limit: int | None = None, batch: int = 100) -> int:
+def ingest(
+    index: SegmentIndex,
+    ds: Dataset,
+    limit: int | None = None,
+    batch: int = 100,
+    sequences: bool = False,
+) -> int:
     """Add the tracks through `add_tracks`, `batch` at a time (one journal fsync per batch,
-    as `refrain index build` does per chunk)."""
+    as `refrain index build` does per chunk), with chroma sequences if `sequences`."""
+    from refrain.model.sequence import encode
+
     n = 0
     starts = np.arange(SEGMENTS, dtype=np.float64) * HOP_S
     for first, x in ds.batches():
@@ -301,8 +344,9 @@ def ingest(index: SegmentIndex, ds: Dataset, limit: int | None = None, batch: in
             record = TrackRecord(
                 track_id(i),
                 work_id=f"w{ds.works[i]}",
-                duration_s=(SEGMENTS - 1) * HOP_S + 20.0,
+                duration_s=TRACK_S,
                 content_sha256=str(i),
+                sequence=encode(track_chroma(ds.seed, i)) if sequences else None,
             )
             items.append((record, vectors, starts))
         for k in range(0, len(items), batch):
@@ -314,14 +358,14 @@ def ingest(index: SegmentIndex, ds: Dataset, limit: int | None = None, batch: in
 
 
 def build(
-    path: Path, ds: Dataset, factory: str, search_params: str | None
+    path: Path, ds: Dataset, factory: str, search_params: str | None, sequences: bool = False
 ) -> tuple[SegmentIndex, Built]:
     before, _ = rss()
     reset_peak_rss()
     options = IndexOptions(vector_dtype=ds.dtype, search_params=search_params, use_gpu=False)
-    index = open_index(path, identity(ds.zdim), factory, options=options)
+    index = open_index(path, identity(ds.zdim, ds.seed), factory, options=options)
     t0 = time.perf_counter()
-    ingest(index, ds)
+    ingest(index, ds, sequences=sequences)
     t1 = time.perf_counter()
     index.snapshot()  # as `refrain index build` does: the service then opens without replay
     t2 = time.perf_counter()
@@ -334,7 +378,7 @@ def disk_ingest_rate(ds: Dataset, n: int, batch: int) -> float:
     options = IndexOptions(vector_dtype=ds.dtype, use_gpu=False)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        open_index(Path(tmp) / "idx", identity(ds.zdim), "Flat", options=options) as index,
+        open_index(Path(tmp) / "idx", identity(ds.zdim, ds.seed), "Flat", options=options) as index,
     ):
         t0 = time.perf_counter()
         done = ingest(index, ds, limit=n, batch=batch)
@@ -356,6 +400,7 @@ class Measured:
     p99_ms: float
     search_ms: float  # median kNN share
     reduce_ms: float  # median exact re-ranking share
+    verify_ms: float  # median alignment verification share
     recall: float
     hit1: float
     n_queries: int
@@ -370,17 +415,20 @@ def measure(
     segment_s: float,
     max_seconds: float,
 ) -> Measured:
-    for q in queries[:3]:  # warm up (first touches of the mapped vectors, FAISS buffers)
-        rank_tracks(index, query_segments(q, segment_s), opts)
-    lat, knn, red, recalls, hits = [], [], [], [], []
+    seed = int(index.identity.get("seed", 0))
+    chroma = [query_chroma(seed, int(s), n) if opts.verify else None for n, s in enumerate(sources)]
+    for q, c in zip(queries[:3], chroma, strict=False):  # warm up (mapped vectors, buffers)
+        rank_tracks(index, query_segments(q, segment_s, c), opts)
+    lat, knn, red, ver, recalls, hits = [], [], [], [], [], []
     start = time.perf_counter()
     for n, q in enumerate(queries):
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        result = rank_tracks(index, query_segments(q, segment_s), opts, timings=timings)
+        result = rank_tracks(index, query_segments(q, segment_s, chroma[n]), opts, timings=timings)
         lat.append(time.perf_counter() - t0)
         knn.append(timings["search"])
         red.append(timings["reduce"])
+        ver.append(timings.get("verify", 0.0))
         hits.append(bool(result) and result[0].track.track_id == track_id(int(sources[n])))
         if n < len(gt_d):  # exact distances of the served hits within the 10th exhaustive one
             bound = gt_d[n, -1] * (1 + 1e-5) + 1e-7
@@ -393,6 +441,7 @@ def measure(
         float(np.percentile(ms, 99)),
         float(np.median(knn)) * 1e3,
         float(np.median(red)) * 1e3,
+        float(np.median(ver)) * 1e3,
         float(np.mean(recalls)) if recalls else float("nan"),
         float(np.mean(hits)),
         len(lat),
@@ -414,6 +463,7 @@ HEADER = [
     "p99 ms",
     "knn ms",
     "reduce ms",
+    "verify ms",
     "recall@10",
     "hit@1",
     "queries",
@@ -432,7 +482,7 @@ def row(
         ds.kind,
         str(ds.n_tracks),
         setting,
-        f"{opts.k}:{opts.candidates}",
+        f"{opts.k}:{opts.candidates}" + (f":{opts.verify}" if opts.verify else ""),
         f"{built.build_s:.1f}",
         f"{ds.n_tracks / built.ingest_s:.0f}",
         f"{built.rss_bytes / GIB:.2f}",
@@ -441,6 +491,7 @@ def row(
         f"{m.p99_ms:.1f}",
         f"{m.search_ms:.1f}",
         f"{m.reduce_ms:.1f}",
+        f"{m.verify_ms:.1f}",
         f"{m.recall:.3f}",
         f"{m.hit1:.2f}",
         str(m.n_queries),
@@ -520,7 +571,8 @@ def run_dataset(
         params = param_list(factory, args)
         with tempfile.TemporaryDirectory(dir=workdir, prefix="refrain-bench-") as tmp:
             path = Path(tmp) / "idx"
-            index, built = build(path, ds, factory, params[0])
+            sequences = any(opts.verify for opts in args.reducer)
+            index, built = build(path, ds, factory, params[0], sequences)
             if "HNSW" in factory:
                 hnsw_rate[(factory, ds.kind)] = n_seg / built.ingest_s
             print(
@@ -548,7 +600,7 @@ def run_dataset(
                         index.close()
                         index = open_index(
                             path,
-                            identity(ds.zdim),
+                            identity(ds.zdim, ds.seed),
                             create=False,
                             options=(IndexOptions(search_params=p, use_gpu=False)),
                         )
@@ -565,12 +617,19 @@ def run_dataset(
 
 
 def parse_reducer(text: str) -> SearchOptions:
-    """ "K:CANDIDATES" -> the service's SearchOptions for a 30 s clip (reduction min)."""
+    """ "K:CANDIDATES[:VERIFY]" -> the service's SearchOptions for a 30 s clip (reduction
+    min), with alignment verification of VERIFY candidates."""
     try:
-        k, candidates = (int(x) for x in text.split(":"))
+        k, candidates, *verify = (int(x) for x in text.split(":"))
+        if len(verify) > 1:
+            raise ValueError
     except ValueError:
-        raise SystemExit(f"--reducer expects K:CANDIDATES such as 64:100, got {text!r}") from None
-    return SearchOptions(top_k=TOP, k=k, candidates=max(candidates, TOP))
+        raise SystemExit(
+            f"--reducer expects K:CANDIDATES[:VERIFY] such as 64:100 or 512:100:50, got {text!r}"
+        ) from None
+    return SearchOptions(
+        top_k=TOP, k=k, candidates=max(candidates, TOP, *verify), verify=verify[0] if verify else 0
+    )
 
 
 def _is_tmpfs(path: Path) -> bool:

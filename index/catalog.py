@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .journal import Op, Record
-from .types import TrackRecord
+from .types import TrackRecord, stored_sequence
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS tracks (
     content_sha256 TEXT,
     n_segments INTEGER NOT NULL,
     first_segment_id INTEGER NOT NULL,
-    added_at REAL NOT NULL
+    added_at REAL NOT NULL,
+    sequence BLOB
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tracks_work_id ON tracks (work_id);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -67,8 +68,8 @@ _COLUMNS = (
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM tracks"
 _INSERT = (
-    f"INSERT OR REPLACE INTO tracks ({', '.join(_COLUMNS)}, first_segment_id) "
-    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
+    f"INSERT OR REPLACE INTO tracks ({', '.join(_COLUMNS)}, first_segment_id, sequence) "
+    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})"
 )
 
 
@@ -83,6 +84,7 @@ def _row(meta: dict[str, Any], first_segment_id: int) -> tuple[Any, ...]:
         meta["n_segments"],
         meta["added_at"],
         first_segment_id,
+        stored_sequence(meta.get("sequence")),
     )
 
 
@@ -100,6 +102,9 @@ class Catalog:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(tracks)")}
+            if "sequence" not in columns:  # a catalog from before sequences were stored
+                db.execute("ALTER TABLE tracks ADD COLUMN sequence BLOB")
         except sqlite3.DatabaseError:
             db.close()
             raise
@@ -209,14 +214,30 @@ class Catalog:
                 )
             return [TrackRecord(*row) for row in rows.fetchall()]
 
+    def sequences(self, track_ids: list[str]) -> dict[str, bytes]:
+        """The stored sequences of those of `track_ids` that have one."""
+        out: dict[str, bytes] = {}
+        with self._mutex:
+            for i in range(0, len(track_ids), 500):  # under SQLite's host-parameter limit
+                part = track_ids[i : i + 500]
+                rows = self._db.execute(
+                    "SELECT track_id, sequence FROM tracks WHERE sequence IS NOT NULL "
+                    f"AND track_id IN ({', '.join('?' * len(part))})",
+                    part,
+                )
+                out.update((tid, bytes(seq)) for tid, seq in rows)
+        return out
+
     def dump(self) -> Iterator[tuple[dict[str, Any], int]]:
-        """Every track as (json, first_segment_id), by track id. Caller excludes writers."""
+        """Every track as (stored json, first_segment_id), by track id. Caller excludes
+        writers."""
         with self._mutex:
             rows = self._db.execute(
-                _SELECT.replace(" FROM", ", first_segment_id FROM") + " ORDER BY track_id"
+                _SELECT.replace(" FROM", ", first_segment_id, sequence FROM") + " ORDER BY track_id"
             ).fetchall()
         for row in rows:
-            yield TrackRecord(*row[:-1]).to_json(), int(row[-1])
+            record = TrackRecord(*row[:-2], sequence=row[-1] and bytes(row[-1]))
+            yield record.to_stored(), int(row[-2])
 
     def count(self) -> int:
         with self._mutex:

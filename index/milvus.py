@@ -359,7 +359,7 @@ class MilvusSegmentIndex(StoreBase):
             meta = dataclasses.replace(track, n_segments=len(starts), added_at=time.time())
             old = self._spans.get(track.track_id)
             old_range = (old[0], len(old[1])) if old is not None else None
-            self._catalog.commit_track(self._seq + 1, meta.to_json(), first, starts, old_range)
+            self._catalog.commit_track(self._seq + 1, meta.to_stored(), first, starts, old_range)
             with self._rw.write():
                 self._spans.put(track.track_id, first, starts)
                 self._seq += 1
@@ -509,6 +509,10 @@ class MilvusSegmentIndex(StoreBase):
     def get_track(self, track_id: str) -> TrackRecord | None:
         self._check_open()
         return self._catalog.get(track_id)
+
+    def sequences(self, track_ids: list[str]) -> dict[str, bytes]:
+        self._check_open()
+        return self._catalog.sequences(list(track_ids))
 
     def _page(self, n: int, cursor: str | None) -> list[TrackRecord]:
         self._check_open()

@@ -6,8 +6,12 @@
 3. Exact re-ranking: the full query x reference segment distance matrix of each
    candidate, from the exact stored vectors, reduced with the segment distance
    reduction (`bpwr-10` for clips of 40 s or more, `min` below, as in CLEWS).
-4. Localisation: the best segment pairs (best pairs without replacement) give the
-   matching time ranges, query seconds <-> reference seconds.
+4. Verification (`verify`, when the query carries its chroma sequence): the first
+   `verify` candidates re-ranked by fusing the segment distance with a Qmax alignment of
+   the chroma sequences, which also says where each returned track matches, at what tempo
+   ratio and in what key (`refrain.index.verify`).
+5. Localisation of tracks not aligned: the best segment pairs (best pairs without
+   replacement) give the matching time ranges, query seconds <-> reference seconds.
 
 A query may come embedded at several transpositions (its CQT rolled by a few semitones
 each way): every transposition's segments look for candidates, and a track's distance is
@@ -24,11 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from refrain.model.align import Alignment
 from refrain.model.calibrate import uncalibrated_score
 from refrain.model.reduce import Reduction, best_pairs_batch, nsqeuc, reduce
+from refrain.model.verify import Fusion
 
 from .segment_store import SegmentStore
 from .types import TrackRecord
+from .verify import Verification
 
 LONG_CLIP_S = 40.0  # clips at least this long are ranked with bpwr-10, shorter with min
 
@@ -44,12 +51,17 @@ class SearchOptions:
     candidates: int = 100  # tracks re-ranked exactly
     reduction: str | None = None  # None: chosen by query duration
     max_matches: int = 3  # time-range pairs reported per track
+    verify: int = 0  # candidates aligned (alignment verification); 0: none
+    verify_weight: float = Fusion.weight  # of the alignment against the segment distance
 
     def __post_init__(self) -> None:
         for name in ("top_k", "k", "candidates", "max_matches"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.verify, int) or self.verify < 0:
+            raise ValueError(f"verify must be a non-negative integer, got {self.verify!r}")
+        Fusion(max(self.verify, 2), self.verify_weight)  # checks the weight
         if self.reduction is not None:
             Reduction.parse(self.reduction)  # raises ValueError listing valid names
 
@@ -68,8 +80,9 @@ class TrackHit:
     track: TrackRecord
     distance: float  # reduced nsqeuc distance; lower is closer
     score: float  # in [0, 1], higher is closer
-    matches: list[SegmentMatch] = field(default_factory=list)
+    matches: list[SegmentMatch] | list[Alignment] = field(default_factory=list)
     transposition: int = 0  # semitones the query was shifted by to match this track
+    alignment: float | None = None  # Qmax of the verification; None: not aligned
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,9 @@ class QuerySegments:
     segment_s: float  # segment length in seconds
     duration_s: float  # duration of the query audio
     shifts: tuple[int, ...] = (0,)  # semitones; (0,) = the query as it is
+    # chroma sequences for verification (`refrain.model.sequence.Chromagram.query`)
+    chroma: np.ndarray | None = None  # (n, 12) at SEQUENCE_RATE
+    fine: np.ndarray | None = None  # (n', 12) at FINE_RATE
 
     def __post_init__(self) -> None:
         if len(self.vectors) != len(self.shifts) * len(self.starts_s):
@@ -170,6 +186,8 @@ def rank_tracks(
     """
     timings = {} if timings is None else timings
     timings["search"] = timings["reduce"] = 0.0
+    if options.verify and query.chroma is not None:
+        timings["verify"] = 0.0
     reduction = (
         Reduction.parse(options.reduction)
         if options.reduction
@@ -196,6 +214,23 @@ def rank_tracks(
         lo, hi = offsets[j], offsets[j + 1]
         scored.append((d, tid, b, dist_all[b * n : (b + 1) * n, lo:hi], starts_all[lo:hi]))
     scored.sort(key=lambda s: (s[0], s[1]))
+    verification = None
+    if options.verify and query.chroma is not None and scored:
+        t2 = time.perf_counter()
+        verification = Verification(
+            index,
+            [s[1] for s in scored],
+            [s[0] for s in scored],
+            query.chroma,
+            query.fine,
+            Fusion(max(options.verify, 2), options.verify_weight),
+        )
+        if verification.ran:
+            position = {
+                tid: i for i, tid in enumerate(verification.reorder([s[1] for s in scored]))
+            }
+            scored.sort(key=lambda s: position[s[1]])
+        timings["verify"] = time.perf_counter() - t2
     # Catalog records and time ranges only for the tracks returned.
     returned: list[tuple[float, TrackRecord, int, torch.Tensor, np.ndarray]] = []
     for d, tid, b, dist, ref_starts in scored:
@@ -204,8 +239,30 @@ def rank_tracks(
         track = index.get_track(tid)
         if track is not None:  # else deleted meanwhile
             returned.append((d, track, b, dist, ref_starts))
+    located: dict[str, list[Alignment]] = {}
+    if verification is not None:
+        t2 = time.perf_counter()
+        located = verification.locate(
+            [(r[1].track_id, r[1].duration_s) for r in returned],
+            options.max_matches,
+            query.duration_s,
+        )
+        timings["verify"] += time.perf_counter() - t2
     pairs = best_pairs_batch([r[3] for r in returned], options.max_matches)
     for (d, track, b, dist, ref_starts), track_pairs in zip(returned, pairs, strict=True):
+        aligned = located.get(track.track_id)
+        if aligned is not None:
+            hits.append(
+                TrackHit(
+                    track=track,
+                    distance=d,
+                    score=score(d),
+                    matches=aligned,
+                    transposition=query.shifts[b],
+                    alignment=verification.qmax[track.track_id] if verification else None,
+                )
+            )
+            continue
         matches = []
         for i, j in track_pairs:
             j0, j1 = _matching_run(dist[i], j)
@@ -230,7 +287,7 @@ def rank_tracks(
                 transposition=query.shifts[b],
             )
         )
-    timings["reduce"] = time.perf_counter() - t1
+    timings["reduce"] = time.perf_counter() - t1 - timings.get("verify", 0.0)
     return hits
 
 

@@ -288,7 +288,7 @@ class SegmentIndex(StoreBase):
                 meta = dataclasses.replace(track, n_segments=len(starts), added_at=now)
                 seq += 1
                 records.append(
-                    Record(seq, op, track.track_id, meta.to_json(), segment_id, starts, stored)
+                    Record(seq, op, track.track_id, meta.to_stored(), segment_id, starts, stored)
                 )
                 segment_id += len(starts)
             if records:
@@ -423,6 +423,9 @@ class SegmentIndex(StoreBase):
 
     def get_track(self, track_id: str) -> TrackRecord | None:
         return self._read_catalog(lambda catalog: catalog.get(track_id))
+
+    def sequences(self, track_ids: list[str]) -> dict[str, bytes]:
+        return self._read_catalog(lambda catalog: catalog.sequences(list(track_ids)))
 
     def _page(self, n: int, cursor: str | None) -> list[TrackRecord]:
         return self._read_catalog(lambda catalog: catalog.page(n, cursor))

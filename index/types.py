@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import enum
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
@@ -89,14 +90,36 @@ class TrackRecord:
     content_sha256: str | None = None  # hash of the audio; identical content is not re-added
     n_segments: int = 0  # number of stored segments (set by the index)
     added_at: float | None = None  # unix time of the write that stored it (set by the index)
+    # the chroma sequence alignment verification reads (`refrain.model.sequence`), stored with
+    # the track and read back with `sequences()`; the catalog's reads leave it out (None)
+    sequence: bytes | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The public record (no sequence)."""
+        out = asdict(self)
+        del out["sequence"]
+        return out
+
+    def to_stored(self) -> dict[str, Any]:
+        """The record as the journal and snapshots keep it: the sequence in base64."""
+        out = self.to_json()
+        if self.sequence is not None:
+            out["sequence"] = base64.b64encode(self.sequence).decode("ascii")
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrackRecord:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        record = cls(**{k: v for k, v in data.items() if k in names and k != "sequence"})
+        seq = data.get("sequence")
+        return replace(record, sequence=stored_sequence(seq)) if seq is not None else record
+
+
+def stored_sequence(value: str | bytes | None) -> bytes | None:
+    """A stored record's sequence: base64 text (journal, snapshot) or bytes (catalog)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return base64.b64decode(value, validate=True)
 
 
 @dataclass(frozen=True)

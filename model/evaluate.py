@@ -394,27 +394,34 @@ def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
     """Each level's distances with its shortlists re-ranked by `model.verify.Fusion`: the
     chroma of the same tracks and clips (same draws), Qmax of the shortlisted pairs only."""
     from refrain.model.qmax import QmaxScorer, shortlist_qmax
+    from refrain.model.sequence import decode, encode
     from refrain.model.verify import Fusion
 
     fusion = Fusion(opts.verify, opts.verify_weight)
     qmax_scorer = QmaxScorer(config=model.config)
     whole, queries, _ = _embed_all(qmax_scorer, items, opts, None, waveforms, progress)
-    cands = [whole[i] for i in kept]
+    # quantised like the sequences the service stores (`model.sequence`)
+    stored = [decode(encode(z)) for z in whole]
+    cands = [stored[i] for i in kept]
     fused, pairs, wall, cpu = [], 0, 0.0, 0.0
     for (_, qids, *_rest), dist, tau in zip(
         levels, dists, (None, *opts.query_seconds), strict=True
     ):
-        chroma = [whole[i] for i in qids] if tau is None else [z for _, _, z in queries[tau]]
+        chroma = (
+            [stored[i] for i in qids]
+            if tau is None
+            else [decode(encode(z)) for _, _, z in queries[tau]]
+        )
         masked = np.where(qids[:, None] == np.array(kept)[None, :], np.inf, dist)
         shortlist = fusion.shortlist(masked)
-        qmax, cost = shortlist_qmax(qmax_scorer, chroma, cands, shortlist, progress=progress)
+        qmax, cost = shortlist_qmax(chroma, cands, shortlist, qmax_scorer.params, progress=progress)
         fused.append(fusion.rerank(dist, qmax, shortlist))
         pairs, wall, cpu = pairs + cost.pairs, wall + cost.wall_s, cpu + cost.cpu_s
     total = {
         "pairs": pairs,
         "wall_s": wall,
         "cpu_s": cpu,
-        "workers": qmax_scorer.workers,
+        "workers": 1,
         "ms_per_pair": 1000 * wall / max(pairs, 1),
         "cpu_ms_per_pair": 1000 * cpu / max(pairs, 1),
         **fusion.to_dict(),

@@ -133,14 +133,37 @@ def cross_recurrence(query: np.ndarray, cand: np.ndarray, kappa: float) -> np.nd
     the ``ceil(kappa * n)`` closest of the query's (cosine). Exactly that many are taken, ties
     broken arbitrarily as in librosa's ``cross_similarity``: silence (all similarities equal)
     must not make a frame everyone's neighbour."""
-    sim = query @ cand.T
-    n, m = sim.shape
+    return mutual_neighbours(query @ cand.T, kappa)
+
+
+def mutual_neighbours(sim: np.ndarray, kappa: float) -> np.ndarray:
+    """`cross_recurrence`'s plot from similarities (..., n, m): leading axes are separate
+    plots (the query in several keys against one candidate)."""
+    n, m = sim.shape[-2:]
     k_row, k_col = max(1, math.ceil(kappa * m)), max(1, math.ceil(kappa * n))
-    rows = np.zeros(sim.shape, dtype=bool)
-    np.put_along_axis(rows, np.argpartition(-sim, k_row - 1, axis=1)[:, :k_row], True, axis=1)
-    cols = np.zeros(sim.shape, dtype=bool)
-    np.put_along_axis(cols, np.argpartition(-sim, k_col - 1, axis=0)[:k_col], True, axis=0)
-    return rows & cols
+    return _top(sim, k_row, -1) & _top(sim, k_col, -2)
+
+
+def _top(sim: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """True at the `k` largest values along `axis`: those at or above the k-th largest (one
+    partition, no index arrays), and where ties at that value would give more than k, the k
+    that argpartition picks, exactly as before."""
+    size = sim.shape[axis]
+    if k >= size:
+        return np.ones(sim.shape, dtype=bool)
+    kth = np.take(np.partition(sim, size - k, axis=axis), [size - k], axis=axis)
+    top = sim >= kth
+    over = top.sum(axis=axis, keepdims=True) > k
+    if over.any():  # ties at the threshold (silence): argpartition's k, lines that need it
+        exact = np.zeros(sim.shape, dtype=bool)
+        np.put_along_axis(
+            exact,
+            np.take(np.argpartition(-sim, k - 1, axis=axis), np.arange(k), axis=axis),
+            True,
+            axis=axis,
+        )
+        top = np.where(over, exact, top)
+    return top
 
 
 def qmax(recurrence: np.ndarray, gap_onset: float = 5.0, gap_extend: float = 0.5) -> float:
@@ -204,12 +227,6 @@ def _init_worker(cands: Sequence[np.ndarray], params: QmaxParams) -> None:
 def _score_chunk(queries: list[np.ndarray]) -> tuple[np.ndarray, float]:
     start = time.process_time()
     rows = np.stack([_WORKER.qmax_row(q) for q in queries])
-    return rows, time.process_time() - start
-
-
-def _score_shortlists(tasks: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list, float]:
-    start = time.process_time()
-    rows = [_WORKER.qmax_row(q, cols) for q, cols in tasks]
     return rows, time.process_time() - start
 
 
@@ -348,50 +365,32 @@ class QmaxScorer:
 
 
 def shortlist_qmax(
-    scorer: QmaxScorer,
     queries: Sequence[np.ndarray],
     cands: Sequence[np.ndarray],
     shortlists: Sequence[np.ndarray],
+    params: QmaxParams | None = None,
     progress: bool = False,
 ) -> tuple[list[np.ndarray], PairCost]:
     """Qmax of each query chroma against its shortlisted candidates only (`shortlists[i]`:
-    columns of `cands`): what alignment verification (`refrain.model.verify`) scores."""
+    columns of `cands`), as the service's verification scores them: one batched alignment
+    per query (`refrain.model.align.plots`, local OTI), in this process."""
     from tqdm import tqdm
 
-    start = time.perf_counter()
-    tasks = list(zip(queries, shortlists, strict=True))
+    from refrain.model.align import plots
+
+    start, cpu = time.perf_counter(), time.process_time()
+    out = []
+    with _one_blas_thread():
+        for q, cols in tqdm(
+            list(zip(queries, shortlists, strict=True)),
+            desc="verify",
+            unit="query",
+            leave=False,
+            disable=not progress,
+        ):
+            out.append(plots(q, [cands[j] for j in cols], params).qmax())
     pairs = sum(len(cols) for cols in shortlists)
-    out: list[np.ndarray] = [np.zeros(0)] * len(tasks)
-    size = max(1, math.ceil(len(tasks) / (scorer.workers * _TASKS_PER_WORKER)))
-    chunks = [range(i, min(i + size, len(tasks))) for i in range(0, len(tasks), size)]
-    bar = tqdm(total=pairs, desc="verify", unit="pair", leave=False, disable=not progress)
-    cpu = 0.0
-    cells = sum(len(q) * sum(len(cands[j]) for j in cols) for q, cols in tasks)
-    workers = 1 if cells < _POOL_MIN_CELLS else min(scorer.workers, len(chunks))
-    if workers <= 1:
-        prepared = _Candidates(cands, scorer.params)
-        with _one_blas_thread():
-            for chunk in chunks:
-                t = time.process_time()
-                for i in chunk:
-                    out[i] = prepared.qmax_row(*tasks[i])
-                cpu += time.process_time() - t
-                bar.update(sum(len(shortlists[i]) for i in chunk))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            workers, context, _init_worker, (list(cands), scorer.params)
-        ) as pool:
-            futures = {pool.submit(_score_shortlists, [tasks[i] for i in c]): c for c in chunks}
-            for future in as_completed(futures):
-                chunk = futures[future]
-                rows, seconds = future.result()
-                for i, row in zip(chunk, rows, strict=True):
-                    out[i] = row
-                cpu += seconds
-                bar.update(sum(len(shortlists[i]) for i in chunk))
-    bar.close()
-    cost = PairCost("verify", pairs, time.perf_counter() - start, cpu, max(workers, 1))
+    cost = PairCost("verify", pairs, time.perf_counter() - start, time.process_time() - cpu, 1)
     return out, cost
 
 

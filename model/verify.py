@@ -59,6 +59,14 @@ class Fusion:
     def from_dict(cls, d: dict) -> Fusion:
         return cls(int(d["candidates"]), float(d["weight"]))
 
+    def fuse(self, dist: np.ndarray, qmax: np.ndarray) -> np.ndarray:
+        """Fused scores of one query's candidates (higher is closer) from their distances and
+        Qmax scores; a NaN Qmax (no sequence stored) counts as the candidates' median."""
+        q = np.log1p(np.asarray(qmax, dtype=np.float64))
+        if np.isnan(q).any():
+            q = np.where(np.isnan(q), np.nanmedian(q) if (~np.isnan(q)).any() else 0.0, q)
+        return _z(-np.asarray(dist, dtype=np.float64)) + self.weight * _z(q)
+
     def shortlist(self, dist: np.ndarray) -> list[np.ndarray]:
         """Per query row, the columns of its `candidates` smallest finite distances."""
         out = []
@@ -76,8 +84,7 @@ class Fusion:
         out = dist + BELOW
         for i, (cols, q) in enumerate(zip(shortlist, qmax, strict=True)):
             if len(cols):
-                fused = _z(-dist[i, cols]) + self.weight * _z(np.log1p(np.asarray(q, float)))
-                out[i, cols] = -fused
+                out[i, cols] = -self.fuse(dist[i, cols], q)
         return out
 
     @classmethod

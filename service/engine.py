@@ -13,6 +13,7 @@ written once, here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -30,6 +31,7 @@ from refrain.model.audio import load_audio
 from refrain.model.calibrate import uncalibrated_score
 from refrain.model.embedder import Embedder, check_embeddings
 from refrain.model.reduce import Reduction
+from refrain.model.sequence import Chromagram
 from refrain.service.exceptions import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings
@@ -74,6 +76,7 @@ class SearchRequest:
     reduction: str | None = None  # None: chosen by the clip's duration
     hop_s: float | None = None  # None: the configured query hop
     transpositions: int | None = None  # None: the configured default
+    verify: bool = True  # alignment verification, where the settings enable it
 
     def check(self) -> None:
         if not 1 <= self.top_k <= MAX_TOP_K:
@@ -136,6 +139,11 @@ class Engine:
         self.metrics = metrics
         self.score = score
 
+    @functools.cached_property
+    def chromagram(self) -> Chromagram:
+        """Chroma sequences for alignment verification, from the model's CQT settings."""
+        return Chromagram(self.model.config)
+
     # -- audio ---------------------------------------------------------------------------------
 
     def decode(
@@ -175,7 +183,7 @@ class Engine:
         s = self.settings
         n = segment_count(duration_s, self.model.config.shingling.len, s.reference_hop_s)
         SpaceGuard(s.data_dir, s.min_free_bytes).require(
-            index_write_bytes(n, self.model.zdim), f"the index write of {n} segments"
+            index_write_bytes(n, self.model.zdim, duration_s), f"the index write of {n} segments"
         )
 
     # -- references ----------------------------------------------------------------------------
@@ -207,6 +215,7 @@ class Engine:
             work_id=meta.work_id or None,
             duration_s=round(len(checked.wave) / self.model.sample_rate, 3),
             content_sha256=checked.digest,
+            sequence=self.chromagram.reference(checked.wave),
         )
 
     def add_reference(
@@ -303,17 +312,29 @@ class Engine:
         z, starts = self.embed(wave, hop, shifts)
         timings["embed"] = time.perf_counter() - t
         duration = len(wave) / self.model.sample_rate
-        query = QuerySegments(z, starts, self.model.config.shingling.len, duration, shifts)
+        verify = s.verify_candidates if request.verify else 0
+        chroma = fine = None
+        if verify:
+            t = time.perf_counter()
+            chroma, fine = self.chromagram.query(wave)
+            timings["chroma"] = time.perf_counter() - t
+        query = QuerySegments(
+            z, starts, self.model.config.shingling.len, duration, shifts, chroma, fine
+        )
         opts = SearchOptions(
             top_k=request.top_k,
             k=s.knn_k,
-            candidates=max(s.candidates, request.top_k),
+            candidates=max(s.candidates, request.top_k, verify),
             reduction=request.reduction or None,
+            verify=verify,
+            verify_weight=s.verify_weight,
         )
         with omp_threads(s.search_threads):
             hits = rank_tracks(self.store, query, opts, score=self.score, timings=timings)
         self.metrics.knn_latency.observe(timings["search"])
         self.metrics.reduce_latency.observe(timings["reduce"])
+        if "verify" in timings:
+            self.metrics.verify_latency.observe(timings["verify"] + timings.get("chroma", 0.0))
         return SearchResult(hits, duration, timings)
 
 
@@ -344,6 +365,12 @@ def hit_json(hit: TrackHit) -> dict[str, Any]:
         "work_id": t.work_id,
         "score": round(hit.score, 6),
         "distance": hit.distance,
-        "matches": [asdict(m) for m in hit.matches],
+        "matches": [{**_NO_MATCH_FIELDS, **asdict(m)} for m in hit.matches],
         "transposition": hit.transposition,
+        "alignment": hit.alignment,
     }
+
+
+# A segment match has a distance, an aligned one a tempo ratio, key shift and score: each
+# reports the other's fields as null, so that every match has one shape.
+_NO_MATCH_FIELDS = {"distance": None, "tempo_ratio": None, "key_shift": None, "score": None}

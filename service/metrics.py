@@ -59,6 +59,12 @@ class Metrics:
             buckets=LATENCY,
             registry=r,
         )
+        self.verify_latency = Histogram(
+            "refrain_verify_duration_seconds",
+            "Alignment verification time per query (chroma, alignment, localisation)",
+            buckets=LATENCY,
+            registry=r,
+        )
         self.ingest_items = Counter(
             "refrain_ingest_items_total",
             "Bulk ingestion items by final state",

@@ -75,7 +75,19 @@ class Match(BaseModel):
     query_end_s: float
     ref_start_s: float
     ref_end_s: float
-    distance: float
+    distance: float | None = Field(
+        description="segment distance of a segment match; null for an aligned match"
+    )
+    tempo_ratio: float | None = Field(
+        description="reference seconds per clip second along the alignment (1.1: the clip "
+        "plays slower); null for a segment match"
+    )
+    key_shift: int | None = Field(
+        description="semitones the clip was shifted by to align; null for a segment match"
+    )
+    score: float | None = Field(
+        description="alignment score (Qmax: frames linked less gaps); null for a segment match"
+    )
 
 
 class Hit(BaseModel):
@@ -87,6 +99,9 @@ class Hit(BaseModel):
     distance: float = Field(description="reduced segment distance; lower is closer")
     matches: list[Match] = Field(description="matching time ranges, best first")
     transposition: int = Field(description="semitones the clip was shifted by to match")
+    alignment: float | None = Field(
+        description="Qmax of the alignment verification; null when the track was not aligned"
+    )
 
 
 class SearchResponse(BaseModel):

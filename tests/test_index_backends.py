@@ -395,3 +395,48 @@ def test_unreachable_milvus_is_a_503():
 
     err = classify(BackendUnavailableError("Milvus search on 'refrain_segments' failed"))
     assert (err.status, err.code, err.headers) == (503, "index_unavailable", {"Retry-After": "5"})
+
+
+def test_chroma_sequences_are_stored_replaced_and_deleted_with_their_tracks(tmp_path, backend):
+    """A track's sequence is written with it (journal or Milvus catalog), survives a reopen
+    and a snapshot, follows a replace, leaves with a delete, and stays out of the public
+    record."""
+    rng = np.random.default_rng(3)
+    seqs = {f"s{i}": rng.integers(0, 256, 12 * (5 + i), dtype=np.uint8).tobytes() for i in range(4)}
+    v, s = rng.standard_normal((3, ZDIM)).astype(np.float32), np.arange(3) * 5.0
+    with open_backend(backend, tmp_path / "idx") as ix:
+        for tid, seq in seqs.items():
+            ix.add_track(TrackRecord(tid, content_sha256=tid, sequence=seq), v, s)
+        ix.add_track(TrackRecord("plain", content_sha256="p"), v, s)  # an older writer's track
+        assert ix.sequences([*seqs, "plain", "nope"]) == seqs
+        record = ix.get_track("s1")
+        assert record.sequence is None and "sequence" not in record.to_json()
+    with open_backend(backend, tmp_path / "idx") as ix:  # replayed or read back
+        assert ix.sequences(list(seqs)) == seqs
+        ix.snapshot()
+        new = b"\x07" * 24
+        ix.replace_track(TrackRecord("s2", content_sha256="x", sequence=new), v, s)
+        assert ix.delete_track("s3")
+    with open_backend(backend, tmp_path / "idx") as ix:
+        assert ix.sequences([*seqs, "plain"]) == {"s0": seqs["s0"], "s1": seqs["s1"], "s2": new}
+
+
+def test_a_catalog_from_before_sequences_gains_the_column(tmp_path):
+    import sqlite3
+
+    from refrain.index.catalog import Catalog
+
+    path = tmp_path / "catalog.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE tracks (track_id TEXT PRIMARY KEY, title TEXT NOT NULL, artist TEXT NOT "
+        "NULL, work_id TEXT, duration_s REAL, content_sha256 TEXT, n_segments INTEGER NOT NULL,"
+        " first_segment_id INTEGER NOT NULL, added_at REAL NOT NULL) WITHOUT ROWID;"
+        "INSERT INTO tracks VALUES ('old', 'T', 'A', NULL, 3.0, 'h', 1, 0, 1.0);"
+    )
+    db.commit()
+    db.close()
+    catalog = Catalog(path)
+    assert catalog.get("old").title == "T" and catalog.sequences(["old"]) == {}
+    assert [meta["track_id"] for meta, _ in catalog.dump()] == ["old"]
+    catalog.close()

@@ -31,6 +31,12 @@ def track_data(track_id: str, version: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((n, ZDIM)).astype(np.float32), np.arange(n) * 5.0
 
 
+def track_sequence(track_id: str, version: int) -> bytes:
+    """The chroma sequence stored with (track, version): 12 bytes a frame."""
+    rng = np.random.default_rng(zlib.crc32(f"seq/{track_id}/{version}".encode()))
+    return rng.integers(0, 256, size=12 * int(rng.integers(2, 40)), dtype=np.uint8).tobytes()
+
+
 # -- the writer process ---------------------------------------------------------------------
 
 
@@ -91,12 +97,18 @@ def writer(path: str, run: int, factory: str, snapshot_every: int, die_at: int) 
         elif i % 7 == 6 and live:
             print("BEGIN REP", live[-1], flush=True)
             armed = die_at < 0
-            ix.replace_track(TrackRecord(live[-1], content_sha256="v2"), *track_data(live[-1], 2))
+            record = TrackRecord(
+                live[-1], content_sha256="v2", sequence=track_sequence(live[-1], 2)
+            )
+            ix.replace_track(record, *track_data(live[-1], 2))
             print("ACK REP", live[-1], flush=True)
         else:
             print("BEGIN ADD", tid, flush=True)
             armed = die_at < 0
-            ix.add_track(TrackRecord(tid, title=tid, content_sha256="v1"), *track_data(tid, 1))
+            record = TrackRecord(
+                tid, title=tid, content_sha256="v1", sequence=track_sequence(tid, 1)
+            )
+            ix.add_track(record, *track_data(tid, 1))
             print("ACK ADD", tid, flush=True)
             live.append(tid)
         if i % 10 == 9:
@@ -175,9 +187,12 @@ class Expected:
                 np.testing.assert_array_equal(vectors, want_v)  # all segments, exact
                 np.testing.assert_array_equal(starts, want_s)
                 assert ix.get_track(tid).n_segments == len(want_v)
+                assert ix.sequences([tid]) == {tid: track_sequence(tid, version)}
                 distances, ids = ix.search(want_v[:1], 1)
                 assert distances[0, 0] == 0 and ids[0, 0] == ix.segment_ids(tid)[0]
             assert ix.n_segments == sum(len(ix.get_vectors(t)[0]) for t in present)
+            gone = [t for t, v in allowed.items() if t not in present]
+            assert ix.sequences(gone) == {}, "a deleted track's sequence is still stored"
             if self.in_flight:  # settled now: later runs must find what this one found
                 tid = self.in_flight[1]
                 self.version[tid] = (

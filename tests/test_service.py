@@ -74,11 +74,29 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
             assert 0 <= top["score"] <= 1 and top["distance"] >= 0
             assert top["transposition"] == 0  # only the clip as it is was tried
             assert body["query_duration_s"] == pytest.approx(10.0, abs=0.01)
+            assert set(body["timings_ms"]) == {
+                *("decode", "embed", "search", "reduce", "chroma", "verify")
+            }
+            m = top["matches"][0]
+            # Verified: the aligned reference range is where the clip was cut, in tempo.
+            assert top["alignment"] > 0 and m["score"] >= top["alignment"]  # best of 12 keys
+            assert abs(m["ref_start_s"] - start) <= 1.5 and abs(m["ref_end_s"] - start - 10) <= 1.5
+            assert m["tempo_ratio"] == pytest.approx(1.0, abs=0.03) and m["key_shift"] == 0
+            assert m["distance"] is None
+            # Without verification: segment ranges, which cover where the clip was cut.
+            r = c.post(
+                "/v1/search",
+                files={"audio": ("clip.wav", wav_bytes(clip))},
+                data={"verify": "false"},
+            )
+            body = r.json()
+            top = body["results"][0]
+            assert top["track_id"] == f"song{i}" and top["alignment"] is None
             assert set(body["timings_ms"]) == {"decode", "embed", "search", "reduce"}
             m = top["matches"][0]
-            # The matched reference range covers where the clip was cut.
             assert m["ref_start_s"] <= start + 1e-6 and m["ref_end_s"] >= start + 10 - 1e-6
             assert m["query_start_s"] == 0.0 and m["query_end_s"] == pytest.approx(10.0, abs=0.01)
+            assert m["tempo_ratio"] is None and m["distance"] >= 0
         # Identical re-upload is a no-op, other content under the same id is a conflict.
         same = c.post(
             "/v1/tracks",

@@ -65,19 +65,37 @@ def test_fit_finds_the_weight_that_helps():
         Fusion(weight=-1)
 
 
-def test_shortlisted_qmax_equals_the_full_matrix(tmp_path):
+def test_shortlisted_qmax_is_qmax_in_the_local_oti_key(tmp_path):
+    """Verification's Qmax is the baseline's, the query transposed by the key that best fits
+    some stretch of the candidate (local OTI); for whole tracks of one length that key is
+    OTI's, so the shortlist equals the pairwise baseline's matrix there."""
+    from refrain.model.align import local_oti
     from refrain.model.audio import resample
-    from refrain.model.qmax import QmaxScorer, shortlist_qmax
+    from refrain.model.qmax import (
+        QmaxScorer,
+        _unit,
+        cross_recurrence,
+        delay_embed,
+        qmax,
+        shortlist_qmax,
+    )
 
     scorer = QmaxScorer(workers=1)
+    p = scorer.params
     songs = [synth_song(20.0, seed) for seed in (21, 22, 23)]
     chroma = [scorer.chroma(resample(x.mean(1).astype(np.float32), SR, 16000)) for x in songs]
     queries = [chroma[0][5:30], np.roll(chroma[1], 2, axis=1), chroma[2]]
     (full,), _ = scorer.distances([queries], chroma)
     shortlists = [np.array([2, 0]), np.array([1]), np.array([0, 1, 2])]
-    rows, cost = shortlist_qmax(scorer, queries, chroma, shortlists)
+    rows, cost = shortlist_qmax(queries, chroma, shortlists, p)
     for i, cols in enumerate(shortlists):
-        np.testing.assert_allclose(rows[i], 1.0 / full[i, cols] - 1.0, rtol=1e-9)
+        for got, j in zip(rows[i], cols, strict=True):
+            k = local_oti(queries[i], chroma[j])
+            states = _unit(delay_embed(np.roll(queries[i], k, axis=1), p.m, p.tau))
+            plot = cross_recurrence(states, _unit(delay_embed(chroma[j], p.m, p.tau)), p.kappa)
+            assert got == qmax(plot, p.gap_onset, p.gap_extend)
+    np.testing.assert_allclose(rows[2], 1.0 / full[2] - 1.0, rtol=1e-6)
+    assert rows[0][1] > rows[0][0]  # the excerpt of song 0 aligns with song 0 best
     assert cost.pairs == 6
 
 

@@ -33,8 +33,14 @@ async def search(
         description="also try the clip shifted by up to this many semitones each way, "
         "0..6 (6 tries every key); default: the server's REFRAIN_QUERY_TRANSPOSITIONS",
     ),
+    verify: bool = Form(
+        True,
+        description="alignment verification: re-rank the best REFRAIN_VERIFY_CANDIDATES "
+        "tracks by aligning the clip with them, and report aligned ranges, tempo ratio and "
+        "key; false: segment distance only",
+    ),
 ) -> dict:
-    request = SearchRequest(b"", top_k, reduction or None, hop, transpositions)
+    request = SearchRequest(b"", top_k, reduction or None, hop, transpositions, verify)
     request.check()  # before reading the upload
     result = await run_in_threadpool(engine.search, replace(request, audio=await audio.read()))
     return result.to_json()
