@@ -18,6 +18,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,7 @@ class Catalog:
                 _SELECT.replace(" FROM", ", first_segment_id, sequence FROM") + " ORDER BY track_id"
             ).fetchall()
         for row in rows:
-            record = TrackRecord(*row[:-2], sequence=row[-1] and bytes(row[-1]))
+            record = replace(TrackRecord(*row[:-2]), sequence=row[-1] and bytes(row[-1]))
             yield record.to_stored(), int(row[-2])
 
     def count(self) -> int:
