@@ -127,6 +127,7 @@ def recover(path: Path, zdim: int, factory: str, dtype: np.dtype, options: Index
     load_store(snapdir, manifest, store)
     ann = _load_ann(path, manifest, store, factory, options)
 
+    journal_existed = (path / JOURNAL_FILE).exists()
     journal = Journal(path / JOURNAL_FILE, zdim)
     catalog = None
     try:
@@ -146,6 +147,20 @@ def recover(path: Path, zdim: int, factory: str, dtype: np.dtype, options: Index
 
         catalog, reset = Catalog.open_or_reset(path / CATALOG_FILE)
         applied = catalog.applied_seq()
+        if not reset and applied > seq and (not journal_existed or not records):
+            # every write reaches the catalog only after its journal record is durable, so a
+            # catalog ahead of the snapshot with no journal records past it means the journal
+            # was lost (deleted, or emptied), with acknowledged writes. (A journal whose last
+            # record is torn still follows the torn-tail rule: cut, catalog rebuilt.)
+            state = "is missing" if not journal_existed else f"ends at seq {seq}"
+            if not journal_existed:
+                journal.close()
+                (path / JOURNAL_FILE).unlink(missing_ok=True)
+            raise CorruptIndexError(
+                f"{path / JOURNAL_FILE} {state}, but {path / CATALOG_FILE} has applied writes up "
+                f"to seq {applied} (the snapshot covers up to {manifest.seq}): acknowledged "
+                f"writes were lost with the journal; nothing was changed. {BACKUP_HINT}"
+            )
         if reset or not manifest.seq <= applied <= seq:
             rebuild_catalog(path, catalog, manifest, records, "it is missing or out of step")
         else:

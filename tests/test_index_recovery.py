@@ -135,3 +135,28 @@ def test_a_catalog_write_that_fails_is_caught_up_from_the_journal(tmp_path, monk
         assert ix.failure is None
         ix.add_track(TrackRecord("t3", content_sha256="3"), *vectors_of(3))
     assert_tracks(path, [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("loss", ["deleted", "emptied"])
+def test_a_lost_journal_is_refused_not_rebuilt_around(tmp_path, loss):
+    """8 tracks in the snapshot, 4 only in the journal: with the journal deleted or cut to its
+    header, the catalog still knows writes past the snapshot. Rebuilding the catalog from the
+    snapshot would silently drop the 4 acknowledged tracks; recovery refuses instead, names
+    the files, changes nothing, and opens as before once the journal is restored."""
+    path = tmp_path / "idx"
+    build(path, n=12, snapshot_after=8)
+    journal = path / "journal.log"
+    kept = journal.read_bytes()
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    if loss == "deleted":
+        journal.unlink()
+    else:
+        journal.write_bytes(kept[:16])
+    with pytest.raises(CorruptIndexError, match=r"journal.log .*catalog.sqlite.*seq 12.*lost"):
+        open_index(path, IDENTITY)
+    assert journal.exists() == (loss == "emptied")  # no empty journal left in its place
+    assert snapshot_files(path)  # the snapshot is untouched
+    after = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    assert after.get("catalog.sqlite") == before["catalog.sqlite"]
+    journal.write_bytes(kept)  # restored from a backup
+    assert_tracks(path, sorted(range(12), key=str))  # ids in the catalog's order
