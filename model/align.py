@@ -27,12 +27,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .qmax import QmaxParams, _unit, cross_recurrence, delay_embed, mutual_neighbours
+from .qmax import (
+    QmaxParams,
+    _unit,
+    cross_recurrence,
+    delay_embed,
+    mutual_neighbours,
+    one_blas_thread,
+)
 from .sequence import BINS, FINE_RATE
 
 _RATIO_SPAN = 0.06  # refinement searches ratios within +-6 % of the path's fit ...
 _OFFSET_SPAN_S = 1.0  # ... and offsets within +-1 s of it
-_REFINE_LINKED = 0.4  # refine a track's best match when its Qmax reaches this per query frame
+# a match is clear when its Qmax reaches this per query frame (random pairs stay below):
+# only a clear best match is refined, and only a clear one is followed by further matches
+_REFINE_LINKED = 0.4
 KEYS = 3  # transpositions aligned per returned track: the best by local profile fit
 _EDGE_S = 0.5  # query seconds at each end left out of the refinement's agreement
 _MIN_PATH = 4  # frames a match's path must link to be reported
@@ -104,8 +113,18 @@ def plots(
     shifts: np.ndarray | None = None,
 ) -> Plots:
     """Cross-recurrence plots and Qmax scores of query chroma (n, 12) against reference chroma
-    sequences (m_c, 12), all at `params.frame_rate`, the query transposed by each pair's OTI
-    (or by `shifts`, one per reference)."""
+    sequences (m_c, 12), all at `params.frame_rate`, the query transposed by each pair's
+    local OTI (`local_oti`), or by `shifts`, one per reference."""
+    with one_blas_thread():
+        return _plots(query, refs, params, shifts)
+
+
+def _plots(
+    query: np.ndarray,
+    refs: Sequence[np.ndarray],
+    params: QmaxParams | None = None,
+    shifts: np.ndarray | None = None,
+) -> Plots:
     p = params or QmaxParams()
     query = np.asarray(query, dtype=np.float32)
     refs = [np.asarray(r, dtype=np.float32) for r in refs]
@@ -256,8 +275,22 @@ def locate(
     A short clip's global chroma can mislead OTI, so the query is aligned in the `KEYS`
     transpositions that best fit some stretch of the reference (all references x keys side
     by side, one pass) and the key with the highest Qmax kept, the smallest shift among
-    equals. `fine` is the query's chroma at
-    `FINE_RATE` (None: no refinement); `query_s` and `ref_s` bound the ranges."""
+    equals. `fine` is the query's chroma at `FINE_RATE` (None: no refinement); `query_s` and
+    `ref_s` bound the ranges."""
+    with one_blas_thread():
+        return _locate(query, fine, refs, max_matches, rate, query_s, ref_s, params)
+
+
+def _locate(
+    query: np.ndarray,
+    fine: np.ndarray | None,
+    refs: Sequence[np.ndarray],
+    max_matches: int,
+    rate: float,
+    query_s: float,
+    ref_s: Sequence[float | None] | None = None,
+    params: QmaxParams | None = None,
+) -> list[list[Alignment]]:
     p = params or QmaxParams()
     if not refs:
         return []
@@ -347,8 +380,10 @@ def _matches(
                 score=best,
             )
         )
+        if best < _REFINE_LINKED * len(rec):
+            break  # no clear match: its further paths would be noise
         lo, hi = int(j.min()), int(j.max()) + 1
-        rec[:, lo:hi] = False
+        rec[:, lo:hi] = False  # mask this match's reference span: the next one is elsewhere
         score = _fill_block(rec, p)
     return out
 

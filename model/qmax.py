@@ -211,16 +211,24 @@ class _Candidates:
 _WORKER: _Candidates | None = None
 
 
-def _one_blas_thread():
-    """Single-threaded BLAS: the products are small, and threads per process oversubscribe."""
-    from threadpoolctl import threadpool_limits  # a dependency of librosa's scikit-learn
+_BLAS = None
 
-    return threadpool_limits(1)
+
+def one_blas_thread():
+    """Single-threaded BLAS for the block: the products here are small, and BLAS threads that
+    spin while other work holds the cores make them ten times slower (threadpoolctl; its
+    controller is made once, a limit then costs some microseconds)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def _init_worker(cands: Sequence[np.ndarray], params: QmaxParams) -> None:
     global _WORKER
-    _one_blas_thread()
+    one_blas_thread()
     _WORKER = _Candidates(cands, params)
 
 
@@ -335,7 +343,7 @@ class QmaxScorer:
         workers = 1 if cells < _POOL_MIN_CELLS else min(self.workers, len(chunks))
         if workers <= 1:
             scorer = _Candidates(cands, self.params)
-            with _one_blas_thread():
+            with one_blas_thread():
                 for chunk in chunks:
                     t = time.process_time()
                     qmaxes[chunk.start : chunk.stop] = [scorer.qmax_row(flat[i]) for i in chunk]
@@ -380,7 +388,7 @@ def shortlist_qmax(
 
     start, cpu = time.perf_counter(), time.process_time()
     out = []
-    with _one_blas_thread():
+    with one_blas_thread():
         for q, cols in tqdm(
             list(zip(queries, shortlists, strict=True)),
             desc="verify",
