@@ -19,7 +19,15 @@ from .backends import AnnIndex
 from .catalog import Catalog
 from .files import BACKUP_HINT, CATALOG_FILE, JOURNAL_FILE, MANIFEST_FILE, SNAPSHOT_DIR
 from .journal import Journal, Op, Record
-from .snapshot import Manifest, collect_garbage, iter_tracks, load_ann, load_store, read_manifest
+from .snapshot import (
+    Manifest,
+    collect_garbage,
+    damaged_files,
+    iter_tracks,
+    load_ann,
+    load_store,
+    read_manifest,
+)
 from .types import CorruptIndexError, IndexOptions
 from .vectors import VectorStore
 
@@ -68,7 +76,15 @@ def _load_ann(
     path: Path, manifest: Manifest, store: VectorStore, factory: str, options: IndexOptions
 ) -> AnnIndex:
     snapdir = path / SNAPSHOT_DIR
-    ann = load_ann(snapdir, manifest, store.zdim, factory, options.search_params, options.use_gpu)
+    try:
+        if manifest.ann and manifest.ann in damaged_files(snapdir, _only(manifest, manifest.ann)):
+            raise ValueError(f"{manifest.ann} does not match its checksum")
+        ann = load_ann(
+            snapdir, manifest, store.zdim, factory, options.search_params, options.use_gpu
+        )
+    except (RuntimeError, ValueError, OSError) as e:  # derived: rebuilt from the exact copies
+        log.warning("%s: the ANN index cannot be read (%s); rebuilding it", path, e)
+        ann = None
     if ann is not None and ann.ntotal != store.n_segments + len(ann.tombstones):
         log.warning(
             "%s: ANN index holds %d vectors for %d segments; rebuilding it",
@@ -82,6 +98,22 @@ def _load_ann(
         for ids, vectors in store.batches():
             ann.add(vectors, ids)
     return ann
+
+
+def _only(manifest: Manifest, name: str) -> Manifest:
+    """The manifest restricted to one file's checksum."""
+    return Manifest(checksums={k: v for k, v in manifest.checksums.items() if k == name})
+
+
+def _check_snapshot(snapdir: Path, manifest: Manifest) -> None:
+    """CorruptIndexError if a snapshot file the index cannot rebuild (chunks, track list,
+    tombstones) differs from its checksum; a damaged ANN file is rebuilt instead."""
+    damaged = [n for n in damaged_files(snapdir, manifest) if n != manifest.ann]
+    if damaged:
+        raise CorruptIndexError(
+            f"{snapdir}: {', '.join(damaged)} no longer match the checksums in "
+            f"{MANIFEST_FILE}: the snapshot is damaged; {BACKUP_HINT}"
+        )
 
 
 def rebuild_catalog(
@@ -123,6 +155,7 @@ def recover(path: Path, zdim: int, factory: str, dtype: np.dtype, options: Index
     snapdir = path / SNAPSHOT_DIR
     orphans = _unexplained_snapshot_files(snapdir)
     manifest = read_manifest(snapdir)
+    _check_snapshot(snapdir, manifest)
     store = VectorStore(zdim, dtype)
     load_store(snapdir, manifest, store)
     ann = _load_ann(path, manifest, store, factory, options)
@@ -147,11 +180,10 @@ def recover(path: Path, zdim: int, factory: str, dtype: np.dtype, options: Index
 
         catalog, reset = Catalog.open_or_reset(path / CATALOG_FILE)
         applied = catalog.applied_seq()
-        if not reset and applied > seq and (not journal_existed or not records):
-            # every write reaches the catalog only after its journal record is durable, so a
-            # catalog ahead of the snapshot with no journal records past it means the journal
-            # was lost (deleted, or emptied), with acknowledged writes. (A journal whose last
-            # record is torn still follows the torn-tail rule: cut, catalog rebuilt.)
+        if not reset and applied > seq:
+            # every write reaches the catalog only after its journal record is durable (a torn
+            # append never does), so a catalog ahead of snapshot + journal means durable
+            # records were lost: the journal deleted, emptied or cut short
             state = "is missing" if not journal_existed else f"ends at seq {seq}"
             if not journal_existed:
                 journal.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .backends import AnnIndex
-from .files import MANIFEST_FILE, fsync_dir, write_atomic, write_json_atomic
+from .files import BACKUP_HINT, MANIFEST_FILE, fsync_dir, write_atomic, write_json_atomic
 from .types import CorruptIndexError
 from .vectors import SEGMENT_DTYPE, Chunk, Slot, VectorStore
 
@@ -49,6 +50,8 @@ class Manifest:
     tombstones: str | None = None
     ann_trained_on: int = 0  # vectors present when the ANN index was last trained
     sizes: dict[str, int] = field(default_factory=dict)  # every file named above
+    # CRC-32 of every file named above (manifests written before checksums have none)
+    checksums: dict[str, int] = field(default_factory=dict)
 
 
 def read_manifest(snapdir: Path) -> Manifest:
@@ -93,9 +96,13 @@ def load_chunk(snapdir: Path, gen: int, zdim: int, dtype: np.dtype) -> Chunk:
 def iter_tracks(snapdir: Path, manifest: Manifest) -> Iterator[dict[str, Any]]:
     if manifest.tracks is None:
         return
-    with open(snapdir / manifest.tracks, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+    path = snapdir / manifest.tracks
+    with open(path, encoding="utf-8") as f:
+        try:
+            for line in f:
+                yield json.loads(line)
+        except ValueError as e:  # not UTF-8, or not JSON
+            raise CorruptIndexError(f"{path} is damaged: {e}; {BACKUP_HINT}") from e
 
 
 def load_store(snapdir: Path, manifest: Manifest, store: VectorStore) -> None:
@@ -234,9 +241,29 @@ def write_snapshot(
             manifest.sizes[manifest.tombstones] = write_atomic(
                 snapdir / manifest.tombstones, lambda f: np.save(f, dead)
             )
+    for name in manifest.sizes:  # files carried over keep their checksum, new ones get one
+        carried = name in prev.checksums and prev.sizes.get(name) == manifest.sizes[name]
+        manifest.checksums[name] = prev.checksums[name] if carried else file_crc32(snapdir / name)
     fsync_dir(snapdir)
     write_json_atomic(snapdir / MANIFEST_FILE, {"format": MANIFEST_FORMAT, **asdict(manifest)})
     return manifest, moved
+
+
+def file_crc32(path: Path, block: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def damaged_files(snapdir: Path, manifest: Manifest) -> list[str]:
+    """The files whose contents no longer match the CRC-32 the manifest recorded."""
+    return [
+        name
+        for name, crc in sorted(manifest.checksums.items())
+        if file_crc32(snapdir / name) != crc
+    ]
 
 
 def collect_garbage(snapdir: Path, manifest: Manifest) -> None:

@@ -37,6 +37,19 @@ def assert_tracks(path, ids: list[int]) -> None:
             np.testing.assert_array_equal(hits[:, 0], ix.segment_ids(f"t{i}"))
 
 
+def build_with_a_last_write_the_catalog_missed(path) -> None:
+    """Tracks t0..t5, the catalog as it was before t5's write reached it: the state a crash
+    leaves while the last write's record is still being appended."""
+    build(path, n=5)
+    saved = {f.name: f.read_bytes() for f in path.glob("catalog.sqlite*")}
+    with open_index(path, IDENTITY) as ix:
+        ix.add_track(TrackRecord("t5", content_sha256="5"), *vectors_of(5))
+    for f in path.glob("catalog.sqlite*"):
+        f.unlink()
+    for name, data in saved.items():
+        (path / name).write_bytes(data)
+
+
 def record_offsets(journal) -> list[int]:
     data = journal.read_bytes()
     offsets, at = [], 16
@@ -48,8 +61,10 @@ def record_offsets(journal) -> list[int]:
 
 @pytest.mark.parametrize("cut", [1, 7, 12, 13, 100])
 def test_torn_last_record_is_truncated(tmp_path, cut):
+    """A write torn by a crash: its journal record is partly on disk and, as the catalog
+    applies a write only once its record is durable, the catalog never saw it."""
     path = tmp_path / "idx"
-    build(path)
+    build_with_a_last_write_the_catalog_missed(path)
     journal = path / "journal.log"
     last = record_offsets(journal)[-1]
     size = journal.stat().st_size
@@ -81,7 +96,7 @@ def test_garbage_after_the_last_record_is_truncated(tmp_path, tail):
 def test_last_record_with_bad_crc_is_truncated(tmp_path):
     """A crash can leave the full length on disk with unwritten (stale or zero) contents."""
     path = tmp_path / "idx"
-    build(path)
+    build_with_a_last_write_the_catalog_missed(path)
     journal = path / "journal.log"
     last = record_offsets(journal)[-1]
     data = bytearray(journal.read_bytes())
