@@ -178,8 +178,12 @@ def rank_tracks(
     options: SearchOptions,
     score=uncalibrated_score,
     timings: dict[str, float] | None = None,
+    fused_score=None,
 ) -> list[TrackHit]:
     """Search `index` with an embedded query; the `top_k` closest tracks, closest first.
+
+    `score` maps a distance to the hit's score; `fused_score` (distance, Qmax per query
+    frame) scores the tracks verification aligned (None: `score` for them too).
 
     `timings`, when given, receives the seconds spent in the kNN ("search") and in the
     exact re-ranking ("reduce").
@@ -251,15 +255,17 @@ def rank_tracks(
     pairs = best_pairs_batch([r[3] for r in returned], options.max_matches)
     for (d, track, b, dist, ref_starts), track_pairs in zip(returned, pairs, strict=True):
         aligned = located.get(track.track_id)
-        if aligned is not None:
+        if aligned is not None and verification is not None:
+            qmax = verification.qmax[track.track_id]
+            per_frame = qmax / max(len(verification.plot.query), 1)
             hits.append(
                 TrackHit(
                     track=track,
                     distance=d,
-                    score=score(d),
+                    score=fused_score(d, per_frame) if fused_score else score(d),
                     matches=aligned,
                     transposition=query.shifts[b],
-                    alignment=verification.qmax[track.track_id] if verification else None,
+                    alignment=qmax,
                 )
             )
             continue

@@ -3,7 +3,11 @@
 Fitted on validation pairs (a clip query against whole reference tracks, the way the
 service searches) with a two-parameter logistic model p = sigmoid(a + b * d), and
 stored in the model's metadata so that the service's `score` means something and a
-threshold can be chosen.
+threshold can be chosen. With alignment verification the pairs also carry the Qmax of the
+clip's chroma against the reference's (`refrain.model.align`), per query frame (v: about the
+fraction of the clip's frames the alignment links), and a second model p = sigmoid(a + b d +
+c v) is fitted beside the first (`Calibration.fused`): the service scores the tracks it
+aligned with it.
 """
 
 from __future__ import annotations
@@ -24,11 +28,22 @@ class Calibration:
     n_positive: int
     n_negative: int
     method: str = "logistic"
+    # the model with alignment: {"a", "b", "c", "threshold" (on the logit), "precision",
+    # "recall"}; None when the calibration was fitted without it
+    fused: dict | None = None
 
     def probability(self, distance: float | np.ndarray) -> float | np.ndarray:
         z = self.a + self.b * np.asarray(distance, dtype=np.float64)
         p = 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
         return float(p) if np.ndim(p) == 0 else p
+
+    def fused_probability(self, distance: float, alignment: float) -> float:
+        """With alignment verification: `alignment` is the pair's Qmax per query frame."""
+        if self.fused is None:
+            return float(self.probability(distance))
+        f = self.fused
+        z = f["a"] + f["b"] * distance + f["c"] * alignment
+        return float(1.0 / (1.0 + np.exp(-np.clip(z, -500, 500))))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,35 +58,40 @@ def fit_logistic(
 ) -> tuple[float, float]:
     """Maximum-likelihood (a, b) of p = sigmoid(a + b d), by Newton's method, with classes
     weighted equally (negatives far outnumber positives in retrieval)."""
-    d = np.asarray(distances, dtype=np.float64)
+    a, (b,) = fit_logistic_features(np.asarray(distances, dtype=np.float64)[:, None], labels, iters)
+    return a, b
+
+
+def fit_logistic_features(
+    features: np.ndarray, labels: np.ndarray, iters: int = 100
+) -> tuple[float, list[float]]:
+    """Maximum-likelihood (a, [b_1..b_k]) of p = sigmoid(a + sum b_i x_i) for (n, k) features,
+    by Newton's method on standardised features, the classes weighted equally."""
+    x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
     if y.min() == y.max():
         raise ValueError("calibration needs both positive and negative pairs")
-    scale = d.std() or 1.0
-    x = np.stack([np.ones_like(d), d / scale], axis=1)
+    scale = np.where(x.std(0) > 0, x.std(0), 1.0)
+    x = np.concatenate([np.ones((len(x), 1)), x / scale], axis=1)
     w = np.where(y > 0, 0.5 / y.sum(), 0.5 / (1 - y).sum())
-    theta = np.zeros(2)
+    theta = np.zeros(x.shape[1])
     for _ in range(iters):
         p = 1 / (1 + np.exp(-np.clip(x @ theta, -500, 500)))
         grad = x.T @ (w * (p - y)) + 1e-6 * theta
-        hess = (x * (w * p * (1 - p))[:, None]).T @ x + 1e-6 * np.eye(2)
+        hess = (x * (w * p * (1 - p))[:, None]).T @ x + 1e-6 * np.eye(x.shape[1])
         step = np.linalg.solve(hess, grad)
         theta -= step
         if np.abs(step).max() < 1e-10:
             break
-    return float(theta[0]), float(theta[1] / scale)
+    return float(theta[0]), [float(t) for t in theta[1:] / scale]
 
 
-def calibrate(
-    distances: np.ndarray, labels: np.ndarray, target_precision: float | None = None
-) -> Calibration:
-    """Fit the logistic map and pick an operating threshold: the largest distance whose
-    precision on these pairs reaches `target_precision`, or the best-F1 one (None, or when
-    no threshold reaches the target)."""
-    d = np.asarray(distances, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    a, b = fit_logistic(d, y)
-    order = np.argsort(d, kind="stable")
+def _operating_point(
+    score: np.ndarray, y: np.ndarray, target_precision: float | None
+) -> tuple[float, float, float]:
+    """(threshold, precision, recall) over pairs ranked by `score` ascending (closest first):
+    the largest threshold whose precision reaches `target_precision`, else the best F1."""
+    order = np.argsort(score, kind="stable")
     tp = np.cumsum(y[order])
     fp = np.cumsum(~y[order])
     precision = tp / np.maximum(tp + fp, 1)
@@ -82,14 +102,39 @@ def calibrate(
     else:
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
         i = int(np.argmax(f1))
+    return float(score[order][i]), float(precision[i]), float(recall[i])
+
+
+def calibrate(
+    distances: np.ndarray,
+    labels: np.ndarray,
+    target_precision: float | None = None,
+    alignments: np.ndarray | None = None,
+) -> Calibration:
+    """Fit the logistic map and pick an operating threshold: the largest distance whose
+    precision on these pairs reaches `target_precision`, or the best-F1 one (None, or when
+    no threshold reaches the target). With `alignments` (each pair's Qmax per query frame),
+    the fused model is fitted too, its threshold on the logit a + b d + c v."""
+    d = np.asarray(distances, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    a, b = fit_logistic(d, y)
+    threshold, precision, recall = _operating_point(d, y, target_precision)
+    fused = None
+    if alignments is not None:
+        v = np.asarray(alignments, dtype=np.float64)
+        fa, (fb, fc) = fit_logistic_features(np.stack([d, v], axis=1), y)
+        logit = fa + fb * d + fc * v
+        t, p, r = _operating_point(-logit, y, target_precision)
+        fused = {"a": fa, "b": fb, "c": fc, "threshold": -t, "precision": p, "recall": r}
     return Calibration(
         a=a,
         b=b,
-        threshold=float(d[order][i]),
-        precision=float(precision[i]),
-        recall=float(recall[i]),
+        threshold=threshold,
+        precision=precision,
+        recall=recall,
         n_positive=int(y.sum()),
         n_negative=int((~y).sum()),
+        fused=fused,
     )
 
 
@@ -99,11 +144,18 @@ def uncalibrated_score(distance: float, gamma: float = 5.0) -> float:
 
 
 def validation_pairs(
-    model, items, query_seconds=(5.0, 10.0, 20.0, 30.0), seed: int = 0, hop: float = 5.0
-) -> tuple[np.ndarray, np.ndarray]:
+    model,
+    items,
+    query_seconds=(5.0, 10.0, 20.0, 30.0),
+    seed: int = 0,
+    hop: float = 5.0,
+    alignment: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distances and labels of clip-vs-track pairs, measured the way the service searches:
     a clip of tau seconds (seeded offset) against every other whole track, reduced with
-    `min` (the reduction for clips under 40 s). Items are `model.evaluate.Item`s."""
+    `min` (the reduction for clips under 40 s). Items are `model.evaluate.Item`s. With
+    `alignment`, also each pair's Qmax per query frame, from the chroma sequences the
+    service stores and reads (`model.sequence`, `model.align`)."""
     import torch
 
     from refrain.model.reduce import track_distance
@@ -119,7 +171,13 @@ def validation_pairs(
         c[i, : len(r)] = torch.from_numpy(r)
         cmask[i, : len(r)] = False
     cliques = np.array([item.clique for item in items])
-    distances, labels = [], []
+    if alignment:
+        from refrain.model.align import plots
+        from refrain.model.sequence import Chromagram, decode
+
+        chromagram = Chromagram(model.config)
+        sequences = [decode(chromagram.reference(w)) for w in waves]
+    distances, labels, aligned = [], [], []
     for tau in query_seconds:
         clips = []
         for w in waves:
@@ -131,6 +189,12 @@ def validation_pairs(
             others = np.arange(len(items)) != i
             distances.append(d[others])
             labels.append(cliques[others] == cliques[i])
+            if alignment:
+                chroma = chromagram.query(clips[i])[0]
+                qmax = plots(chroma, [s for s, o in zip(sequences, others, strict=True) if o])
+                aligned.append(qmax.qmax() / len(chroma))
+    if alignment:
+        return np.concatenate(distances), np.concatenate(labels), np.concatenate(aligned)
     return np.concatenate(distances), np.concatenate(labels)
 
 
@@ -147,8 +211,10 @@ def calibrate_model(
     model = load_model(model_dir)
     if model.info.get("format") != "refrain":
         raise ValueError("calibration is stored in Refrain's format: convert the checkpoint first")
-    d, y = validation_pairs(model, read_manifest(manifest, split=split), seed=seed)
-    cal = calibrate(d, y, target_precision)
+    d, y, v = validation_pairs(
+        model, read_manifest(manifest, split=split), seed=seed, alignment=True
+    )
+    cal = calibrate(d, y, target_precision, alignments=v)
     keep = {
         k: v
         for k, v in model.info.items()

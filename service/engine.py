@@ -131,6 +131,7 @@ class Engine:
         embedder: SegmentEmbedder | None,
         metrics: Metrics,
         score: Callable[[float], float] = uncalibrated_score,
+        fused_score: Callable[[float, float], float] | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
@@ -138,6 +139,8 @@ class Engine:
         self.embedder = embedder  # None: decode and check only (`refrain index build`)
         self.metrics = metrics
         self.score = score
+        # (distance, Qmax per query frame) -> probability, for the tracks verification aligned
+        self.fused_score = fused_score
 
     @functools.cached_property
     def chromagram(self) -> Chromagram:
@@ -330,7 +333,14 @@ class Engine:
             verify_weight=s.verify_weight,
         )
         with omp_threads(s.search_threads):
-            hits = rank_tracks(self.store, query, opts, score=self.score, timings=timings)
+            hits = rank_tracks(
+                self.store,
+                query,
+                opts,
+                score=self.score,
+                timings=timings,
+                fused_score=self.fused_score,
+            )
         self.metrics.knn_latency.observe(timings["search"])
         self.metrics.reduce_latency.observe(timings["reduce"])
         if "verify" in timings:

@@ -47,12 +47,14 @@ class Runtime:
             gpu = torch.cuda.is_available() and not s.worker_list
             self._model = model = load_model(s.model, device=s.device or ("cuda" if gpu else "cpu"))
             calibration = model.info.get("calibration")
-            score = _scorer(Calibration.from_dict(calibration)) if calibration else None
+            cal = Calibration.from_dict(calibration) if calibration else None
+            score = _scorer(cal) if cal else None
+            fused = cal.fused_probability if cal and cal.fused else None
             s.data_dir.mkdir(parents=True, exist_ok=True)
             self._store = store = open_store(s, self._identity(model))
             self._worker = self._start_worker(model, store)
             self.engine = Engine(
-                s, model, store, self._worker, self.metrics, score or uncalibrated_score
+                s, model, store, self._worker, self.metrics, score or uncalibrated_score, fused
             )
             self._start_jobs()
             self.engine.refresh_metrics()

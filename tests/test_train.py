@@ -12,7 +12,7 @@ import torch
 
 from refrain.model.augment import AugmentConfig, augment
 from refrain.model.augment import time_stretch as cqt_stretch
-from refrain.model.calibrate import calibrate, fit_logistic
+from refrain.model.calibrate import Calibration, calibrate, fit_logistic
 from refrain.model.losses import LOSSES, LossConfig, contrastive_loss
 from refrain.model.reduce import Reduction, reduce
 
@@ -95,6 +95,22 @@ def test_calibration_recovers_logistic_parameters():
     cal = calibrate(d, y, target_precision=0.9)
     assert cal.precision >= 0.9 and 0 < cal.recall <= 1
     assert cal.probability(0.0) > cal.probability(1.0)
+    assert cal.fused is None and cal.fused_probability(0.5, 0.9) == cal.probability(0.5)
+
+
+def test_fused_calibration_recovers_both_slopes_and_separates_better():
+    """Pairs whose label depends on the distance and on the alignment: the fused model finds
+    both slopes, and at its operating point beats the distance alone."""
+    rng = np.random.default_rng(1)
+    d, v = rng.uniform(0, 2, 40000), rng.uniform(0, 1, 40000)
+    y = rng.random(40000) < 1 / (1 + np.exp(-(1.0 - 4.0 * d + 6.0 * v)))
+    cal = calibrate(d, y, alignments=v)
+    f = cal.fused
+    assert f["b"] == pytest.approx(-4.0, rel=0.15) and f["c"] == pytest.approx(6.0, rel=0.15)
+    assert cal.fused_probability(0.5, 0.9) > cal.fused_probability(0.5, 0.1)
+    f1 = lambda p, r: 2 * p * r / (p + r)  # noqa: E731
+    assert f1(f["precision"], f["recall"]) > f1(cal.precision, cal.recall) + 0.05
+    assert Calibration.from_dict(cal.to_dict()) == cal
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +340,26 @@ def test_shipped_configs_parse_and_chain_their_stages():
         chain.append(name)
         assert configs[name].model == configs["default"].model  # weights must fit
     assert chain == ["default-stage4", "default-stage3", "default-stage2", "default-stage1"]
+
+
+def test_refrain_calibrate_fits_the_fused_model_beside_the_distance_one(tiny_corpus, tmp_path):
+    """`refrain calibrate` on a copy of the shipped model: both models stored, the fused one
+    from the chroma the service stores and aligns; the service then loads it."""
+    import shutil
+    from pathlib import Path
+
+    from refrain.model import load_model
+    from refrain.model.calibrate import calibrate_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(
+        Path(__file__).resolve().parent.parent / "model" / "weights" / "default", folder
+    )
+    cal = calibrate_model(folder, tiny_corpus / "manifest.csv", split="valid")
+    # 6 valid tracks x 4 clip lengths, each clip against the 5 others: 2 versions, 3 not
+    assert cal.n_positive == 6 * 4 * 2 and cal.n_negative == 6 * 4 * 3
+    f = cal.fused
+    assert f is not None and all(np.isfinite([f["a"], f["b"], f["c"]]))
+    assert f["c"] > 0  # more of the clip aligned: likelier a version
+    stored = load_model(folder).info["calibration"]
+    assert Calibration.from_dict(stored) == cal
