@@ -429,6 +429,16 @@ def test_index_build_then_service_opens_it(tmp_path, root):
             assert n_tracks(c) == 3
     finally:
         srv.stop()
+    # built offline with the chroma sequences the service stores: verification works on it
+    from refrain.index import open_index
+    from refrain.model.sequence import SEQUENCE_RATE, decode
+
+    info = json.loads((data / "index" / "index.json").read_text())
+    with open_index(data / "index", info["identity"], create=False) as ix:
+        ids = [t.track_id for t in ix.list_tracks(10)[0]]
+        stored = ix.sequences(ids)
+    assert len(ids) == 3 and set(stored) == set(ids)
+    assert len(decode(stored["b1"])) == pytest.approx(6.0 * SEQUENCE_RATE, abs=1)
 
 
 def test_ingest_cli_uploads_and_resumes(server, client, tmp_path, capsys):
