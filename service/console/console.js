@@ -128,6 +128,7 @@ async function hitItem(hit, queryS) {
       `id ${hit.track_id}`].filter(Boolean).join(" · ")),
     score,
     el("span", { class: "hit-meta" }, `score ${hit.score.toFixed(3)} · distance ${hit.distance.toFixed(3)}` +
+      (hit.alignment != null ? ` · alignment ${hit.alignment.toFixed(1)}` : "") +
       (hit.transposition ? ` · ${hit.transposition > 0 ? "+" : ""}${hit.transposition} semitones` : "")));
   const item = el("li", { "data-track": hit.track_id }, head);
   item.append(timeline(hit.matches, queryS, duration));
@@ -168,7 +169,12 @@ function timeline(matches, queryS, refS) {
       "fill-opacity": opacity, class: "match-query" });
     add("rect", { x: r0, y: 68, width: Math.max(r1 - r0, 2), height: 14, fill: "#dd6b20",
       "fill-opacity": opacity, class: "match-ref" });
-    add("text", { x: r0, y: 62 }, `${seconds(m.ref_start_s)}–${seconds(m.ref_end_s)}`);
+    let label = `${seconds(m.ref_start_s)}–${seconds(m.ref_end_s)}`;
+    if (m.tempo_ratio != null) {  // an aligned match: its tempo and key
+      label += ` · tempo ×${m.tempo_ratio.toFixed(3)}`;
+      if (m.key_shift) label += ` · key ${m.key_shift > 0 ? "+" : ""}${m.key_shift}`;
+    }
+    add("text", { x: r0, y: 62, class: "match-label" }, label);
   });
   return svg;
 }
