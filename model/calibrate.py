@@ -86,6 +86,10 @@ def fit_logistic_features(
     return float(theta[0]), [float(t) for t in theta[1:] / scale]
 
 
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / max(precision + recall, 1e-12)
+
+
 def _operating_point(
     score: np.ndarray, y: np.ndarray, target_precision: float | None
 ) -> tuple[float, float, float]:
@@ -114,7 +118,8 @@ def calibrate(
     """Fit the logistic map and pick an operating threshold: the largest distance whose
     precision on these pairs reaches `target_precision`, or the best-F1 one (None, or when
     no threshold reaches the target). With `alignments` (each pair's Qmax per query frame),
-    the fused model is fitted too, its threshold on the logit a + b d + c v."""
+    the fused model is fitted too, its threshold on the logit a + b d + c v, and kept if its
+    F1 beats the distance model's on these pairs."""
     d = np.asarray(distances, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
     a, b = fit_logistic(d, y)
@@ -125,7 +130,10 @@ def calibrate(
         fa, (fb, fc) = fit_logistic_features(np.stack([d, v], axis=1), y)
         logit = fa + fb * d + fc * v
         t, p, r = _operating_point(-logit, y, target_precision)
-        fused = {"a": fa, "b": fb, "c": fc, "threshold": -t, "precision": p, "recall": r}
+        # kept only where it separates these pairs better than the distance alone (F1 at
+        # each model's operating point): otherwise aligned tracks keep the distance's score
+        if _f1(p, r) > _f1(precision, recall):
+            fused = {"a": fa, "b": fb, "c": fc, "threshold": -t, "precision": p, "recall": r}
     return Calibration(
         a=a,
         b=b,

@@ -13,8 +13,7 @@ makes the two scales comparable whatever the clip's length and the catalog. Trac
 the candidates keep the embedding's order after them, so verification changes the order of
 the top of a list and never what the embedding put below it. `weight` 0 is the embedding's
 ranking. `Fusion.fit` picks the weight that maximises MAP on validation queries. Only the
-shortlisted pairs are aligned: 50 per query costs about 50 Qmax pairs (0.3-0.5 ms each on one
-CPU core) per query, whatever the catalog's size.
+shortlisted pairs are aligned, `candidates` per query whatever the catalog's size.
 """
 
 from __future__ import annotations
@@ -41,9 +40,10 @@ def _z(x: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Fusion:
     # chosen on the arrangement corpus's validation split (345 versions of 115 tunes), for the
-    # shipped model: MAP 0.614 -> 0.637 (track) and 0.374 -> 0.393 (10 s clips) with these,
-    # 0.640 and 0.393 with 100 candidates at twice the cost; weights 0.25-1.0 within 0.025
-    candidates: int = 50  # the embedding's nearest tracks re-ranked per query
+    # shipped model (stage 6): MAP 0.669 -> 0.681 (track) and 0.428 -> 0.434 (10 s clips) with
+    # these; 50 candidates gave 0.684 and 0.433 at two and a half times the cost; weights
+    # 0.25-0.75 within 0.01 of the best
+    candidates: int = 20  # the embedding's nearest tracks re-ranked per query
     weight: float = 0.5  # of the alignment against the segment distance
 
     def __post_init__(self) -> None:

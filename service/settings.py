@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     knn_k: int = Field(512, ge=1, le=4096, description="neighbours per query segment")
     candidates: int = Field(100, ge=1, le=10000, description="tracks re-ranked exactly")
     verify_candidates: int = Field(
-        50,
+        20,
         ge=0,
         le=1000,
         description="tracks re-ranked by alignment verification (0: off)",

@@ -102,7 +102,7 @@ def test_search_catalog_and_ingestion_in_the_browser(server, browser, tmp_path):
     assert "The song" in first.text
     # verified: the aligned range, its tempo ratio and the alignment score are shown
     label = first.find_element(By.CSS_SELECTOR, "svg.timeline text.match-label").text
-    assert "tempo ×" in label and "alignment" in first.text
+    assert "tempo \u00d7" in label and "alignment" in first.text
 
     # catalog: the tracks are listed
     browser.find_element(By.CSS_SELECTOR, 'button.tab[data-tab="catalog"]').click()

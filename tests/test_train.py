@@ -339,7 +339,13 @@ def test_shipped_configs_parse_and_chain_their_stages():
         assert name not in chain
         chain.append(name)
         assert configs[name].model == configs["default"].model  # weights must fit
-    assert chain == ["default-stage4", "default-stage3", "default-stage2", "default-stage1"]
+    assert chain == [
+        "default-stage5",
+        "default-stage4",
+        "default-stage3",
+        "default-stage2",
+        "default-stage1",
+    ]
 
 
 def test_refrain_calibrate_fits_the_fused_model_beside_the_distance_one(tiny_corpus, tmp_path):
