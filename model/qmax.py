@@ -217,13 +217,21 @@ _BLAS = None
 def one_blas_thread():
     """Single-threaded BLAS for the block: the products here are small, and BLAS threads that
     spin while other work holds the cores make them ten times slower (threadpoolctl; its
-    controller is made once, a limit then costs some microseconds)."""
+    controller is made once, a limit then costs some microseconds). Only BLAS libraries with
+    their own threads are limited: an OpenMP-threaded one (FAISS's OpenBLAS) would take the
+    calling thread's OpenMP setting with it, which FAISS's searches read."""
     global _BLAS
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController
 
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+        controller = ThreadpoolController()
+        prefixes = [
+            lib.prefix
+            for lib in controller.lib_controllers
+            if lib.user_api == "blas" and lib.info().get("threading_layer") != "openmp"
+        ]
+        _BLAS = controller.select(prefix=prefixes)
+    return _BLAS.limit(limits=1)
 
 
 def _init_worker(cands: Sequence[np.ndarray], params: QmaxParams) -> None:
