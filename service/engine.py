@@ -147,6 +147,10 @@ class Engine:
         """Chroma sequences for alignment verification, from the model's CQT settings."""
         return Chromagram(self.model.config)
 
+    def reference_sequence(self, wave: np.ndarray) -> bytes:
+        with same_omp_threads():
+            return self.chromagram.reference(wave)
+
     # -- audio ---------------------------------------------------------------------------------
 
     def decode(
@@ -218,7 +222,7 @@ class Engine:
             work_id=meta.work_id or None,
             duration_s=round(len(checked.wave) / self.model.sample_rate, 3),
             content_sha256=checked.digest,
-            sequence=self.chromagram.reference(checked.wave),
+            sequence=self.reference_sequence(checked.wave),
         )
 
     def add_reference(
@@ -319,7 +323,8 @@ class Engine:
         chroma = fine = None
         if verify:
             t = time.perf_counter()
-            chroma, fine = self.chromagram.query(wave)
+            with same_omp_threads():
+                chroma, fine = self.chromagram.query(wave)
             timings["chroma"] = time.perf_counter() - t
         query = QuerySegments(
             z, starts, self.model.config.shingling.len, duration, shifts, chroma, fine
@@ -346,6 +351,19 @@ class Engine:
         if "verify" in timings:
             self.metrics.verify_latency.observe(timings["verify"] + timings.get("chroma", 0.0))
         return SearchResult(hits, duration, timings)
+
+
+@contextmanager
+def same_omp_threads() -> Iterator[None]:
+    """The calling thread's OpenMP thread count as it was before the block. A thread's first
+    torch operation sets it to torch's count, and FAISS may share torch's OpenMP runtime
+    (torch loads it globally): the chroma CQT in a request thread must not change what that
+    thread's searches run with."""
+    before = faiss.omp_get_max_threads()
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 @contextmanager

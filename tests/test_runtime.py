@@ -93,3 +93,54 @@ def test_negative_settings_are_refused(name, monkeypatch):
 def test_defaults():
     s = Settings()
     assert (s.search_threads, s.job_retention_hours, s.min_free_bytes) == (1, 168.0, 1 << 30)
+
+
+
+CHROMA_IN_A_THREAD = """
+import threading, sys
+import numpy as np
+import torch  # first, as the service loads it: FAISS then shares torch's OpenMP runtime
+import faiss
+from refrain.model.sequence import Chromagram
+from refrain.service.engine import same_omp_threads
+
+chromagram, noise = Chromagram(), np.random.default_rng(0).standard_normal(160_000)
+torch.set_num_threads(1)
+seen = []
+
+def request(wrap):
+    before = faiss.omp_get_max_threads()
+    if wrap:
+        with same_omp_threads():
+            chromagram.query(noise.astype(np.float32))
+    else:
+        chromagram.query(noise.astype(np.float32))
+    seen.append((wrap, before, faiss.omp_get_max_threads()))
+
+for wrap in (False, True):
+    t = threading.Thread(target=request, args=(wrap,))
+    t.start()
+    t.join()
+print(seen)
+"""
+
+
+def test_the_chroma_step_leaves_the_request_threads_openmp_setting_alone():
+    """A thread's first torch convolution sets its OpenMP thread count to torch's, and FAISS
+    shares torch's OpenMP runtime when torch is loaded first: the search after the chroma
+    step ran with torch's count (1 after `torch.set_num_threads(1)`), not the configured one.
+    `same_omp_threads` keeps the thread's count (checked in a process that loads torch
+    first; the unwrapped call shows whether this platform shares the runtime)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run(
+        [sys.executable, "-c", CHROMA_IN_A_THREAD], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = {wrap: (before, after) for wrap, before, after in ast.literal_eval(out.stdout)}
+    before, after = seen[True]
+    assert before == 2 and after == before, seen
