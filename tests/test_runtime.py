@@ -95,7 +95,6 @@ def test_defaults():
     assert (s.search_threads, s.job_retention_hours, s.min_free_bytes) == (1, 168.0, 1 << 30)
 
 
-
 CHROMA_IN_A_THREAD = """
 import threading, sys
 import numpy as np
