@@ -56,7 +56,6 @@ class Verification:
         q = np.array([self.qmax.get(tid, np.nan) for tid in ids])
         fused = fusion.fuse(np.asarray(distances[: len(ids)], dtype=np.float64), q)
         self.order = [ids[i] for i in np.argsort(-fused, kind="stable")]
-        self.query_s = len(chroma) / SEQUENCE_RATE
 
     @property
     def ran(self) -> bool:

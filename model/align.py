@@ -21,9 +21,11 @@ the fit, and the hypothesis whose frames agree best (cosine, in the OTI key) is 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 
@@ -36,6 +38,9 @@ from .qmax import (
     one_blas_thread,
 )
 from .sequence import BINS, FINE_RATE
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _RATIO_SPAN = 0.06  # refinement searches ratios within +-6 % of the path's fit ...
 _OFFSET_SPAN_S = 1.0  # ... and offsets within +-1 s of it
@@ -106,6 +111,19 @@ def _fill(
     return score
 
 
+def _one_blas_thread_each_call(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` run with one BLAS thread (`qmax.one_blas_thread`): the entry points' products
+    are small."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        with one_blas_thread():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@_one_blas_thread_each_call
 def plots(
     query: np.ndarray,
     refs: Sequence[np.ndarray],
@@ -115,16 +133,6 @@ def plots(
     """Cross-recurrence plots and Qmax scores of query chroma (n, 12) against reference chroma
     sequences (m_c, 12), all at `params.frame_rate`, the query transposed by each pair's
     local OTI (`local_oti`), or by `shifts`, one per reference."""
-    with one_blas_thread():
-        return _plots(query, refs, params, shifts)
-
-
-def _plots(
-    query: np.ndarray,
-    refs: Sequence[np.ndarray],
-    params: QmaxParams | None = None,
-    shifts: np.ndarray | None = None,
-) -> Plots:
     p = params or QmaxParams()
     query = np.asarray(query, dtype=np.float32)
     refs = [np.asarray(r, dtype=np.float32) for r in refs]
@@ -260,6 +268,7 @@ def _best_hypothesis(
     return float(rr[best]), float(oo[best])
 
 
+@_one_blas_thread_each_call
 def locate(
     query: np.ndarray,
     fine: np.ndarray | None,
@@ -277,20 +286,6 @@ def locate(
     by side, one pass) and the key with the highest Qmax kept, the smallest shift among
     equals. `fine` is the query's chroma at `FINE_RATE` (None: no refinement); `query_s` and
     `ref_s` bound the ranges."""
-    with one_blas_thread():
-        return _locate(query, fine, refs, max_matches, rate, query_s, ref_s, params)
-
-
-def _locate(
-    query: np.ndarray,
-    fine: np.ndarray | None,
-    refs: Sequence[np.ndarray],
-    max_matches: int,
-    rate: float,
-    query_s: float,
-    ref_s: Sequence[float | None] | None = None,
-    params: QmaxParams | None = None,
-) -> list[list[Alignment]]:
     p = params or QmaxParams()
     if not refs:
         return []
