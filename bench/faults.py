@@ -1,17 +1,22 @@
-"""Corruption table: every file of an index deleted, truncated or bit-flipped, then opened.
+"""Crash and corruption table: every file of an index deleted, truncated or bit-flipped, and
+processes killed with SIGKILL while they add tracks or write a snapshot; then the index opened.
 
 An index is built with tracks in a snapshot and more in the journal (synthetic vectors and
 chroma sequences, FAISS `--factory`). For each file in it and each fault, a copy is damaged
-and opened with `open_index`, and the outcome is one of:
+and opened with `open_index`. Then a child process adds tracks and is killed after its k-th
+acknowledged add, and `refrain index snapshot` is killed at points through its snapshot of a
+larger journal. The outcome is one of:
 
     refused    CorruptIndexError (or another SegmentIndexError) naming what is wrong;
                every file is kept
     repaired   opened, and every acknowledged track is there with its exact vectors
                and sequence (derived files such as the catalog or the ANN index rebuilt)
+               (after a kill: every acknowledged track, and the one in flight whole or absent)
     LOSS       opened, but tracks are missing or differ: silent loss of acknowledged writes
     CRASH      an exception that is not the index's own error
 
-    python bench/faults.py [--tracks 12] [--journal 4] [--factory HNSW8] [--json out.json]
+    python bench/faults.py [--tracks 12] [--journal 4] [--factory HNSW8] [--snapshot-journal 600]
+                           [--no-kills] [--json out.json]
 
 The exit status is 1 if any outcome is LOSS or CRASH. tests/test_faults.py runs it.
 """
@@ -20,9 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -31,6 +40,8 @@ import numpy as np
 ZDIM = 8
 IDENTITY = {"weights_sha256": "faults", "zdim": ZDIM}
 FAULTS = ("delete", "truncate", "flip")
+KILL_AFTER_ACKS = (1, 4, 16)
+KILL_SNAPSHOT_AT = (0.0, 0.25, 0.5, 0.75, 1.0)  # fractions of an uninterrupted snapshot's time
 
 
 def track(i: int):
@@ -68,19 +79,22 @@ def damage(path: Path, fault: str, seed: int) -> None:
         path.write_bytes(bytes(data))
 
 
-def check(path: Path, n_tracks: int) -> tuple[str, str]:
-    """(outcome, detail) of opening a damaged copy."""
+def check(path: Path, n_tracks: int, in_flight: int = 0) -> tuple[str, str]:
+    """(outcome, detail) of opening a damaged copy: tracks 0..n_tracks-1 were acknowledged,
+    and the next `in_flight` may be there (then whole) or not."""
     from refrain.index import SegmentIndexError, open_index
 
     before = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     try:
         with open_index(path, IDENTITY, create=False) as ix:
             bad = []
-            for i in range(n_tracks):
+            listed = len(ix)
+            for i in range(n_tracks + in_flight):
                 record, vectors, starts = track(i)
                 got = ix.get_track(record.track_id)
                 if got is None:
-                    bad.append(f"{record.track_id} missing")
+                    if i < n_tracks:
+                        bad.append(f"{record.track_id} missing")
                     continue
                 v, s = ix.get_vectors(record.track_id)
                 if not (np.array_equal(v, vectors) and np.array_equal(s, starts)):
@@ -91,8 +105,8 @@ def check(path: Path, n_tracks: int) -> tuple[str, str]:
                     _, hits = ix.search(vectors[:1], 1)
                     if hits[0, 0] != ix.segment_ids(record.track_id)[0]:
                         bad.append(f"{record.track_id} not found by search")
-            if len(ix) != n_tracks:
-                bad.append(f"{len(ix)} tracks listed, {n_tracks} written")
+            if not n_tracks <= listed <= n_tracks + in_flight:
+                bad.append(f"{listed} tracks listed, {n_tracks} acknowledged")
         if bad:
             return "LOSS", "; ".join(bad[:3]) + (f" (+{len(bad) - 3})" if len(bad) > 3 else "")
         return "repaired", "all tracks intact"
@@ -107,13 +121,88 @@ def check(path: Path, n_tracks: int) -> tuple[str, str]:
         return "CRASH", f"{type(e).__name__}: {str(e)[:140]}"
 
 
+# -- kill -9 ---------------------------------------------------------------------------------
+
+
+def child_add(path: Path, start: int, stop: int) -> None:
+    """Child process: add tracks start..stop-1, printing `ack i` once each add returned."""
+    from refrain.index import open_index
+
+    with open_index(path, IDENTITY, create=False) as ix:
+        for i in range(start, stop):
+            ix.add_track(*track(i))
+            print(f"ack {i}", flush=True)
+
+
+def kill_during_adds(clean: Path, work: Path, n: int, acks: int) -> tuple[str, str]:
+    shutil.copytree(clean, work)
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--child-add", str(work), str(n), str(n + 1000)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    acked = 0
+    for line in child.stdout:
+        if line.startswith("ack "):
+            acked += 1
+            if acked == acks:
+                child.send_signal(signal.SIGKILL)
+                break
+    child.wait()
+    return check(work, n + acked, in_flight=1)
+
+
+def kill_during_snapshot(
+    clean: Path, work: Path, n: int, fraction: float, seconds: float
+) -> tuple[str, str, float]:
+    """`refrain index snapshot` killed `fraction * seconds` after it starts writing; returns
+    the outcome and the time from the start of writing to the end (for fraction 1: whole)."""
+    data = work / "data"
+    shutil.copytree(clean, data / "index")
+    env = {**os.environ, "REFRAIN_INDEX_BACKEND": "faiss"}
+    code = "import sys; from refrain.service.cli import main; sys.exit(main())"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, "index", "snapshot", "--data", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stderr is not None
+    for line in child.stderr:
+        if line.startswith("snapshot: writing"):
+            break
+    started = time.perf_counter()
+    if fraction < 1.0:
+        time.sleep(fraction * seconds)
+        child.send_signal(signal.SIGKILL)
+    child.communicate()
+    took = time.perf_counter() - started
+    finished = child.returncode == 0
+    outcome, detail = check(data / "index", n)
+    state = "finished" if finished else f"killed after {took * 1e3:.0f} ms"
+    return outcome, f"{state}; {detail}", took
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tracks", type=int, default=12, help="tracks in the snapshot")
     ap.add_argument("--journal", type=int, default=4, help="tracks only in the journal")
     ap.add_argument("--factory", default="HNSW8", help="FAISS factory (HNSW8: an ANN file)")
+    ap.add_argument(
+        "--snapshot-journal",
+        type=int,
+        default=600,
+        help="tracks the kill -9 snapshot cases write from the journal into a snapshot",
+    )
+    ap.add_argument("--no-kills", action="store_true", help="only the damaged files")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--child-add", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child_add:
+        child_add(Path(args.child_add[0]), int(args.child_add[1]), int(args.child_add[2]))
+        return []
     n = args.tracks + args.journal
     rows = []
     with tempfile.TemporaryDirectory(prefix="refrain-faults-") as tmp:
@@ -132,10 +221,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     {"file": rel.as_posix(), "fault": fault, "outcome": outcome, "detail": detail}
                 )
                 shutil.rmtree(copy)
+        for acks in () if args.no_kills else KILL_AFTER_ACKS:
+            outcome, detail = kill_during_adds(clean, Path(tmp) / f"adds-{acks}", n, acks)
+            rows.append(
+                {
+                    "file": "(adds)",
+                    "fault": f"kill -9 after {acks} acks",
+                    "outcome": outcome,
+                    "detail": detail,
+                }
+            )
+        big = Path(tmp) / "big"
+        if not args.no_kills:
+            build(big, args.tracks, args.snapshot_journal, args.factory)
+        n_big = args.tracks + args.snapshot_journal
+        # one uninterrupted run times the snapshot; the kills land at fractions of that time
+        seconds = 0.0
+        if not args.no_kills:
+            _, _, seconds = kill_during_snapshot(big, Path(tmp) / "snap-timing", n_big, 1.0, 0.0)
+        for fraction in () if args.no_kills else KILL_SNAPSHOT_AT:
+            work = Path(tmp) / f"snap-{fraction}"
+            outcome, detail, _ = kill_during_snapshot(big, work, n_big, fraction, seconds)
+            rows.append(
+                {
+                    "file": "(snapshot)",
+                    "fault": f"kill -9 at {fraction:.0%}",
+                    "outcome": outcome,
+                    "detail": detail,
+                }
+            )
+            shutil.rmtree(work)
     width = max(len(r["file"]) for r in rows)
-    print(f"{'file':<{width}}  {'fault':<8}  {'outcome':<8}  detail")
+    fw = max(len(r["fault"]) for r in rows)
+    print(f"{'file':<{width}}  {'fault':<{fw}}  {'outcome':<8}  detail")
     for r in rows:
-        print(f"{r['file']:<{width}}  {r['fault']:<8}  {r['outcome']:<8}  {r['detail']}")
+        print(f"{r['file']:<{width}}  {r['fault']:<{fw}}  {r['outcome']:<8}  {r['detail']}")
     counts = {
         o: sum(r["outcome"] == o for r in rows) for o in ("refused", "repaired", "LOSS", "CRASH")
     }

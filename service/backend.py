@@ -6,9 +6,17 @@ is the one the service then opens, whichever backend is configured.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from refrain.index import IndexOptions, SegmentStore, open_index
+from refrain.index import (
+    CorruptIndexError,
+    IndexNotFoundError,
+    IndexOptions,
+    SegmentStore,
+    open_index,
+)
 from refrain.service.settings import Settings
 
 
@@ -33,3 +41,18 @@ def open_store(
     return open_index(
         settings.index_dir, identity, factory=factory or settings.index_factory, options=options
     )
+
+
+def stored_index_info(index_dir: Path) -> dict[str, Any]:
+    """An existing index's `index.json` (either backend): its model `identity`, and for FAISS
+    its `factory`; for commands that open an index without loading a model."""
+    path = Path(index_dir) / "index.json"
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info["identity"], dict):
+            raise TypeError("identity is not an object")
+        return dict(info)
+    except FileNotFoundError:
+        raise IndexNotFoundError(f"no index at {index_dir} (index.json is missing)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptIndexError(f"{path} has no readable identity: {e}") from e

@@ -93,7 +93,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        codes = {404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
+        code = codes.get(exc.status_code, "http_error")
         count(request, code)
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

@@ -1,4 +1,5 @@
-"""`refrain ingest`: upload a catalog to a running service; `refrain index build`: offline.
+"""`refrain ingest`: upload a catalog to a running service; `refrain index build` and
+`refrain index snapshot`: offline.
 
 `ingest` sends the catalog in batches, each one multipart job (`POST /v1/ingest`) carrying
 a generated manifest, keeps at most two jobs in flight, and follows them with a progress bar.
@@ -70,6 +71,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default=None, help="cpu (default) or cuda")
     b.add_argument("--replace", action="store_true", help="replace tracks with other content")
     b.set_defaults(func=cmd_index_build)
+    s = actions.add_parser(
+        "snapshot",
+        help="write a snapshot now and truncate the journal (the service must be stopped)",
+    )
+    s.add_argument("--data", required=True, help="the service's data folder (index in data/index)")
+    s.set_defaults(func=cmd_index_snapshot)
 
 
 # -- refrain ingest -------------------------------------------------------------------------------
@@ -122,3 +129,27 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     for name, code, message in failures:
         print(f"  failed {name}: {code}: {message}", file=sys.stderr)
     return 1 if failures else 0
+
+
+# -- refrain index snapshot -----------------------------------------------------------------------
+
+
+def cmd_index_snapshot(args: argparse.Namespace) -> int:
+    from refrain.index import SegmentIndexError
+    from refrain.service.backend import open_store, stored_index_info
+    from refrain.service.settings import Settings
+
+    settings = Settings(data_dir=Path(args.data))
+    try:
+        info = stored_index_info(settings.index_dir)
+        store = open_store(settings, info["identity"], factory=info.get("factory"))
+    except (SegmentIndexError, ValueError) as e:
+        print(f"refrain index snapshot: {e}", file=sys.stderr)
+        return 1
+    with store:
+        print(f"snapshot: writing {settings.index_dir}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        store.snapshot()
+        seconds = time.perf_counter() - t0
+        print(f"snapshot: {len(store)} tracks written in {seconds:.2f} s")
+    return 0

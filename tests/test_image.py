@@ -82,6 +82,10 @@ def docker_env(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+    # what the engine left mounted under its folders (network namespaces, overlays) goes first
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(str(home))), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     shutil.rmtree(home, ignore_errors=True)
 
 

@@ -235,6 +235,32 @@ def test_metadata_has_length_limits(client, tmp_path):
     assert r.status_code == 201 and r.json()["title"] == "t" * 500
 
 
+def test_form_fields_that_are_not_utf8_are_refused(client, tmp_path):
+    audio = clip(tmp_path / "u.wav").read_bytes()
+    bad = b"\xff\xfe\xc3(bad"  # Starlette alone would store it as Latin-1: "ÿþÃ(bad"
+    for route, files, data in (
+        ("/v1/tracks", {"audio": ("u.wav", audio)}, {"track_id": bad}),
+        ("/v1/tracks", {"audio": ("u.wav", audio)}, {"track_id": "utf8", "title": bad}),
+        ("/v1/search", {"audio": ("u.wav", audio)}, {"k": b"\xff5"}),
+        ("/v1/ingest", [("files", ("u.wav", audio))], {"manifest": b"filename,track_id\n" + bad}),
+    ):
+        r = client.post(route, files=files, data=data)
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_request" and "is not valid utf-8 text" in err["message"]
+    assert client.get("/v1/tracks/utf8").status_code == 404
+    # real UTF-8 is stored as sent
+    title = "Café, Ünïcödé ♪ 音楽"
+    r = client.post(
+        "/v1/tracks",
+        files={"audio": ("u.wav", audio)},
+        data={"track_id": "utf8", "title": title.encode()},
+    )
+    assert r.status_code == 201 and r.json()["title"] == title, r.text
+    assert client.get("/v1/tracks/utf8").json()["title"] == title
+    assert client.delete("/v1/tracks/utf8").status_code == 200
+
+
 def test_a_manifest_linking_outside_the_import_root_is_not_read(client, server, tmp_path):
     root = server.app.state.settings.import_root
     folder = root / "linked"

@@ -22,6 +22,7 @@ from refrain.service.archive import MAX_MANIFEST_BYTES, ArchiveLimits, copy_to_f
 from refrain.service.auth import require_read, require_write
 from refrain.service.deps import JobsDep, SettingsDep
 from refrain.service.exceptions import InvalidInput, NotFound, TooLarge, UnsupportedMedia
+from refrain.service.forms import StrictFormRoute
 from refrain.service.jobs import JobManager
 from refrain.service.jobstore import JobState
 from refrain.service.schemas import Job, JobCreated, JobPage, responses
@@ -36,7 +37,7 @@ from refrain.service.sources import (
 )
 from refrain.service.storage import SpaceGuard, stream_size
 
-router = APIRouter()
+router = APIRouter(route_class=StrictFormRoute)
 
 FORM_FIELDS = ("files", "archive", "manifest", "replace")
 Manifest = dict[str, dict[str, str]]

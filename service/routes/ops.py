@@ -11,9 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from refrain.service.auth import require_metrics, require_read
 from refrain.service.deps import EngineDep, MetricsDep, RuntimeDep
+from refrain.service.forms import StrictFormRoute
 from refrain.service.schemas import Health, Readiness, Stats, responses
 
-router = APIRouter()
+router = APIRouter(route_class=StrictFormRoute)
 
 
 @router.get("/healthz", tags=["ops"], response_model=Health)

@@ -10,9 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 from refrain.service.auth import require_read
 from refrain.service.deps import EngineDep
 from refrain.service.engine import MAX_TOP_K, SearchRequest
+from refrain.service.forms import StrictFormRoute
 from refrain.service.schemas import SearchResponse, responses
 
-router = APIRouter()
+router = APIRouter(route_class=StrictFormRoute)
 
 
 @router.post(

@@ -13,11 +13,12 @@ from refrain.service.auth import require_read, require_write
 from refrain.service.deps import EngineDep, SettingsDep
 from refrain.service.engine import TrackMeta
 from refrain.service.exceptions import InvalidInput
+from refrain.service.forms import StrictFormRoute
 from refrain.service.schemas import AddedTrack, Deleted, Track, TrackPage, responses
 from refrain.service.sources import check_metadata, valid_track_id
 from refrain.service.storage import SpaceGuard, stream_size
 
-router = APIRouter()
+router = APIRouter(route_class=StrictFormRoute)
 
 
 def check_track_id(track_id: str) -> str:
