@@ -8,7 +8,8 @@ the query in one pass (`refrain.model.align.plots`), their order becomes the fus
 standardised log Qmax), and tracks further down keep their order after them. A candidate
 without a sequence (added by an older version) takes the median Qmax, so it neither rises
 nor sinks for lack of one. For the tracks returned, `locate` reads the query and reference
-ranges, the tempo ratio and the key shift off the alignment paths.
+ranges, the tempo ratio and the key shift off the alignment paths, starting from the blocks
+this pass already aligned.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class Verification:
         """Where the query matches each of `tracks` ((track id, duration) pairs) that was
         aligned, best first; all of them in one pass."""
         todo = [(tid, s) for tid, s in tracks if tid in self.refs]
+        aligned = []
+        for tid, _ in todo:
+            c = self.column[tid]
+            score, rec = self.plot.block(c)
+            aligned.append((score, rec, int(self.plot.shifts[c])))
         found = align.locate(
             self.plot.query,
             self.fine,
@@ -82,6 +88,7 @@ class Verification:
             query_s,
             [s for _, s in todo],
             self.plot.params,
+            aligned,
         )
         return {tid: m for (tid, _), m in zip(todo, found, strict=True)}
 

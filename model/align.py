@@ -47,7 +47,8 @@ _OFFSET_SPAN_S = 1.0  # ... and offsets within +-1 s of it
 # a match is clear when its Qmax reaches this per query frame (random pairs stay below):
 # only a clear best match is refined, and only a clear one is followed by further matches
 _REFINE_LINKED = 0.4
-KEYS = 3  # transpositions aligned per returned track: the best by local profile fit
+KEYS = 3  # transpositions aligned per returned track: the best by local profile fit ...
+ONE_KEY_S = 20.0  # ... for queries shorter than this; a longer one's best fit is reliable
 _EDGE_S = 0.5  # query seconds at each end left out of the refinement's agreement
 _MIN_PATH = 4  # frames a match's path must link to be reported
 
@@ -278,33 +279,49 @@ def locate(
     query_s: float,
     ref_s: Sequence[float | None] | None = None,
     params: QmaxParams | None = None,
+    aligned: Sequence[tuple[np.ndarray, np.ndarray, int] | None] | None = None,
 ) -> list[list[Alignment]]:
     """Per reference, up to `max_matches` places where the query matches it, best first.
 
-    A short clip's global chroma can mislead OTI, so the query is aligned in the `KEYS`
-    transpositions that best fit some stretch of the reference (all references x keys side
-    by side, one pass) and the key with the highest Qmax kept, the smallest shift among
-    equals. `fine` is the query's chroma at `FINE_RATE` (None: no refinement); `query_s` and
-    `ref_s` bound the ranges."""
+    A short clip's global chroma can mislead OTI, so a query shorter than `ONE_KEY_S` is
+    aligned in the `KEYS` transpositions that best fit some stretch of the reference (all
+    references x keys side by side, one pass) and the key with the highest Qmax kept, the
+    smallest shift among equals. `fine` is the query's chroma at `FINE_RATE` (None: no
+    refinement); `query_s` and `ref_s` bound the ranges. `aligned`, per reference, is its
+    (score, recurrence, shift) block from `plots` in its best-fit key (the verification's):
+    that block is used as it is for a longer query, or where its match is already clear."""
     p = params or QmaxParams()
     if not refs:
         return []
     query = np.asarray(query, dtype=np.float32)
     refs = [np.asarray(r, dtype=np.float32) for r in refs]
-    keyed, shifts = _key_plots(query, refs, p)
-    keys = shifts.shape[1]
-    qmaxes = keyed.qmax().reshape(len(refs), keys)
+    clear = _REFINE_LINKED * len(query)
+    one_key = len(query) / p.frame_rate >= ONE_KEY_S
+    blocks: list[tuple[np.ndarray, np.ndarray, int] | None] = [
+        None if a is None or not (one_key or a[0].max() >= clear) else a
+        for a in (aligned if aligned is not None else [None] * len(refs))
+    ]
+    todo = [c for c, b in enumerate(blocks) if b is None]
+    if todo:
+        keyed, shifts = _key_plots(query, [refs[c] for c in todo], p, 1 if one_key else KEYS)
+        keys = shifts.shape[1]
+        qmaxes = keyed.qmax().reshape(len(todo), keys)
+        for k, c in enumerate(todo):
+            q, s = qmaxes[k], shifts[k]
+            # the highest Qmax; among equals the smallest transposition (most versions keep
+            # their key)
+            r = int(min(np.flatnonzero(q == q.max()), key=lambda r: (abs((s[r] + 5) % 12 - 5), r)))
+            score, rec = keyed.block(k * keys + r)
+            blocks[c] = (score, rec, int(s[r]))
     out = []
     for c, ref in enumerate(refs):
-        q = qmaxes[c]
-        # the highest Qmax; among equals the smallest transposition (most versions keep the key)
-        r = int(
-            min(np.flatnonzero(q == q.max()), key=lambda r: (abs((shifts[c, r] + 5) % 12 - 5), r))
-        )
-        shift = int(shifts[c, r])
-        score, rec = (a.copy() for a in keyed.block(c * keys + r))
+        score, rec, shift = blocks[c]  # type: ignore[misc]
         duration = ref_s[c] if ref_s is not None and ref_s[c] else len(ref) / rate
-        out.append(_matches(score, rec, ref, fine, shift, max_matches, rate, query_s, duration, p))
+        out.append(
+            _matches(
+                score.copy(), rec.copy(), ref, fine, shift, max_matches, rate, query_s, duration, p
+            )
+        )
     return out
 
 

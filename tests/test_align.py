@@ -89,6 +89,25 @@ def test_nothing_is_located_in_an_unrelated_reference():
     assert all(m.score < 8 for m in found[0])
 
 
+def test_locate_starts_from_the_verification_blocks_and_finds_the_same():
+    rng = np.random.default_rng(5)
+    refs = [chroma_walk(rng, 200) for _ in range(5)]
+    for seconds, key in ((30, 0), (10, 3)):
+        n = int(seconds * RATE)
+        query = np.roll(refs[1][50 : 50 + n], key, axis=1)
+        plot = align.plots(query, refs)
+        aligned = [(*plot.block(c), int(plot.shifts[c])) for c in range(len(refs))]
+        fresh = align.locate(query, None, refs, 2, RATE, float(seconds))
+        reused = align.locate(query, None, refs, 2, RATE, float(seconds), aligned=aligned)
+        assert reused == fresh  # a long query keeps its best-fit key; a clear match is clear
+        best = reused[1][0]
+        assert best.key_shift == -key and abs(best.ref_start_s - 50 / RATE) <= 1.5
+        # the blocks handed in are left as they were (matches mask their own copies)
+        again = align.plots(query, refs)
+        np.testing.assert_array_equal(again.score, plot.score)
+        np.testing.assert_array_equal(again.recurrence, plot.recurrence)
+
+
 @pytest.mark.slow
 def test_localisation_bench_on_rendered_audio():
     """bench/localise.py on FluidSynth renderings: random melodies over random chords,
