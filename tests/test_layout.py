@@ -16,7 +16,7 @@ from refrain.index import SegmentStore, TrackRecord, open_index
 ROOT = Path(__file__).resolve().parents[1]
 
 # the service's HTTP layer: the only modules that may speak in HTTP statuses
-HTTP_LAYER = {"app.py", "errors.py", "auth.py", "deps.py", "pages.py", "worker_app.py"}
+HTTP_LAYER = {"app.py", "errors.py", "auth.py", "deps.py", "forms.py", "pages.py", "worker_app.py"}
 
 
 @pytest.mark.slow

@@ -340,6 +340,7 @@ def test_shipped_configs_parse_and_chain_their_stages():
         chain.append(name)
         assert configs[name].model == configs["default"].model  # weights must fit
     assert chain == [
+        "default-stage6",
         "default-stage5",
         "default-stage4",
         "default-stage3",
