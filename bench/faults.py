@@ -185,6 +185,39 @@ def kill_during_snapshot(
     return outcome, f"{state}; {detail}", took
 
 
+def kill_rows(clean: Path, tmp: Path, n: int, args: argparse.Namespace) -> list[dict]:
+    """The kill -9 rows: adds killed after k acknowledgements, then snapshots of a larger
+    journal killed at fractions of the time an uninterrupted one takes."""
+    rows = []
+    for acks in KILL_AFTER_ACKS:
+        outcome, detail = kill_during_adds(clean, tmp / f"adds-{acks}", n, acks)
+        rows.append(
+            {
+                "file": "(adds)",
+                "fault": f"kill -9 after {acks} acks",
+                "outcome": outcome,
+                "detail": detail,
+            }
+        )
+    big = tmp / "big"
+    build(big, args.tracks, args.snapshot_journal, args.factory)
+    n_big = args.tracks + args.snapshot_journal
+    _, _, seconds = kill_during_snapshot(big, tmp / "snap-timing", n_big, 1.0, 0.0)
+    for fraction in KILL_SNAPSHOT_AT:
+        work = tmp / f"snap-{fraction}"
+        outcome, detail, _ = kill_during_snapshot(big, work, n_big, fraction, seconds)
+        rows.append(
+            {
+                "file": "(snapshot)",
+                "fault": f"kill -9 at {fraction:.0%}",
+                "outcome": outcome,
+                "detail": detail,
+            }
+        )
+        shutil.rmtree(work)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tracks", type=int, default=12, help="tracks in the snapshot")
@@ -221,36 +254,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     {"file": rel.as_posix(), "fault": fault, "outcome": outcome, "detail": detail}
                 )
                 shutil.rmtree(copy)
-        for acks in () if args.no_kills else KILL_AFTER_ACKS:
-            outcome, detail = kill_during_adds(clean, Path(tmp) / f"adds-{acks}", n, acks)
-            rows.append(
-                {
-                    "file": "(adds)",
-                    "fault": f"kill -9 after {acks} acks",
-                    "outcome": outcome,
-                    "detail": detail,
-                }
-            )
-        big = Path(tmp) / "big"
         if not args.no_kills:
-            build(big, args.tracks, args.snapshot_journal, args.factory)
-        n_big = args.tracks + args.snapshot_journal
-        # one uninterrupted run times the snapshot; the kills land at fractions of that time
-        seconds = 0.0
-        if not args.no_kills:
-            _, _, seconds = kill_during_snapshot(big, Path(tmp) / "snap-timing", n_big, 1.0, 0.0)
-        for fraction in () if args.no_kills else KILL_SNAPSHOT_AT:
-            work = Path(tmp) / f"snap-{fraction}"
-            outcome, detail, _ = kill_during_snapshot(big, work, n_big, fraction, seconds)
-            rows.append(
-                {
-                    "file": "(snapshot)",
-                    "fault": f"kill -9 at {fraction:.0%}",
-                    "outcome": outcome,
-                    "detail": detail,
-                }
-            )
-            shutil.rmtree(work)
+            rows += kill_rows(clean, Path(tmp), n, args)
     width = max(len(r["file"]) for r in rows)
     fw = max(len(r["fault"]) for r in rows)
     print(f"{'file':<{width}}  {'fault':<{fw}}  {'outcome':<8}  detail")
