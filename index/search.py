@@ -183,7 +183,8 @@ def rank_tracks(
     """Search `index` with an embedded query; the `top_k` closest tracks, closest first.
 
     `score` maps a distance to the hit's score; `fused_score` (distance, Qmax per query
-    frame) scores the tracks verification aligned (None: `score` for them too).
+    frame, standardised log Qmax among the candidates) scores the tracks verification
+    aligned (None: `score` for them too).
 
     `timings`, when given, receives the seconds spent in the kNN ("search") and in the
     exact re-ranking ("reduce").
@@ -262,7 +263,11 @@ def rank_tracks(
                 TrackHit(
                     track=track,
                     distance=d,
-                    score=fused_score(d, per_frame) if fused_score else score(d),
+                    score=(
+                        fused_score(d, per_frame, verification.relative[track.track_id])
+                        if fused_score
+                        else score(d)
+                    ),
                     matches=aligned,
                     transposition=query.shifts[b],
                     alignment=qmax,

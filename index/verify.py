@@ -55,6 +55,8 @@ class Verification:
         qmax = self.plot.qmax()
         self.qmax = {tid: float(qmax[c]) for tid, c in self.column.items()}
         q = np.array([self.qmax.get(tid, np.nan) for tid in ids])
+        # each aligned candidate's standing among the others, for the fused calibration
+        self.relative = dict(zip(ids, fusion.standard_scores(q).tolist(), strict=True))
         fused = fusion.fuse(np.asarray(distances[: len(ids)], dtype=np.float64), q)
         self.order = [ids[i] for i in np.argsort(-fused, kind="stable")]
 

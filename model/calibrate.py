@@ -3,19 +3,28 @@
 Fitted on validation pairs (a clip query against whole reference tracks, the way the
 service searches) with a two-parameter logistic model p = sigmoid(a + b * d), and
 stored in the model's metadata so that the service's `score` means something and a
-threshold can be chosen. With alignment verification the pairs also carry the Qmax of the
-clip's chroma against the reference's (`refrain.model.align`), per query frame (v: about the
-fraction of the clip's frames the alignment links), and a second model p = sigmoid(a + b d +
-c v) is fitted beside the first (`Calibration.fused`): the service scores the tracks it
+threshold can be chosen.
+
+With alignment verification, the pairs the service would align (each clip's `candidates`
+nearest tracks by distance) also carry two alignment features: v, the Qmax of the clip's
+chroma against the reference's (`refrain.model.align`) per query frame (about the fraction of
+the clip's frames the alignment links), and z, that pair's log Qmax standardised over the
+clip's candidates, the term the verification's ranking uses (`refrain.model.verify`). A
+second model p = sigmoid(a + b d + c v + e z) is fitted on those pairs
+(`Calibration.fused`) and kept when, with the distance model scoring every other pair, it
+separates versions better than the distance alone: the service then scores the tracks it
 aligned with it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,12 +46,13 @@ class Calibration:
         p = 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
         return float(p) if np.ndim(p) == 0 else p
 
-    def fused_probability(self, distance: float, alignment: float) -> float:
-        """With alignment verification: `alignment` is the pair's Qmax per query frame."""
+    def fused_probability(self, distance: float, alignment: float, relative: float) -> float:
+        """With alignment verification: `alignment` is the pair's Qmax per query frame,
+        `relative` its standardised log Qmax among the query's candidates."""
         if self.fused is None:
             return float(self.probability(distance))
         f = self.fused
-        z = f["a"] + f["b"] * distance + f["c"] * alignment
+        z = f["a"] + f["b"] * distance + f["c"] * alignment + f["e"] * relative
         return float(1.0 / (1.0 + np.exp(-np.clip(z, -500, 500))))
 
     def to_dict(self) -> dict:
@@ -114,12 +124,17 @@ def calibrate(
     labels: np.ndarray,
     target_precision: float | None = None,
     alignments: np.ndarray | None = None,
+    relative: np.ndarray | None = None,
 ) -> Calibration:
     """Fit the logistic map and pick an operating threshold: the largest distance whose
     precision on these pairs reaches `target_precision`, or the best-F1 one (None, or when
-    no threshold reaches the target). With `alignments` (each pair's Qmax per query frame),
-    the fused model is fitted too, its threshold on the logit a + b d + c v, and kept if its
-    F1 beats the distance model's on these pairs."""
+    no threshold reaches the target).
+
+    With `alignments` (each pair's Qmax per query frame) and `relative` (its standardised
+    log Qmax among the clip's candidates), both NaN for the pairs verification would not
+    align, the fused model is fitted on the aligned pairs. Its operating point is chosen on
+    the log-odds of every pair: the fused model's where a pair is aligned, the distance
+    model's elsewhere. It is kept if its F1 there beats the distance model's."""
     d = np.asarray(distances, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
     a, b = fit_logistic(d, y)
@@ -127,13 +142,39 @@ def calibrate(
     fused = None
     if alignments is not None:
         v = np.asarray(alignments, dtype=np.float64)
-        fa, (fb, fc) = fit_logistic_features(np.stack([d, v], axis=1), y)
-        logit = fa + fb * d + fc * v
-        t, p, r = _operating_point(-logit, y, target_precision)
-        # kept only where it separates these pairs better than the distance alone (F1 at
-        # each model's operating point): otherwise aligned tracks keep the distance's score
-        if _f1(p, r) > _f1(precision, recall):
-            fused = {"a": fa, "b": fb, "c": fc, "threshold": -t, "precision": p, "recall": r}
+        z = np.zeros_like(v) if relative is None else np.asarray(relative, dtype=np.float64)
+        on = np.isfinite(v) & np.isfinite(z)
+        if y[on].any() and not y[on].all():
+            fa, (fb, fc, fe) = fit_logistic_features(np.stack([d, v, z], axis=1)[on], y[on])
+            logit = a + b * d
+            logit[on] = fa + fb * d[on] + fc * v[on] + fe * z[on]
+            t, p, r = _operating_point(-logit, y, target_precision)
+            # kept only where it separates these pairs better than the distance alone (F1 at
+            # each model's operating point): otherwise aligned tracks keep the distance's score
+            kept = _f1(p, r) > _f1(precision, recall)
+            log.info(
+                "fused model on %d aligned pairs: precision %.3f recall %.3f (F1 %.3f) against "
+                "the distance's %.3f / %.3f (F1 %.3f): %s",
+                on.sum(),
+                p,
+                r,
+                _f1(p, r),
+                precision,
+                recall,
+                _f1(precision, recall),
+                "kept" if kept else "not kept",
+            )
+            if kept:
+                fused = {
+                    "a": fa,
+                    "b": fb,
+                    "c": fc,
+                    "e": fe,
+                    "threshold": -t,
+                    "precision": p,
+                    "recall": r,
+                    "aligned_pairs": int(on.sum()),
+                }
     return Calibration(
         a=a,
         b=b,
@@ -158,15 +199,22 @@ def validation_pairs(
     seed: int = 0,
     hop: float = 5.0,
     alignment: bool = False,
-) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    candidates: int | None = None,
+) -> tuple[np.ndarray, ...]:
     """Distances and labels of clip-vs-track pairs, measured the way the service searches:
     a clip of tau seconds (seeded offset) against every other whole track, reduced with
-    `min` (the reduction for clips under 40 s). Items are `model.evaluate.Item`s. With
-    `alignment`, also each pair's Qmax per query frame, from the chroma sequences the
-    service stores and reads (`model.sequence`, `model.align`)."""
+    `min` (the reduction for clips under 40 s). Items are `model.evaluate.Item`s.
+
+    With `alignment`, also the two alignment features of the pairs the service would align
+    (the clip's `candidates` nearest tracks, `Fusion`'s default when None), from the chroma
+    sequences it stores and reads (`model.sequence`, `model.align`): Qmax per query frame
+    and the standardised log Qmax among those candidates; NaN for the other pairs."""
     import torch
 
     from refrain.model.reduce import track_distance
+    from refrain.model.verify import Fusion
+
+    fusion = Fusion() if candidates is None else Fusion(candidates)
 
     rng = np.random.default_rng(seed)
     sr = model.sample_rate
@@ -185,7 +233,7 @@ def validation_pairs(
 
         chromagram = Chromagram(model.config)
         sequences = [decode(chromagram.reference(w)) for w in waves]
-    distances, labels, aligned = [], [], []
+    distances, labels, aligned, relative = [], [], [], []
     for tau in query_seconds:
         clips = []
         for w in waves:
@@ -198,11 +246,18 @@ def validation_pairs(
             distances.append(d[others])
             labels.append(cliques[others] == cliques[i])
             if alignment:
+                (top,) = fusion.shortlist(d[others][None])
+                cols = np.nonzero(others)[0][top]
                 chroma = chromagram.query(clips[i])[0]
-                qmax = plots(chroma, [s for s, o in zip(sequences, others, strict=True) if o])
-                aligned.append(qmax.qmax() / len(chroma))
+                qmax = plots(chroma, [sequences[c] for c in cols]).qmax()
+                v = np.full(int(others.sum()), np.nan)
+                z = v.copy()
+                v[top] = qmax / len(chroma)
+                z[top] = fusion.standard_scores(qmax)
+                aligned.append(v)
+                relative.append(z)
     if alignment:
-        return np.concatenate(distances), np.concatenate(labels), np.concatenate(aligned)
+        return tuple(np.concatenate(x) for x in (distances, labels, aligned, relative))
     return np.concatenate(distances), np.concatenate(labels)
 
 
@@ -219,10 +274,10 @@ def calibrate_model(
     model = load_model(model_dir)
     if model.info.get("format") != "refrain":
         raise ValueError("calibration is stored in Refrain's format: convert the checkpoint first")
-    d, y, v = validation_pairs(
+    d, y, v, z = validation_pairs(
         model, read_manifest(manifest, split=split), seed=seed, alignment=True
     )
-    cal = calibrate(d, y, target_precision, alignments=v)
+    cal = calibrate(d, y, target_precision, alignments=v, relative=z)
     keep = {
         k: v
         for k, v in model.info.items()

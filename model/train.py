@@ -301,15 +301,52 @@ def validate(net: CLEWSNet, tracks: list[Track], config: RunConfig, device: torc
 
 
 def init_weights(net: CLEWSNet, path: str | Path) -> None:
-    """Copy the weights of checkpoint `path` (either format) into `net`; the model
-    configurations must agree."""
+    """Copy the weights of checkpoint `path` (either format) into `net`.
+
+    The model configurations must agree, except that `net` may have more residual blocks
+    per backbone stage (a deeper network grown from a trained one). The source's blocks
+    then fill the first places of each stage; the extra blocks keep their zero residual
+    gain, which makes them identities, so the grown network computes exactly what the
+    source did until training moves those gains.
+    """
     from refrain.model.checkpoint import load_checkpoint
 
     source, _ = load_checkpoint(path)
-    if source.config.to_dict() != net.config.to_dict():
+    mine, theirs = net.config.to_dict(), source.config.to_dict()
+    src_blocks = list(theirs["backbone"]["blocks"])
+    dst_blocks = list(mine["backbone"]["blocks"])
+    theirs["backbone"]["blocks"] = mine["backbone"]["blocks"]
+    deeper = len(src_blocks) == len(dst_blocks) and all(
+        d >= s for s, d in zip(src_blocks, dst_blocks, strict=True)
+    )
+    if mine != theirs or not deeper:
         raise ValueError(f"{path}: its model configuration differs from this run's")
-    net.load_state_dict(source.state_dict())
+    state = source.state_dict()
+    if src_blocks != dst_blocks:
+        state = _grown_backbone(state, src_blocks, dst_blocks, net.state_dict())
+        log.info("backbone blocks %s grown to %s", src_blocks, dst_blocks)
+    net.load_state_dict(state)
     log.info("initialised from %s", path)
+
+
+def _grown_backbone(
+    state: dict[str, torch.Tensor], src: list[int], dst: list[int], fresh: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`state` with backbone block i of stage j moved to its place in the deeper layout;
+    the places left over take `fresh`'s (newly initialised, zero-gain) tensors."""
+    moves: dict[int, int] = {}
+    s0 = d0 = 0
+    for ns, nd in zip(src, dst, strict=True):
+        moves.update({s0 + i: d0 + i for i in range(ns)})
+        s0, d0 = s0 + ns, d0 + nd
+    out = {k: v for k, v in fresh.items() if k.startswith("backbone.")}
+    for k, v in state.items():
+        if k.startswith("backbone."):
+            _, i, rest = k.split(".", 2)
+            out[f"backbone.{moves[int(i)]}.{rest}"] = v
+        else:
+            out[k] = v
+    return out
 
 
 # -- the loop --------------------------------------------------------------------------------

@@ -59,13 +59,19 @@ class Fusion:
     def from_dict(cls, d: dict) -> Fusion:
         return cls(int(d["candidates"]), float(d["weight"]))
 
-    def fuse(self, dist: np.ndarray, qmax: np.ndarray) -> np.ndarray:
-        """Fused scores of one query's candidates (higher is closer) from their distances and
-        Qmax scores; a NaN Qmax (no sequence stored) counts as the candidates' median."""
+    @staticmethod
+    def standard_scores(qmax: np.ndarray) -> np.ndarray:
+        """The alignment's term of one query's candidates: log(1 + Qmax) standardised over
+        them. A NaN Qmax (no sequence stored) counts as the candidates' median."""
         q = np.log1p(np.asarray(qmax, dtype=np.float64))
         if np.isnan(q).any():
             q = np.where(np.isnan(q), np.nanmedian(q) if (~np.isnan(q)).any() else 0.0, q)
-        return _z(-np.asarray(dist, dtype=np.float64)) + self.weight * _z(q)
+        return _z(q)
+
+    def fuse(self, dist: np.ndarray, qmax: np.ndarray) -> np.ndarray:
+        """Fused scores of one query's candidates (higher is closer) from their distances and
+        Qmax scores (`standard_scores`)."""
+        return _z(-np.asarray(dist, dtype=np.float64)) + self.weight * self.standard_scores(qmax)
 
     def shortlist(self, dist: np.ndarray) -> list[np.ndarray]:
         """Per query row, the columns of its `candidates` smallest finite distances."""

@@ -131,7 +131,7 @@ class Engine:
         embedder: SegmentEmbedder | None,
         metrics: Metrics,
         score: Callable[[float], float] = uncalibrated_score,
-        fused_score: Callable[[float, float], float] | None = None,
+        fused_score: Callable[[float, float, float], float] | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
@@ -139,7 +139,8 @@ class Engine:
         self.embedder = embedder  # None: decode and check only (`refrain index build`)
         self.metrics = metrics
         self.score = score
-        # (distance, Qmax per query frame) -> probability, for the tracks verification aligned
+        # (distance, Qmax per query frame, its standard score among the candidates) ->
+        # probability, for the tracks verification aligned
         self.fused_score = fused_score
 
     @functools.cached_property

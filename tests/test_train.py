@@ -95,21 +95,29 @@ def test_calibration_recovers_logistic_parameters():
     cal = calibrate(d, y, target_precision=0.9)
     assert cal.precision >= 0.9 and 0 < cal.recall <= 1
     assert cal.probability(0.0) > cal.probability(1.0)
-    assert cal.fused is None and cal.fused_probability(0.5, 0.9) == cal.probability(0.5)
+    assert cal.fused is None and cal.fused_probability(0.5, 0.9, 1.0) == cal.probability(0.5)
 
 
-def test_fused_calibration_recovers_both_slopes_and_separates_better():
-    """Pairs whose label depends on the distance and on the alignment: the fused model finds
-    both slopes, and at its operating point beats the distance alone."""
+def test_fused_calibration_recovers_its_slopes_and_separates_better():
+    """Pairs whose label depends on the distance and, where they were aligned, on both
+    alignment features: the fused model is fitted on the aligned pairs alone, finds the
+    three slopes, and at its operating point beats the distance alone."""
     rng = np.random.default_rng(1)
-    d, v = rng.uniform(0, 2, 40000), rng.uniform(0, 1, 40000)
-    y = rng.random(40000) < 1 / (1 + np.exp(-(1.0 - 4.0 * d + 6.0 * v)))
-    cal = calibrate(d, y, alignments=v)
+    n = 60000
+    d, v, z = rng.uniform(0, 2, n), rng.uniform(0, 1, n), rng.normal(0, 1, n)
+    aligned = rng.random(n) < 0.6
+    logit = np.where(aligned, 1.0 - 4.0 * d + 3.0 * v + 1.5 * z, 2.0 - 4.0 * d)
+    y = rng.random(n) < 1 / (1 + np.exp(-logit))
+    v[~aligned] = z[~aligned] = np.nan  # not shortlisted: no alignment
+    cal = calibrate(d, y, alignments=v, relative=z)
     f = cal.fused
-    assert f["b"] == pytest.approx(-4.0, rel=0.15) and f["c"] == pytest.approx(6.0, rel=0.15)
-    assert cal.fused_probability(0.5, 0.9) > cal.fused_probability(0.5, 0.1)
+    assert f["aligned_pairs"] == aligned.sum()
+    assert f["b"] == pytest.approx(-4.0, rel=0.15) and f["c"] == pytest.approx(3.0, rel=0.2)
+    assert f["e"] == pytest.approx(1.5, rel=0.15)
+    assert cal.fused_probability(0.5, 0.5, 1.0) > cal.fused_probability(0.5, 0.5, -1.0)
+    assert cal.fused_probability(0.5, 0.9, 0.0) > cal.fused_probability(0.5, 0.1, 0.0)
     f1 = lambda p, r: 2 * p * r / (p + r)  # noqa: E731
-    assert f1(f["precision"], f["recall"]) > f1(cal.precision, cal.recall) + 0.05
+    assert f1(f["precision"], f["recall"]) > f1(cal.precision, cal.recall) + 0.03
     assert Calibration.from_dict(cal.to_dict()) == cal
 
 
@@ -180,6 +188,29 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
     other["model"]["zdim"] = 16
     with pytest.raises(ValueError, match="configuration differs"):
         init_weights(CLEWSNet(RunConfig.from_dict(other).model), best)
+
+    # A deeper network grown from it computes exactly what it computes: the source's
+    # blocks lead each stage, the extra ones start as identities.
+    deeper = json.loads(json.dumps(raw))
+    deeper["model"]["backbone"]["blocks"] = [2, 3]
+    grown = CLEWSNet(RunConfig.from_dict(deeper).model)
+    init_weights(grown, best)
+    assert sum(p.numel() for p in grown.parameters()) > sum(
+        p.numel() for p in model.net.parameters()
+    )
+    cqt = torch.rand(3, 84, 200)
+    source = CLEWSNet(model.config)
+    init_weights(source, best)
+    source.eval()
+    grown.eval()
+    with torch.no_grad():
+        assert torch.allclose(grown(cqt), source(cqt), atol=1e-6)
+    assert any(float(b.gain) != 0 for b in source.backbone)  # the comparison is not vacuous
+    from refrain.model.checkpoint import save_refrain
+
+    save_refrain(grown, tmp_path / "grown")
+    with pytest.raises(ValueError, match="configuration differs"):  # no shrinking
+        init_weights(CLEWSNet(model.config), tmp_path / "grown")
 
 
 def test_chroma_baseline_is_transposition_invariant():

@@ -134,3 +134,42 @@ def test_evaluate_reports_verified_levels_beside_the_model(tmp_path, capsys):
     v = report["verification"]
     assert (v["candidates"], v["weight"]) == (4, 0.0)
     assert v["pairs"] == 9 * 4 + 9 * 4 and v["wall_s"] > 0
+
+
+def test_verified_hits_are_scored_with_their_standing_among_the_candidates(tmp_path):
+    """`rank_tracks` hands the fused score each aligned track's distance, Qmax per query frame
+    and standardised log Qmax among the candidates (the feature `refrain calibrate` fits),
+    and serves what it returns."""
+    from test_align import chroma_walk
+    from test_index import IDENTITY, ZDIM
+
+    from refrain.index import TrackRecord, open_index
+    from refrain.index.search import QuerySegments, SearchOptions, rank_tracks
+    from refrain.model.sequence import decode, encode
+
+    rng = np.random.default_rng(8)
+    refs = [chroma_walk(rng, 120) for _ in range(6)]
+    vectors = rng.standard_normal((6, 3, ZDIM)).astype(np.float32)
+    starts = np.arange(3) * 5.0
+    calls = {}
+
+    def fused(distance: float, per_frame: float, relative: float) -> float:
+        calls[round(distance, 6)] = (per_frame, relative)
+        return 1 / (1 + np.exp(-relative))
+
+    with open_index(tmp_path / "idx", IDENTITY) as ix:
+        for i, ref in enumerate(refs):
+            record = TrackRecord(f"t{i}", content_sha256=f"t{i}", sequence=encode(ref))
+            ix.add_track(record, vectors[i], starts)
+        chroma = decode(encode(np.roll(refs[4][30:90], 2, axis=1)))  # 30 s of t4, transposed
+        query = QuerySegments(vectors[4][:2] + 0.5, starts[:2], 20.0, 30.0, chroma=chroma)
+        hits = rank_tracks(ix, query, SearchOptions(top_k=6, verify=6), fused_score=fused)
+    assert len(calls) == len(hits) == 6
+    assert hits[0].track.track_id == "t4"
+    qmax = np.array([h.alignment for h in hits])
+    want = Fusion.standard_scores(qmax)  # all six are the candidates
+    for h, z in zip(hits, want, strict=True):
+        per_frame, relative = calls[round(h.distance, 6)]
+        assert per_frame == pytest.approx(h.alignment / len(chroma))
+        assert relative == pytest.approx(z) and h.score == pytest.approx(1 / (1 + np.exp(-z)))
+    assert want[0] == want.max() > 1.5  # the source stands out among its candidates
