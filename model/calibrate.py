@@ -146,6 +146,11 @@ def calibrate(
         on = np.isfinite(v) & np.isfinite(z)
         if y[on].any() and not y[on].all():
             fa, (fb, fc, fe) = fit_logistic_features(np.stack([d, v, z], axis=1)[on], y[on])
+            # Both models weigh their classes equally, so their log-odds are likelihood
+            # ratios, the fused one among the aligned pairs only. Being aligned is evidence
+            # itself (versions are shortlisted far more often than other works): adding its
+            # log-ratio puts the fused log-odds on the distance model's scale, over all pairs.
+            fa += math.log((y[on].sum() / y.sum()) / ((~y[on]).sum() / (~y).sum()))
             logit = a + b * d
             logit[on] = fa + fb * d[on] + fc * v[on] + fe * z[on]
             t, p, r = _operating_point(-logit, y, target_precision)

@@ -63,7 +63,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     valid_hop_s: float = 10.0
     max_minutes: float = 0.0  # stop (after a checkpoint) past this wall time; 0 = no limit
-    init: str = ""  # start from these weights (a checkpoint of the same model configuration)
+    init: str = ""  # start from these weights (the same model, or one with fewer blocks a stage)
 
 
 @dataclass(frozen=True)

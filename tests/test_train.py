@@ -361,16 +361,28 @@ def test_shipped_configs_parse_and_chain_their_stages():
     assert "default" in configs
     outs = {c.training.out: name for name, c in configs.items()}
     assert len(outs) == len(configs)  # no two runs write to one folder
+
     # each stage of the default model starts from the best weights of another configured run
+    def layout(name: str) -> tuple[dict, list[int]]:
+        model = configs[name].model.to_dict()
+        return {**model, "backbone": {**model["backbone"], "blocks": None}}, list(
+            model["backbone"]["blocks"]
+        )
+
     name, chain = "default", []
     while configs[name].training.init:
         init = configs[name].training.init
         assert init.endswith("/best") and init.removesuffix("/best") in outs, init
+        later = name
         name = outs[init.removesuffix("/best")]
         assert name not in chain
         chain.append(name)
-        assert configs[name].model == configs["default"].model  # weights must fit
+        # weights must fit: the same network, or one grown deeper (`init_weights`)
+        (model, blocks), (later_model, later_blocks) = layout(name), layout(later)
+        assert model == later_model
+        assert all(a <= b for a, b in zip(blocks, later_blocks, strict=True))
     assert chain == [
+        "default-stage7",
         "default-stage6",
         "default-stage5",
         "default-stage4",
