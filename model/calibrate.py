@@ -52,7 +52,8 @@ class Calibration:
         if self.fused is None:
             return float(self.probability(distance))
         f = self.fused
-        z = f["a"] + f["b"] * distance + f["c"] * alignment + f["e"] * relative
+        # a fused model stored before the relative feature has no "e": it did without it
+        z = f["a"] + f["b"] * distance + f["c"] * alignment + f.get("e", 0.0) * relative
         return float(1.0 / (1.0 + np.exp(-np.clip(z, -500, 500))))
 
     def to_dict(self) -> dict:

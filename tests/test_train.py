@@ -117,8 +117,12 @@ def test_fused_calibration_recovers_its_slopes_and_separates_better():
     assert cal.fused_probability(0.5, 0.5, 1.0) > cal.fused_probability(0.5, 0.5, -1.0)
     assert cal.fused_probability(0.5, 0.9, 0.0) > cal.fused_probability(0.5, 0.1, 0.0)
     f1 = lambda p, r: 2 * p * r / (p + r)  # noqa: E731
-    assert f1(f["precision"], f["recall"]) > f1(cal.precision, cal.recall) + 0.03
+    assert f1(f["precision"], f["recall"]) > f1(cal.precision, cal.recall) + 0.05
     assert Calibration.from_dict(cal.to_dict()) == cal
+    # a fused model stored before the relative feature (no "e") still scores as it did
+    old = Calibration.from_dict({**cal.to_dict(), "fused": {k: f[k] for k in "abc"}})
+    want = 1 / (1 + np.exp(-(f["a"] + f["b"] * 0.5 + f["c"] * 0.9)))
+    assert old.fused_probability(0.5, 0.9, 2.0) == pytest.approx(want)
 
 
 @pytest.fixture(scope="module")
