@@ -7,6 +7,11 @@ figures are seconds of audio embedded per wall-clock second.
 
     python bench/embed.py                       # fixture-A model and full DiscogsVI size
     python bench/embed.py --models A --tracks 32
+    python bench/embed.py --models default,stage7 --tracks 8   # the shipped depth vs stage 7's
+
+"default" is the shipped model; "stage7" the same network at stage 7's depth (one residual
+block per stage, `configs/default-stage7.yaml`), random weights: the time does not depend on
+them. The "one 30 s clip" row is a query's embedding cost.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import yaml
 
 from refrain.model import load_model
 from refrain.model.audio import load_audio
@@ -27,7 +33,8 @@ from refrain.model.embedder import Embedder
 from refrain.model.network import CLEWSNet
 from refrain.model.shingle import cut_shingles
 
-FIXTURE_A = Path(__file__).resolve().parents[1] / "tests/data/clews-official-A/checkpoint_best.ckpt"
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_A = ROOT / "tests/data/clews-official-A/checkpoint_best.ckpt"
 
 
 def synth_track(path: Path, seconds: float, seed: int, sr: int = 44100) -> None:
@@ -71,18 +78,27 @@ def make_models(names: list[str]) -> dict[str, Embedder]:
     for name in names:
         if name == "A":
             models["fixture-A (zdim 128)"] = load_model(FIXTURE_A)
+        elif name == "default":
+            models["shipped default (zdim 256)"] = load_model()
+        elif name == "stage7":
+            conf = yaml.safe_load((ROOT / "configs/default-stage7.yaml").read_text())["model"]
+            torch.manual_seed(0)
+            net = CLEWSNet(ModelConfig.from_dict(conf)).eval()
+            models["stage 7 depth (zdim 256)"] = Embedder(net)
         elif name == "full":
             torch.manual_seed(0)
             net = CLEWSNet(ModelConfig()).eval()  # DiscogsVI sizes, random weights
             models["DiscogsVI size (zdim 1024)"] = Embedder(net)
         else:
-            raise SystemExit(f"unknown model {name!r}: expected A or full")
+            raise SystemExit(f"unknown model {name!r}: expected A, default, stage7 or full")
     return models
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", default="A,full", help="comma list of A (fixture) and full")
+    p.add_argument(
+        "--models", default="A,full", help="comma list of A (fixture), default, stage7 and full"
+    )
     p.add_argument("--tracks", type=int, default=32, help="tracks of 2-5 min in the batch workload")
     p.add_argument("--full-tracks", type=int, default=None, help="override --tracks for 'full'")
     p.add_argument("--hop", type=float, default=5.0)
@@ -96,6 +112,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="refrain-bench-"))
     one = tmp / "track4min.flac"
     synth_track(one, 240.0, args.seed)
+    clip = tmp / "clip30s.flac"
+    synth_track(clip, 30.0, args.seed + 10_000)
     lengths = rng.uniform(120, 300, size=args.tracks)
     many = []
     for i, seconds in enumerate(lengths):
@@ -112,6 +130,7 @@ def main() -> None:
     for name, model in make_models(args.models.split(",")).items():
         n = args.full_tracks if (args.full_tracks and "1024" in name) else args.tracks
         workloads = [
+            ("one 30 s clip", [clip], 30.0),
             ("one 4-min track", [one], 240.0),
             (f"{n} tracks of 2-5 min", many[:n], float(lengths[:n].sum())),
         ]

@@ -1,6 +1,6 @@
 """bench/search.py on a few hundred tracks: its ground truth is `exhaustive_rank`'s, and the
 served path over an exact (Flat) index returns the exhaustive top 10 when it gathers enough
-neighbours per query segment."""
+neighbours per query segment, with and without alignment verification."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def test_search_bench_flat_is_exact(tmp_path):
             "--reducer",
             "64:100",
             "512:20",
+            "512:100:20",
             "--queries",
             "20",
             "--recall-queries",
@@ -49,13 +50,18 @@ def test_search_bench_flat_is_exact(tmp_path):
     )  # raises SystemExit if the ground truth disagrees with exhaustive_rank
     col = {name: i for i, name in enumerate(bench.HEADER)}
     got = {(r[col["data"]], r[col["k:cand"]]): r for r in rows}
-    assert set(got) == {(d, rc) for d in ("clustered", "random") for rc in ("64:100", "512:20")}
+    reducers = ("64:100", "512:20", "512:100:20")
+    assert set(got) == {(d, rc) for d in ("clustered", "random") for rc in reducers}
     for (data, reducer), r in got.items():
         assert float(r[col["hit@1"]]) == 1.0
         # random segments are independent: 64 neighbours per segment reach 10 tracks; a
-        # clustered track's 40 segments crowd each other into the 64, so it needs more
-        if data == "random" or reducer == "512:20":
+        # clustered track's 40 segments crowd each other into the 64, so it needs more. With
+        # verification the exact search's 20 nearest are verified, and the served top 10 is
+        # theirs: the exhaustive pipeline's top 10.
+        if data == "random" or reducer != "64:100":
             assert float(r[col["recall@10"]]) == 1.0, r
+        if reducer == "512:100:20":
+            assert float(r[col["verify ms"]]) > 0, r
 
 
 def load_script(name: str):

@@ -106,6 +106,10 @@ def test_dashboard_and_alerts_evaluate_on_live_metrics(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # both targets up
             try:
+                # Prometheus answers 503 "Service Unavailable" until its storage is ready
+                if httpx.get(base + "/-/ready", timeout=10).status_code != 200:
+                    time.sleep(0.5)
+                    continue
                 up = query('up{job=~"refrain-.*"}').get("data", {}).get("result", [])
                 if len(up) == 2 and all(s["value"][1] == "1" for s in up):
                     break
