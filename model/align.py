@@ -414,5 +414,7 @@ def _fit(i: np.ndarray, j: np.ndarray, rate: float) -> tuple[float, float]:
     """Least-squares line ref = offset + ratio * query (seconds) through a path's cells,
     each taken at its frame's centre; the ratio kept within the knight moves' 0.5..2."""
     x, y = (i + 0.5) / rate, (j + 0.5) / rate
-    ratio = float(np.clip(np.polyfit(x, y, 1)[0], 0.5, 2.0)) if np.ptp(x) > 0 else 1.0
+    dx = x - x.mean()
+    spread = float(dx @ dx)
+    ratio = float(np.clip((dx @ (y - y.mean())) / spread, 0.5, 2.0)) if spread > 0 else 1.0
     return ratio, float(np.mean(y - ratio * x))

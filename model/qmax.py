@@ -109,13 +109,19 @@ def fold_chroma(cqt: np.ndarray, per_frame: int) -> np.ndarray:
 def delay_embed(chroma: np.ndarray, m: int, tau: int) -> np.ndarray:
     """(n, d) frames -> (n, d * m) states [x(t), x(t - tau), ...], the first frame repeated
     before the start so that a sequence keeps its length (short clips stay usable)."""
-    n = len(chroma)
-    idx = np.maximum(np.arange(n)[:, None] - tau * np.arange(m)[None, :], 0)
-    return chroma[idx].reshape(n, -1)
+    n, d = chroma.shape
+    out = np.empty((n, m, d), dtype=chroma.dtype)
+    for k in range(m):  # slices, not a gather: the same values, a third of the time
+        s = min(k * tau, n)
+        out[s:, k] = chroma[: n - s]
+        out[:s, k] = chroma[0]
+    return out.reshape(n, m * d)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+    # np.linalg.norm's own sum of squares for a real array, without its conjugate copy
+    norm = np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True))
+    return x / np.maximum(norm, 1e-8)
 
 
 def oti(query_profile: np.ndarray, cand_profiles: np.ndarray) -> np.ndarray:
