@@ -204,10 +204,10 @@ def verified_top(
     opts: SearchOptions,
 ) -> set[str]:
     """The exhaustive pipeline's top 10 with verification: the `opts.verify` exhaustive
-    nearest tracks aligned and fused as `rank_tracks` does."""
-    ids = [track_id(int(i)) for i in gt_i[: opts.verify]]
+    nearest tracks aligned and fused as `rank_tracks` does, the rest in distance order."""
+    ids = [track_id(int(i)) for i in gt_i]
     fusion = Fusion(max(opts.verify, 2), opts.verify_weight)
-    v = Verification(index, ids, [float(d) for d in gt_d[: opts.verify]], *chroma, fusion)
+    v = Verification(index, ids, [float(d) for d in gt_d], *chroma, fusion)
     return set(v.reorder(ids)[:TOP])
 
 

@@ -34,6 +34,7 @@ def test_search_bench_flat_is_exact(tmp_path):
             "64:100",
             "512:20",
             "512:100:20",
+            "512:100:5",
             "--queries",
             "20",
             "--recall-queries",
@@ -50,17 +51,17 @@ def test_search_bench_flat_is_exact(tmp_path):
     )  # raises SystemExit if the ground truth disagrees with exhaustive_rank
     col = {name: i for i, name in enumerate(bench.HEADER)}
     got = {(r[col["data"]], r[col["k:cand"]]): r for r in rows}
-    reducers = ("64:100", "512:20", "512:100:20")
+    reducers = ("64:100", "512:20", "512:100:20", "512:100:5")
     assert set(got) == {(d, rc) for d in ("clustered", "random") for rc in reducers}
     for (data, reducer), r in got.items():
         assert float(r[col["hit@1"]]) == 1.0
         # random segments are independent: 64 neighbours per segment reach 10 tracks; a
         # clustered track's 40 segments crowd each other into the 64, so it needs more. With
-        # verification the exact search's 20 nearest are verified, and the served top 10 is
-        # theirs: the exhaustive pipeline's top 10.
+        # verification the exact search's 20 (or 5) nearest are verified, and the served top
+        # 10 is theirs (then the rest by distance): the exhaustive pipeline's top 10.
         if data == "random" or reducer != "64:100":
             assert float(r[col["recall@10"]]) == 1.0, r
-        if reducer == "512:100:20":
+        if reducer.count(":") == 2:
             assert float(r[col["verify ms"]]) > 0, r
 
 
