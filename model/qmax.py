@@ -114,7 +114,8 @@ def delay_embed(chroma: np.ndarray, m: int, tau: int) -> np.ndarray:
     for k in range(m):  # slices, not a gather: the same values, a third of the time
         s = min(k * tau, n)
         out[s:, k] = chroma[: n - s]
-        out[:s, k] = chroma[0]
+        if s:  # an empty sequence has no first frame to repeat
+            out[:s, k] = chroma[0]
     return out.reshape(n, m * d)
 
 
