@@ -91,24 +91,27 @@ def _fill(
 ) -> np.ndarray:
     """Qmax scores of a padded plot, row by row, in place in `score` (zeros): cell (i, j)
     extends the best of (i-1, j-1), (i-1, j-2), (i-2, j-1) by one where the plot links, or
-    else decays it by the gap penalty of the cell it leaves (onset if that one linked)."""
+    else decays it by the gap penalty of the cell it leaves (onset if that one linked).
+
+    Each row's decayed scores (score less the cell's penalty) are kept beside it, computed
+    once per cell rather than once per successor, and the separator columns are zeroed by
+    index: 7 passes over a row instead of 11, the same float32 operations in the same order.
+    """
     pen = np.where(rec, np.float32(gap_onset), np.float32(gap_extend))
-    keep = (~sep[2:]).astype(np.float32)
-    width = rec.shape[1] - 2
-    best, gap, other = (np.empty(width, np.float32) for _ in range(3))
+    dec = np.empty(rec.shape, np.float32)
+    np.subtract(score[:2], pen[:2], out=dec[:2])
+    cut = np.flatnonzero(sep[2:]) + 2  # separator columns after the first two: zero in every row
+    best = np.empty(rec.shape[1] - 2, np.float32)
     for i in range(2, rec.shape[0]):
-        d, left, up = score[i - 1, 1:-1], score[i - 1, :-2], score[i - 2, 1:-1]
-        np.maximum(d, left, out=best)
-        np.maximum(best, up, out=best)
-        best += 1
-        np.subtract(d, pen[i - 1, 1:-1], out=gap)
-        np.subtract(left, pen[i - 1, :-2], out=other)
-        np.maximum(gap, other, out=gap)
-        np.subtract(up, pen[i - 2, 1:-1], out=other)
-        np.maximum(gap, other, out=gap)
-        np.maximum(gap, 0, out=gap)
-        np.copyto(gap, best, where=rec[i, 2:])
-        np.multiply(gap, keep, out=score[i, 2:])
+        row = score[i, 2:]
+        np.maximum(score[i - 1, 1:-1], score[i - 1, :-2], out=best)
+        np.maximum(best, score[i - 2, 1:-1], out=best)
+        np.maximum(dec[i - 1, 1:-1], dec[i - 1, :-2], out=row)
+        np.maximum(row, dec[i - 2, 1:-1], out=row)
+        np.maximum(row, 0, out=row)
+        np.add(best, 1, out=row, where=rec[i, 2:])
+        score[i, cut] = 0
+        np.subtract(score[i], pen[i], out=dec[i])
     return score
 
 

@@ -142,6 +142,39 @@ def tiny_corpus(tmp_path_factory):
     return root
 
 
+def test_training_with_mined_batches_mines_every_epoch_and_after_resuming(tiny_corpus, tmp_path):
+    import json
+
+    from refrain.model.train import RunConfig, train
+
+    raw = {
+        "model": {
+            "frontend": {"channels": [8, 16]},
+            "backbone": {"blocks": [1, 1], "channels": [16, 32], "down": [1, 2]},
+            "zdim": 32,
+        },
+        "data": {
+            "manifest": str(tiny_corpus / "manifest.csv"),
+            "cache": str(tmp_path / "cache"),
+            "crop_s": 20,
+            "versions_per_work": 2,
+            "mine_p": 1.0,
+            "mine_pool": 2,
+            "mine_every": 2,
+        },
+        "training": {"out": str(tmp_path / "run"), "works_per_batch": 3, "steps_per_epoch": 2},
+    }
+    raw["training"]["epochs"] = 3
+    train(RunConfig.from_dict(raw))
+    rows = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert ["mine_s" in r for r in rows] == [True, False, True]  # epochs 1 and 3 (every 2)
+    assert all(r["mine_d_nearest"] > 0 for r in rows if "mine_s" in r)
+    raw["training"]["epochs"] = 4  # a resumed run has no neighbours yet: it mines first
+    train(RunConfig.from_dict(raw))
+    rows = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and "mine_s" in rows[3]
+
+
 def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_path):
     from refrain.model import load_model
     from refrain.model.train import RunConfig, train
@@ -280,7 +313,8 @@ def test_rendered_corpus_trains_end_to_end(tmp_path):
 
 
 def test_several_manifests_make_one_track_list(tmp_path):
-    from refrain.model.train import RunConfig, read_tracks
+    from refrain.model.batches import read_tracks
+    from refrain.model.train import RunConfig
 
     for name, rows in (
         ("a", [["w1", "x.flac", "train"], ["w2", "y.flac", "valid"]]),
@@ -319,7 +353,8 @@ def test_eq_curve_is_smooth_bounded_and_constant_over_time():
 
 
 def test_grouped_batches_take_their_works_from_one_manifest():
-    from refrain.model.train import BatchSampler, RunConfig, Track
+    from refrain.model.batches import BatchSampler, Track
+    from refrain.model.train import RunConfig
 
     tracks = []
     for g, prefix, n in ((0, "a", 10), (1, "b", 6), (2, "c", 2)):  # group c cannot fill a batch
