@@ -67,7 +67,6 @@ from refrain.index import IndexOptions, SegmentIndex, TrackRecord, open_index
 from refrain.index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
 from refrain.index.verify import Verification
 from refrain.model.reduce import nsqeuc
-from refrain.model.verify import Fusion
 from refrain.service.settings import Settings
 
 SEGMENTS = 40  # segments per reference track
@@ -206,8 +205,7 @@ def verified_top(
     """The exhaustive pipeline's top 10 with verification: the `opts.verify` exhaustive
     nearest tracks aligned and fused as `rank_tracks` does, the rest in distance order."""
     ids = [track_id(int(i)) for i in gt_i]
-    fusion = Fusion(max(opts.verify, 2), opts.verify_weight)
-    v = Verification(index, ids, [float(d) for d in gt_d], *chroma, fusion)
+    v = Verification(index, ids, [float(d) for d in gt_d], *chroma, opts.fusion())
     return set(v.reorder(ids)[:TOP])
 
 

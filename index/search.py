@@ -61,9 +61,13 @@ class SearchOptions:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.verify, int) or self.verify < 0:
             raise ValueError(f"verify must be a non-negative integer, got {self.verify!r}")
-        Fusion(max(self.verify, 2), self.verify_weight)  # checks the weight
+        self.fusion()  # checks the weight
         if self.reduction is not None:
             Reduction.parse(self.reduction)  # raises ValueError listing valid names
+
+    def fusion(self) -> Fusion:
+        """How verification fuses the alignment with the segment distance of its candidates."""
+        return Fusion(max(self.verify, 2), self.verify_weight)
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,7 @@ def rank_tracks(
             [s[0] for s in scored],
             query.chroma,
             query.fine,
-            Fusion(max(options.verify, 2), options.verify_weight),
+            options.fusion(),
         )
         if verification.ran:
             position = {
