@@ -139,7 +139,7 @@ class BatchSampler:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         c = config.model
-        self.seg_frames = round(c.shingling.len / (c.cqt.hoplen * c.cqt.pool))
+        self.seg_frames = cqt_frames(c, c.shingling.len)
         self.n_segments = max(1, round(config.data.crop_s / c.shingling.len))
 
     def crop(self, cqt: np.ndarray) -> torch.Tensor:
@@ -188,15 +188,22 @@ class BatchSampler:
             torch.tensor(ids),
         )
 
-    def mine(self, net: CLEWSNet, hop_frames: int, device: torch.device) -> dict[str, float]:
-        """Embed one random version of every work and keep each work's nearest works."""
+    def mine(self, net: CLEWSNet, device: torch.device) -> dict[str, float]:
+        """Embed one random version of every work (the validation hop) and keep each work's
+        nearest works."""
         t0 = time.monotonic()
         chosen = [self.tracks[self.rng.choice(self.by_work[w])] for w in self.works]
+        hop_frames = cqt_frames(self.config.model, self.config.training.valid_hop_s)
         zs = embed_cached(net, chosen, self.seg_frames, hop_frames, device)
         d = work_distances(zs, device=device)
         self.neighbours = nearest_works(d, self.config.data.mine_pool)
         near = d.gather(1, torch.from_numpy(self.neighbours[:, :1]))
         return {"mine_s": time.monotonic() - t0, "mine_d_nearest": float(near.mean())}
+
+
+def cqt_frames(config: ModelConfig, seconds: float) -> int:
+    """Pooled CQT frames in `seconds` (at least one)."""
+    return max(1, round(seconds / (config.cqt.hoplen * config.cqt.pool)))
 
 
 def track_segments(cqt: np.ndarray, seg_frames: int, hop_frames: int) -> torch.Tensor:

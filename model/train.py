@@ -24,7 +24,14 @@ import yaml
 from tqdm import tqdm
 
 from refrain.model.augment import AugmentConfig
-from refrain.model.batches import BatchSampler, CQTCache, Track, embed_cached, read_tracks
+from refrain.model.batches import (
+    BatchSampler,
+    CQTCache,
+    Track,
+    cqt_frames,
+    embed_cached,
+    read_tracks,
+)
 from refrain.model.checkpoint import save_refrain
 from refrain.model.config import ModelConfig
 from refrain.model.losses import LossConfig, contrastive_loss
@@ -110,8 +117,8 @@ def validate(net: CLEWSNet, tracks: list[Track], config: RunConfig, device: torc
     from refrain.model.evaluate import Item, evaluate
 
     c = config.model
-    seg_frames = round(c.shingling.len / (c.cqt.hoplen * c.cqt.pool))
-    hop_frames = max(1, round(config.training.valid_hop_s / (c.cqt.hoplen * c.cqt.pool)))
+    seg_frames = cqt_frames(c, c.shingling.len)
+    hop_frames = cqt_frames(c, config.training.valid_hop_s)
     zs = embed_cached(net, tracks, seg_frames, hop_frames, device)
     items = [Item(t.clique, t.path) for t in tracks]
     res = evaluate(None, items, embeddings=zs, query_seconds=(), reduction="bpwr-10")
@@ -206,8 +213,6 @@ def train(config: RunConfig) -> Path:
         history = json.loads(state["history"])
         log.info("resumed at epoch %d (best MAP %.4f)", epoch, best)
     sampler = BatchSampler(train_tracks, config, seed=tc.seed * 100_003 + epoch)
-    c = config.model
-    mining_hop = max(1, round(tc.valid_hop_s / (c.cqt.hoplen * c.cqt.pool)))
 
     t_start = time.monotonic()
     while epoch < tc.epochs:
@@ -215,7 +220,7 @@ def train(config: RunConfig) -> Path:
         if config.data.mine_p > 0 and (
             sampler.neighbours is None or epoch % config.data.mine_every == 0
         ):
-            mined = sampler.mine(net, mining_hop, device)
+            mined = sampler.mine(net, device)
             log.info(
                 "mined nearest works: %s", json.dumps({k: round(v, 4) for k, v in mined.items()})
             )

@@ -142,28 +142,36 @@ def tiny_corpus(tmp_path_factory):
     return root
 
 
-def test_training_with_mined_batches_mines_every_epoch_and_after_resuming(tiny_corpus, tmp_path):
-    import json
-
-    from refrain.model.train import RunConfig, train
-
-    raw = {
+def tiny_run(corpus, tmp_path, **data):
+    """A run configuration of a tiny network on `tiny_corpus`: one epoch of 2 steps."""
+    return {
         "model": {
             "frontend": {"channels": [8, 16]},
             "backbone": {"blocks": [1, 1], "channels": [16, 32], "down": [1, 2]},
             "zdim": 32,
         },
         "data": {
-            "manifest": str(tiny_corpus / "manifest.csv"),
+            "manifest": str(corpus / "manifest.csv"),
             "cache": str(tmp_path / "cache"),
             "crop_s": 20,
             "versions_per_work": 2,
-            "mine_p": 1.0,
-            "mine_pool": 2,
-            "mine_every": 2,
+            **data,
         },
-        "training": {"out": str(tmp_path / "run"), "works_per_batch": 3, "steps_per_epoch": 2},
+        "training": {
+            "out": str(tmp_path / "run"),
+            "works_per_batch": 3,
+            "steps_per_epoch": 2,
+            "epochs": 1,
+        },
     }
+
+
+def test_training_with_mined_batches_mines_every_epoch_and_after_resuming(tiny_corpus, tmp_path):
+    import json
+
+    from refrain.model.train import RunConfig, train
+
+    raw = tiny_run(tiny_corpus, tmp_path, mine_p=1.0, mine_pool=2, mine_every=2)
     raw["training"]["epochs"] = 3
     train(RunConfig.from_dict(raw))
     rows = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -179,25 +187,7 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
     from refrain.model import load_model
     from refrain.model.train import RunConfig, train
 
-    raw = {
-        "model": {
-            "frontend": {"channels": [8, 16]},
-            "backbone": {"blocks": [1, 1], "channels": [16, 32], "down": [1, 2]},
-            "zdim": 32,
-        },
-        "data": {
-            "manifest": str(tiny_corpus / "manifest.csv"),
-            "cache": str(tmp_path / "cache"),
-            "crop_s": 20,
-            "versions_per_work": 2,
-        },
-        "training": {
-            "out": str(tmp_path / "run"),
-            "works_per_batch": 3,
-            "steps_per_epoch": 2,
-            "epochs": 1,
-        },
-    }
+    raw = tiny_run(tiny_corpus, tmp_path)
     best = train(RunConfig.from_dict(raw))
     history = (tmp_path / "run" / "history.json").read_text()
     assert '"valid_MAP"' in history and '"segments_per_s"' in history
