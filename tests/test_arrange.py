@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 from refrain.model.corpus.arrange import (
+    HYMN_BPM,
     TEXTURES,
     Arrangement,
     arrange,
+    blended,
     chord_difference,
+    even_time,
+    evened,
     sample_arrangement,
     tune_of,
 )
@@ -265,3 +269,54 @@ def test_blended_settings_voice_the_tune_inside_the_chords():
         [sample_version(work, v, 5, SOUNDFONTS, half).arrangement.blend for v in range(1, 201)]
     )
     assert 0.4 < share < 0.6
+
+
+def test_even_versions_retime_the_tune_a_beat_per_note():
+    # Dotted and syncopated folk rhythm, in 6/8: the even version forgets all of it.
+    jig = _tune(meter=(6, 8), rhythm=[1.5, 0.5, 1.0, 0.5, 0.5, 0.5, 3.0])
+    even = even_time(jig)
+    notes = even.parts[0].notes
+    assert [n[2] for n in notes] == [n[2] for n in tune_of(jig)]  # every pitch, in order
+    # A beat per note; two for a note that lasted two beats of the jig (a dotted half), three
+    # for the last.
+    lengths = [n[1] for n in notes]
+    assert set(lengths[:-1]) == {1.0, 2.0} and lengths[-1] == 3.0
+    assert all(lengths[i] == 2.0 for i in range(6, len(notes) - 1, 7))
+    assert even.meter == (4, 4) and np.allclose(np.diff(even.measures), 4.0)
+    assert even.measures[-1] >= notes[-1][0] + notes[-1][1] - 1e-6
+    assert even.tempo == [(0.0, HYMN_BPM)]
+    # Two tunes of one rhythm but other pitches are re-timed alike: only pitches differ.
+    other = _tune([p + (2 if i % 3 else -1) for i, p in enumerate(_TWINKLE)], rhythm=[0.5, 1.5])
+    assert [n[:2] for n in even_time(other).parts[0].notes] == [
+        n[:2] for n in even_time(_tune(rhythm=[1.0, 1.0])).parts[0].notes
+    ]
+
+    # A blended even setting: a chord under every note of the tune, as a chorale has.
+    a = evened(blended(_plain(groove="swing", rhythm_variation=0.3, ornaments=0.35)))
+    assert a.even and a.rhythm == "beat" and a.groove == "straight"
+    assert a.rhythm_variation == 0.0 and a.ornaments == 0.15
+    assert Arrangement.from_json(json.loads(json.dumps(a.to_json()))) == a
+    assert "even" not in _plain().to_json()
+    arranged = arrange(jig, replace(a, ornaments=0.0))
+    melody = arranged.parts[0].notes
+    assert [(n[0], n[2]) for n in melody] == [(n[0], n[2]) for n in notes]
+    for part in arranged.parts[1:]:
+        assert {round(n[0], 6) for n in part.notes} >= {round(n[0], 6) for n in notes}
+    # Its chords, compared with a version in the jig's own rhythm, note by note.
+    own = blended(_plain(seed=9))
+    assert 0.0 < chord_difference(jig, own, replace(a, ornaments=0.0)) <= 1.0
+    assert chord_difference(jig, a, a) == 0.0
+    assert tune_fit(jig, a) >= 0.75
+
+    # even 0 draws exactly what corpora drawn before it existed drew; at 0.5, half are even.
+    base = VersionOptions(arrange=1.0, originals=0, blend=0.5)
+    for version in range(6):
+        before = sample_version(jig, version, 5, SOUNDFONTS, base)
+        assert sample_version(jig, version, 5, SOUNDFONTS, replace(base, even=0.0)) == before
+    half = replace(base, even=0.5)
+    drawn = [sample_version(jig, v, 5, SOUNDFONTS, half) for v in range(200)]
+    assert 0.4 < np.mean([d.arrangement.even for d in drawn]) < 0.6
+    evens = [d for d in drawn if d.arrangement.even]
+    assert VersionParams.from_json(json.loads(json.dumps(evens[0].to_json()))) == evens[0]
+    events = version_events(jig, evens[0], max_seconds=60.0)
+    assert events and max(e.start for e in events) > 10.0

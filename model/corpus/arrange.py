@@ -8,7 +8,10 @@ choices differ), and writes new parts from it: an accompaniment texture (block c
 arpeggios, Alberti bass, oom-pah, strumming, four-part hymn voicing, jazz comping over a
 walking bass), a bass line, sometimes a counter-melody. The tune itself may gain passing notes
 and ornaments, dotted rhythms and anticipations, a phrase an octave away, a phrase handed to
-another instrument, a change of mode, a swung or shuffled feel, or a change of meter.
+another instrument, a change of mode, a swung or shuffled feel, or a change of meter. An even
+version (`evened`) re-times the tune as a hymn tune first: a beat per note, so that the
+tune's own rhythm, which a folk tune's versions share and a chorale's do not distinguish, no
+longer tells works apart and only its pitches do.
 
 The result is an ordinary `Work`, rendered by the rest of the corpus pipeline like any other
 (instruments, key, tempo, cuts, drums and mix are drawn on top). Everything is drawn from the
@@ -60,11 +63,13 @@ class Arrangement:
     octave_phrase: bool  # one phrase of the tune an octave away
     handoff: bool  # one phrase of the tune played by another instrument
     blend: bool = False  # a blended four-part setting (`blended`); voiced as an original
+    even: bool = False  # the tune re-timed a beat per note (`evened`, `even_time`)
 
     def to_json(self) -> dict:
         d = asdict(self)
-        if not self.blend:  # records of corpora drawn before blending existed stay the same
-            del d["blend"]
+        for flag in ("blend", "even"):  # records drawn before these existed stay the same
+            if not d[flag]:
+                del d[flag]
         return d
 
     @classmethod
@@ -111,6 +116,56 @@ def blended(a: Arrangement) -> Arrangement:
     return replace(
         a, texture="hymn", bass="none", counter=False, rhythm="beat", handoff=False, blend=True
     )
+
+
+def evened(a: Arrangement) -> Arrangement:
+    """`a` with the tune re-timed as a hymn tune (`even_time`): no dotted rhythms or
+    anticipations, no swing or change of meter, few ornaments; a blended setting puts a chord
+    under every note, as a chorale does."""
+    return replace(
+        a,
+        even=True,
+        rhythm="beat" if a.blend else a.rhythm,
+        groove="straight",
+        rhythm_variation=0.0,
+        ornaments=min(a.ornaments, 0.15),
+    )
+
+
+HYMN_BPM = 80.0  # quarters a minute of an even version, before the version's tempo factor
+
+
+def even_time(work: Work) -> Work:
+    """The tune alone, re-timed as a hymn tune is sung: a quarter per note, a half for a
+    note that closed a phrase (it lasted two beats or more, rests included), a dotted half
+    for the last, in 4/4 bars at `HYMN_BPM`."""
+    tune = tune_of(work)
+    beat = beat_length(work.meter)
+    notes: list[Note] = []
+    t = 0.0
+    for i, (onset, _, pitch, vel) in enumerate(tune):
+        if i + 1 == len(tune):
+            length = 3.0
+        else:
+            length = 2.0 if tune[i + 1][0] - onset >= 2 * beat - 1e-6 else 1.0
+        notes.append((t, length, pitch, vel))
+        t += length
+    bars = max(1, int(np.ceil(t / 4 - 1e-9)))
+    return Work(
+        id=work.id,
+        title=work.title,
+        composer=work.composer,
+        parts=[Part("melody", notes)],
+        measures=[4.0 * k for k in range(bars + 1)],
+        tempo=[(0.0, HYMN_BPM)],
+        meter=(4, 4),
+        tempo_marked=True,
+    )
+
+
+def grid_of(work: Work, arrangement: Arrangement) -> Work:
+    """The work an arrangement harmonises: `work`, or its tune re-timed (`even_time`)."""
+    return even_time(work) if arrangement.even else work
 
 
 def beat_length(meter: tuple[int, int]) -> float:
@@ -175,6 +230,7 @@ def arrange(work: Work, arrangement: Arrangement) -> Work:
     a = arrangement
     if not work.parts[work.melody_part()].notes:  # no tune to arrange
         return work
+    work = grid_of(work, a)
     rng = np.random.default_rng(a.seed)
     tune, key, slots = harmonisation(work, a, rng)
     scale = scale_of(key)
@@ -221,9 +277,11 @@ def arrange(work: Work, arrangement: Arrangement) -> Work:
 
 
 def chord_track(work: Work, arrangement: Arrangement) -> list[tuple[float, float, tuple[int, ...]]]:
-    """The chords an arrangement plays, as (start, end, pitch classes) in the work's quarters
-    (before a meter change), for comparing the harmonisations of two versions."""
-    _, _, slots = harmonisation(work, arrangement, np.random.default_rng(arrangement.seed))
+    """The chords an arrangement plays, as (start, end, pitch classes) in the quarters of
+    `grid_of(work, arrangement)` (before a meter change), for comparing the harmonisations of
+    two versions."""
+    grid = grid_of(work, arrangement)
+    _, _, slots = harmonisation(grid, arrangement, np.random.default_rng(arrangement.seed))
     return [(s.start, s.end, s.chord.pitch_classes) for s in slots]
 
 
@@ -396,11 +454,21 @@ def _warp_notes(notes: list[Note], measures, bar_map) -> list[Note]:
 
 def chord_difference(work: Work, a: Arrangement, b: Arrangement) -> float:
     """Share of the work's beats at which two arrangements sound different chords (pitch-class
-    sets): how far apart their harmonisations are."""
-    beats = [s for s, _ in harmony_slots(work, "beat")]
+    sets): how far apart their harmonisations are. When one of them re-times the tune
+    (`even_time`) and the other does not, their beats are not the same: they are compared at
+    each note of the tune instead."""
+    grids = [grid_of(work, x) for x in (a, b)]
+    if a.even == b.even:
+        beats = [s for s, _ in harmony_slots(grids[0], "beat")]
+        times = [beats, beats]
+    else:
+        times = [[n[0] for n in tune_of(g)] for g in grids]
     tracks = [chord_track(work, x) for x in (a, b)]
     differ = 0
-    for t in beats:
-        sets = [next((pcs for s, e, pcs in track if s <= t + 1e-6 < e), ()) for track in tracks]
-        differ += sets[0] != sets[1]
-    return differ / max(len(beats), 1)
+    for ta, tb in zip(*times, strict=True):
+        differ += _chord_at(tracks[0], ta) != _chord_at(tracks[1], tb)
+    return differ / max(len(times[0]), 1)
+
+
+def _chord_at(track: list[tuple[float, float, tuple[int, ...]]], t: float) -> tuple[int, ...]:
+    return next((pcs for s, e, pcs in track if s <= t + 1e-6 < e), ())

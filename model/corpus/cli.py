@@ -143,6 +143,13 @@ def add_actions(p: argparse.ArgumentParser) -> None:
         "of hymn chords, every part voiced alike (no lead instrument)",
     )
     r.add_argument(
+        "--even",
+        type=_probability,
+        default=0.0,
+        help="chance that an arranged version re-times the tune a beat per note, as a hymn "
+        "tune is sung (its own rhythm no longer tells it apart, only its pitches)",
+    )
+    r.add_argument(
         "--originals",
         type=_positive(int, zero=True),
         default=1,
@@ -236,7 +243,7 @@ def _render(args) -> int:
         timeout_s=args.timeout,
         catalogue=args.catalogue,
         version_options=VersionOptions(
-            arrange=args.arrange, originals=args.originals, blend=args.blend
+            arrange=args.arrange, originals=args.originals, blend=args.blend, even=args.even
         ),
     )
     start = time.monotonic()

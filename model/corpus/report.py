@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refrain.model.corpus.arrange import Arrangement, chord_difference, harmonisation
+from refrain.model.corpus.arrange import Arrangement, chord_difference, grid_of, harmonisation
 from refrain.model.corpus.works import Work
 
 _QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -59,7 +59,8 @@ class HarmonyReport:
 
 def tune_fit(work: Work, arrangement: Arrangement) -> float:
     """Share of the tune's notes starting on a chord change whose pitch class is in the chord."""
-    tune, _, slots = harmonisation(work, arrangement, np.random.default_rng(arrangement.seed))
+    grid = grid_of(work, arrangement)
+    tune, _, slots = harmonisation(grid, arrangement, np.random.default_rng(arrangement.seed))
     starts = {round(s.start, 6): s.chord.pitch_classes for s in slots}
     hits = [
         pitch % 12 in starts[round(onset, 6)]

@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from refrain.model.corpus.arrange import Arrangement, arrange, blended, sample_arrangement
+from refrain.model.corpus.arrange import (
+    Arrangement,
+    arrange,
+    blended,
+    evened,
+    sample_arrangement,
+)
 from refrain.model.corpus.degrade import Degradation, degradation_from_json, sample_degradations
 from refrain.model.corpus.works import Work
 
@@ -86,6 +92,10 @@ class VersionOptions:
     # hymn voicing, every part voiced as an original's are (no lead instrument, no louder
     # tune, no counter-melody), so that the tune has to be heard inside the chords
     blend: float = 0.0
+    # chance that an arranged version re-times the tune a beat per note, as a hymn tune
+    # (`arrange.even_time`): versions of one work then differ in rhythm, and works whose
+    # versions are all even differ only in their pitches
+    even: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,10 @@ def sample_version(
                 blend_rng = version_rng(seed, work.id + "#blend", version)
                 if blend_rng.random() < options.blend:
                     arrangement = blended(arrangement)
+            if options.even > 0:  # and so does this one
+                even_rng = version_rng(seed, work.id + "#even", version)
+                if even_rng.random() < options.even:
+                    arrangement = evened(arrangement)
             work = arrange(work, arrangement)
     audio_seed = int(rng.integers(2**31))
     soundfont = soundfonts[int(rng.integers(len(soundfonts)))]
