@@ -24,7 +24,7 @@ BASE_IMAGE=${REFRAIN_BASE_IMAGE:-refrain-base:bookworm}
 IMAGE=${REFRAIN_IMAGE:-refrain:cpu}
 SUITE=bookworm
 PYTHON=${PYTHON:-python3}
-PYMILVUS=$(sed -n 's/^ARG PYMILVUS=//p' "$ROOT/Dockerfile" | head -n 1)
+PYMILVUS=$(sed -n '/^ARG PYMILVUS=/{s///p;q}' "$ROOT/Dockerfile")
 
 say() { printf '[offline-build] %s\n' "$*" >&2; }
 
@@ -79,7 +79,9 @@ base() {
 }
 
 image() {
-    find "$WHEELS" -maxdepth 1 -name '*.whl' | grep -q . \
+    # -print -quit, not a pipe into grep -q: under pipefail, grep leaving early can kill find
+    # with SIGPIPE and fail the test on a full wheelhouse
+    [ -n "$(find "$WHEELS" -maxdepth 1 -name '*.whl' -print -quit 2>/dev/null)" ] \
         || { say "wheelhouse/ is empty: run '$0 wheels' first"; exit 2; }
     say "building $IMAGE on $BASE_IMAGE from wheelhouse/ (no network in the build)"
     DOCKER_BUILDKIT=0 docker build --network none --target cpu \

@@ -280,7 +280,11 @@ def chord_track(work: Work, arrangement: Arrangement) -> list[tuple[float, float
     """The chords an arrangement plays, as (start, end, pitch classes) in the quarters of
     `grid_of(work, arrangement)` (before a meter change), for comparing the harmonisations of
     two versions."""
-    grid = grid_of(work, arrangement)
+    return _chords(grid_of(work, arrangement), arrangement)
+
+
+def _chords(grid: Work, arrangement: Arrangement) -> list[tuple[float, float, tuple[int, ...]]]:
+    """`chord_track` on a grid already built (`grid_of`)."""
     _, _, slots = harmonisation(grid, arrangement, np.random.default_rng(arrangement.seed))
     return [(s.start, s.end, s.chord.pitch_classes) for s in slots]
 
@@ -463,7 +467,7 @@ def chord_difference(work: Work, a: Arrangement, b: Arrangement) -> float:
         times = [beats, beats]
     else:
         times = [[n[0] for n in tune_of(g)] for g in grids]
-    tracks = [chord_track(work, x) for x in (a, b)]
+    tracks = [_chords(g, x) for g, x in zip(grids, (a, b), strict=True)]
     differ = 0
     for ta, tb in zip(*times, strict=True):
         differ += _chord_at(tracks[0], ta) != _chord_at(tracks[1], tb)
