@@ -70,6 +70,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="weight of the alignment in the fusion (refrain.model.verify)",
     )
     p.add_argument(
+        "--verify-sweep",
+        action="store_true",
+        help="also report every level re-ranked with each number of candidates up to "
+        "--verify and each weight of refrain.model.verify's sweep (to choose them on "
+        "validation queries)",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=None,
@@ -224,6 +231,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds or None,
         verify=args.verify,
         verify_weight=args.verify_weight,
+        verify_sweep=getattr(args, "verify_sweep", False),
     )
     baseline = getattr(args, "baseline", None)
     if baseline is True or baseline == "2dftm":  # True: the former on/off flag

@@ -149,6 +149,9 @@ class EvalOptions:
     # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
     verify: int = 0
     verify_weight: float = 0.5
+    # also report every level re-ranked with each (candidates, weight) of `model.verify`'s
+    # sweep, candidates up to `verify` (the data to choose them on validation queries)
+    verify_sweep: bool = False
 
     def __post_init__(self) -> None:
         Reduction.parse(self.reduction)
@@ -168,6 +171,8 @@ class EvalOptions:
             from refrain.model.verify import Fusion
 
             Fusion(self.verify, self.verify_weight)  # raises on bad values
+        elif self.verify_sweep:
+            raise ValueError("verify_sweep needs verify (its largest number of candidates)")
         if self.seed < 0:
             raise ValueError(f"expected a non-negative seed, got {self.seed!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -361,9 +366,15 @@ def evaluate_detailed(
         pairwise = {"scorer": scorer, **cost.to_dict()}
 
     if scorer is None and opts.verify:
-        fused, cost = _verified(model, items, opts, waveforms, kept, levels, dists, progress)
+        fused, sweep, cost = _verified(model, items, opts, waveforms, kept, levels, dists, progress)
+        swept = [
+            ((f"{level[0]} +verify {c}x{w:g}", *level[1:]), dist)
+            for (c, w), per_level in sweep.items()
+            for level, dist in zip(levels, per_level, strict=True)
+        ]
         levels = levels + [(f"{level[0]} +verify", *level[1:]) for level in levels]
         dists = dists + fused
+        levels, dists = levels + [s[0] for s in swept], dists + [s[1] for s in swept]
         verification = cost
 
     results, per_query = {}, {}
@@ -392,10 +403,12 @@ def evaluate_detailed(
 
 def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
     """Each level's distances with its shortlists re-ranked by `model.verify.Fusion`: the
-    chroma of the same tracks and clips (same draws), Qmax of the shortlisted pairs only."""
+    chroma of the same tracks and clips (same draws), Qmax of the shortlisted pairs only.
+    With `verify_sweep`, also each (candidates, weight) of the sweep's re-ranking per level,
+    from the same Qmax scores (a shortlist of fewer candidates is a prefix of the longest)."""
     from refrain.model.qmax import QmaxScorer, shortlist_qmax
     from refrain.model.sequence import decode, encode
-    from refrain.model.verify import Fusion
+    from refrain.model.verify import SWEEP_CANDIDATES, WEIGHTS, Fusion
 
     fusion = Fusion(opts.verify, opts.verify_weight)
     qmax_scorer = QmaxScorer(config=model.config)
@@ -403,6 +416,14 @@ def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
     # quantised like the sequences the service stores (`model.sequence`)
     stored = [decode(encode(z)) for z in whole]
     cands = [stored[i] for i in kept]
+    grid = [
+        (c, w)
+        for c in sorted({c for c in SWEEP_CANDIDATES if c < opts.verify} | {opts.verify})
+        for w in WEIGHTS
+    ]
+    sweep: dict[tuple[int, float], list[np.ndarray]] = {}
+    if opts.verify_sweep:
+        sweep = {g: [] for g in grid}
     fused, pairs, wall, cpu = [], 0, 0.0, 0.0
     for (_, qids, *_rest), dist, tau in zip(
         levels, dists, (None, *opts.query_seconds), strict=True
@@ -416,6 +437,8 @@ def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
         shortlist = fusion.shortlist(masked)
         qmax, cost = shortlist_qmax(chroma, cands, shortlist, qmax_scorer.params, progress=progress)
         fused.append(fusion.rerank(dist, qmax, shortlist))
+        for (c, w), out in sweep.items():
+            out.append(Fusion(c, w).rerank(dist, [q[:c] for q in qmax], [s[:c] for s in shortlist]))
         pairs, wall, cpu = pairs + cost.pairs, wall + cost.wall_s, cpu + cost.cpu_s
     total = {
         "pairs": pairs,
@@ -426,7 +449,7 @@ def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
         "cpu_ms_per_pair": 1000 * cpu / max(pairs, 1),
         **fusion.to_dict(),
     }
-    return fused, total
+    return fused, sweep, total
 
 
 # -- embedding -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 from refrain.model.metrics import retrieval_metrics
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # searched by `Fusion.fit`
+SWEEP_CANDIDATES = (10, 20, 50, 100, 200)  # shortlist sizes `refrain evaluate --verify-sweep` tries
 BELOW = 1e6  # added to the distance of tracks outside the candidates: they stay below them
 
 # (query row, candidate columns) -> Qmax of each pair

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from refrain.model.metrics import retrieval_metrics
-from refrain.model.verify import BELOW, Fusion
+from refrain.model.verify import BELOW, WEIGHTS, Fusion
 from refrain.service.cli import main
 
 from helpers import SR, pitch_shift, synth_song, time_stretch
@@ -59,6 +59,10 @@ def test_fit_finds_the_weight_that_helps():
     best, scores = Fusion.fit(dist, qmax, shortlist, labels, labels, ids, ids, candidates=11)
     assert scores[0.0] == pytest.approx(base) and base < 0.7
     assert best.weight > 0 and scores[best.weight] == pytest.approx(1.0)
+    # a shorter shortlist is a prefix of a longer one (what the evaluation's sweep relies on)
+    for c in (2, 5):
+        for short, long in zip(Fusion(candidates=c).shortlist(dist), shortlist, strict=True):
+            np.testing.assert_array_equal(short, long[:c])
     with pytest.raises(ValueError, match="candidates"):
         Fusion(candidates=1)
     with pytest.raises(ValueError, match="weight"):
@@ -120,6 +124,7 @@ def test_evaluate_reports_verified_levels_beside_the_model(tmp_path, capsys):
         "4",
         "--verify-weight",
         "0",
+        "--verify-sweep",
         "--json",
         str(out),
     ]
@@ -131,6 +136,13 @@ def test_evaluate_reports_verified_levels_beside_the_model(tmp_path, capsys):
     # weight 0: verification may not change a single rank
     for level in ("track (bpwr-10)", "segment 10 s (min)"):
         assert results[f"{level} +verify"]["map"] == results[level]["map"]
+    # the sweep: every weight of the grid at 4 candidates (none of its smaller sizes is below
+    # 4), from the same Qmax scores; weight 0 again changes nothing
+    swept = [k for k in results if "+verify " in k]
+    assert len(swept) == 2 * len(WEIGHTS)
+    for level in ("track (bpwr-10)", "segment 10 s (min)"):
+        assert results[f"{level} +verify 4x0"]["map"] == results[level]["map"]
+        assert f"{level} +verify 4x0.5" in results
     v = report["verification"]
     assert (v["candidates"], v["weight"]) == (4, 0.0)
     assert v["pairs"] == 9 * 4 + 9 * 4 and v["wall_s"] > 0
