@@ -4,8 +4,8 @@ the Qmax alignment of chroma sequences, and where each returned track matches.
 The reducer (`search.rank_tracks`) hands over its candidates closest first. The first
 `candidates` of them that have a stored sequence (`TrackRecord.sequence`) are aligned with
 the query in one pass (`refrain.model.align.plots`), their order becomes the fusion's
-(`refrain.model.verify.Fusion`: standardised segment distance plus `weight` times the
-standardised log Qmax), and tracks further down keep their order after them. A candidate
+(`refrain.model.verify.Fusion`: minus the segment distance plus `weight` times Qmax per
+query frame), and tracks further down keep their order after them. A candidate
 without a sequence (added by an older version) takes the median Qmax, so it neither rises
 nor sinks for lack of one. For the tracks returned, `locate` reads the query and reference
 ranges, the tempo ratio and the key shift off the alignment paths, starting from the blocks
@@ -57,7 +57,7 @@ class Verification:
         q = np.array([self.qmax.get(tid, np.nan) for tid in ids])
         # each aligned candidate's standing among the others, for the fused calibration
         self.relative = dict(zip(ids, fusion.standard_scores(q).tolist(), strict=True))
-        fused = fusion.fuse(np.asarray(distances[: len(ids)], dtype=np.float64), q)
+        fused = fusion.fuse(np.asarray(distances[: len(ids)], dtype=np.float64), q, len(chroma))
         self.order = [ids[i] for i in np.argsort(-fused, kind="stable")]
 
     @property

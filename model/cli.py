@@ -60,13 +60,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=0,
         metavar="C",
         help="also report each level with the model's C nearest tracks re-ranked by Qmax "
-        "alignment fused with the distance (alignment verification, e.g. 50; needs the train "
+        "alignment fused with the distance (alignment verification, e.g. 100; needs the train "
         "extra)",
     )
     p.add_argument(
         "--verify-weight",
         type=float,
-        default=0.5,
+        default=1.6,
         help="weight of the alignment in the fusion (refrain.model.verify)",
     )
     p.add_argument(

@@ -148,7 +148,7 @@ class EvalOptions:
     # alignment verification (`model.verify`): also report every level with the model's
     # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
     verify: int = 0
-    verify_weight: float = 0.5
+    verify_weight: float = 1.6  # refrain.model.verify.Fusion's
     # also report every level re-ranked with each (candidates, weight) of `model.verify`'s
     # sweep, candidates up to `verify` (the data to choose them on validation queries)
     verify_sweep: bool = False
@@ -436,9 +436,12 @@ def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
         masked = np.where(qids[:, None] == np.array(kept)[None, :], np.inf, dist)
         shortlist = fusion.shortlist(masked)
         qmax, cost = shortlist_qmax(chroma, cands, shortlist, qmax_scorer.params, progress=progress)
-        fused.append(fusion.rerank(dist, qmax, shortlist))
+        frames = [len(c) for c in chroma]
+        fused.append(fusion.rerank(dist, qmax, shortlist, frames))
         for (c, w), out in sweep.items():
-            out.append(Fusion(c, w).rerank(dist, [q[:c] for q in qmax], [s[:c] for s in shortlist]))
+            out.append(
+                Fusion(c, w).rerank(dist, [q[:c] for q in qmax], [s[:c] for s in shortlist], frames)
+            )
         pairs, wall, cpu = pairs + cost.pairs, wall + cost.wall_s, cpu + cost.cpu_s
     total = {
         "pairs": pairs,

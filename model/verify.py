@@ -6,31 +6,34 @@ the whole frame sequences (OTI key alignment, cross-recurrence, local alignment 
 deviations) and needs no training. The two err differently, so the embedding's `candidates`
 nearest tracks of each query are re-ranked by a fusion of both:
 
-    fused = z(-distance) + weight * z(log(1 + Qmax))
+    fused = -distance + weight * Qmax / query frames
 
-where z standardises over the query's candidates (mean 0, standard deviation 1), which
-makes the two scales comparable whatever the clip's length and the catalog. Tracks beyond
-the candidates keep the embedding's order after them, so verification changes the order of
-the top of a list and never what the embedding put below it. `weight` 0 is the embedding's
-ranking. `Fusion.fit` picks the weight that maximises MAP on validation queries. Only the
-shortlisted pairs are aligned, `candidates` per query whatever the catalog's size.
+Qmax per query frame is about the fraction of the query's frames that the alignment links
+(the feature `refrain calibrate` fits too), so one weight serves clips of every length. Both
+terms keep their own scale across queries: where the embedding separates a query's versions
+by a wide margin the alignment cannot overturn it, and where all its distances are alike
+(music unlike its training) the alignment decides. (Standardising both terms over each
+query's candidates, as the previous release did, threw that margin away: weights above 0.5
+then lost on validation queries and the shortlist could not grow.)
+
+Tracks beyond the candidates keep the embedding's order after them, so verification changes
+the order of the top of a list and never what the embedding put below it. `weight` 0 is the
+embedding's ranking. `Fusion.fit` picks the weight that maximises MAP on validation queries.
+Only the shortlisted pairs are aligned, `candidates` per query whatever the catalog's size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from refrain.model.metrics import retrieval_metrics
 
-WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # searched by `Fusion.fit`
+WEIGHTS = (0.0, 0.4, 0.8, 1.2, 1.6, 2.0, 2.4, 3.2, 4.8, 6.4)  # searched by `Fusion.fit`
 SWEEP_CANDIDATES = (10, 20, 50, 100, 200)  # shortlist sizes `refrain evaluate --verify-sweep` tries
 BELOW = 1e6  # added to the distance of tracks outside the candidates: they stay below them
-
-# (query row, candidate columns) -> Qmax of each pair
-PairQmax = Callable[[int, np.ndarray], np.ndarray]
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -40,12 +43,12 @@ def _z(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Fusion:
-    # chosen on the arrangement corpus's validation split (345 versions of 115 tunes), for the
-    # shipped model (stage 6): MAP 0.669 -> 0.681 (track) and 0.428 -> 0.434 (10 s clips) with
-    # these; 50 candidates gave 0.684 and 0.433 at two and a half times the cost; weights
-    # 0.25-0.75 within 0.01 of the best
-    candidates: int = 20  # the embedding's nearest tracks re-ranked per query
-    weight: float = 0.5  # of the alignment against the segment distance
+    # chosen on the validation works of the arrangement and even-setting corpora (168 and 339
+    # versions), for the shipped model (stage 8): the best mean MAP over both corpora and all
+    # five query levels among weights 0-6.4 and 20-200 candidates (`refrain evaluate --verify
+    # 200 --verify-sweep`); 100 candidates matched 200 and beat 50 and 20 (model card)
+    candidates: int = 100  # the embedding's nearest tracks re-ranked per query
+    weight: float = 1.6  # of the alignment (Qmax per query frame) against the segment distance
 
     def __post_init__(self) -> None:
         if self.candidates < 2:
@@ -62,17 +65,26 @@ class Fusion:
 
     @staticmethod
     def standard_scores(qmax: np.ndarray) -> np.ndarray:
-        """The alignment's term of one query's candidates: log(1 + Qmax) standardised over
-        them. A NaN Qmax (no sequence stored) counts as the candidates' median."""
-        q = np.log1p(np.asarray(qmax, dtype=np.float64))
-        if np.isnan(q).any():
-            q = np.where(np.isnan(q), np.nanmedian(q) if (~np.isnan(q)).any() else 0.0, q)
-        return _z(q)
+        """log(1 + Qmax) standardised over one query's candidates (a feature of the fused
+        calibration, `refrain.model.calibrate`). A NaN Qmax (no sequence stored) counts as the
+        candidates' median."""
+        return _z(np.log1p(_median_filled(qmax)))
 
-    def fuse(self, dist: np.ndarray, qmax: np.ndarray) -> np.ndarray:
-        """Fused scores of one query's candidates (higher is closer) from their distances and
-        Qmax scores (`standard_scores`)."""
-        return _z(-np.asarray(dist, dtype=np.float64)) + self.weight * self.standard_scores(qmax)
+    @staticmethod
+    def per_frame(qmax: np.ndarray, frames: int) -> np.ndarray:
+        """Qmax per query frame of one query's candidates; a NaN Qmax (no sequence stored)
+        counts as the candidates' median, so a track neither rises nor sinks for lack of one."""
+        if frames < 1:
+            raise ValueError(f"expected a query of at least one frame, got {frames!r}")
+        return _median_filled(qmax) / frames
+
+    def fuse(self, dist: np.ndarray, qmax: np.ndarray, frames: int) -> np.ndarray:
+        """Fused scores of one query's candidates (higher is closer) from their distances, their
+        Qmax and the query's length in chroma frames."""
+        d = np.asarray(dist, dtype=np.float64)
+        if self.weight == 0:
+            return -d
+        return -d + self.weight * self.per_frame(qmax, frames)
 
     def shortlist(self, dist: np.ndarray) -> list[np.ndarray]:
         """Per query row, the columns of its `candidates` smallest finite distances."""
@@ -83,15 +95,20 @@ class Fusion:
         return out
 
     def rerank(
-        self, dist: np.ndarray, qmax: Sequence[np.ndarray], shortlist: Sequence[np.ndarray]
+        self,
+        dist: np.ndarray,
+        qmax: Sequence[np.ndarray],
+        shortlist: Sequence[np.ndarray],
+        frames: Sequence[int],
     ) -> np.ndarray:
         """A (Q, C) matrix ranking like the fusion: lower is closer. `qmax[i]` holds the Qmax
-        of row i's `shortlist[i]` columns, in that order; infinite distances stay infinite."""
+        of row i's `shortlist[i]` columns, in that order, and `frames[i]` the length of its
+        query; infinite distances stay infinite."""
         dist = np.asarray(dist, dtype=np.float64)
         out = dist + BELOW
-        for i, (cols, q) in enumerate(zip(shortlist, qmax, strict=True)):
+        for i, (cols, q, n) in enumerate(zip(shortlist, qmax, frames, strict=True)):
             if len(cols):
-                out[i, cols] = -self.fuse(dist[i, cols], q)
+                out[i, cols] = -self.fuse(dist[i, cols], q, n)
         return out
 
     @classmethod
@@ -100,19 +117,27 @@ class Fusion:
         dist: np.ndarray,
         qmax: Sequence[np.ndarray],
         shortlist: Sequence[np.ndarray],
+        frames: Sequence[int],
         query_labels: np.ndarray,
         cand_labels: np.ndarray,
         query_ids: np.ndarray | None = None,
         cand_ids: np.ndarray | None = None,
-        candidates: int = 20,
+        candidates: int = 100,
         weights: Sequence[float] = WEIGHTS,
     ) -> tuple[Fusion, dict[float, float]]:
         """The weight with the best MAP on these (validation) queries, and MAP per weight."""
         scores = {}
         for w in weights:
-            fused = cls(candidates, w).rerank(dist, qmax, shortlist)
+            fused = cls(candidates, w).rerank(dist, qmax, shortlist, frames)
             scores[w] = retrieval_metrics(fused, query_labels, cand_labels, query_ids, cand_ids)[
                 "MAP"
             ]
         best = max(scores, key=lambda w: (scores[w], -w))
         return cls(candidates, best), scores
+
+
+def _median_filled(qmax: np.ndarray) -> np.ndarray:
+    q = np.asarray(qmax, dtype=np.float64)
+    if np.isnan(q).any():
+        q = np.where(np.isnan(q), np.nanmedian(q) if (~np.isnan(q)).any() else 0.0, q)
+    return q

@@ -47,13 +47,13 @@ class Settings(BaseSettings):
     knn_k: int = Field(512, ge=1, le=4096, description="neighbours per query segment")
     candidates: int = Field(100, ge=1, le=10000, description="tracks re-ranked exactly")
     verify_candidates: int = Field(
-        20,
+        100,
         ge=0,
         le=1000,
         description="tracks re-ranked by alignment verification (0: off)",
     )
     verify_weight: float = Field(
-        0.5, ge=0, le=10, description="weight of the alignment against the segment distance"
+        1.6, ge=0, le=10, description="weight of the alignment against the segment distance"
     )
     query_transpositions: int = Field(
         0,

@@ -27,7 +27,7 @@ def test_weight_zero_is_the_embeddings_ranking():
     shortlist = fusion.shortlist(dist)
     assert all(len(s) == 4 for s in shortlist) and 0 not in shortlist[0]
     qmax = [rng.random(len(s)) * 30 for s in shortlist]
-    fused = fusion.rerank(dist, qmax, shortlist)
+    fused = fusion.rerank(dist, qmax, shortlist, [20] * 6)
     for row, frow in zip(dist, fused, strict=True):
         np.testing.assert_array_equal(
             np.argsort(row, kind="stable"), np.argsort(frow, kind="stable")
@@ -40,8 +40,28 @@ def test_a_large_weight_orders_the_shortlist_by_alignment_and_keeps_the_rest_bel
     fusion = Fusion(candidates=3, weight=1000.0)
     shortlist = fusion.shortlist(dist)
     np.testing.assert_array_equal(shortlist[0], [0, 1, 2])
-    fused = fusion.rerank(dist, [np.array([1.0, 50.0, 9.0])], shortlist)
+    fused = fusion.rerank(dist, [np.array([1.0, 50.0, 9.0])], shortlist, [20])
     assert list(np.argsort(fused[0])) == [1, 2, 0, 3, 4, 5]  # by Qmax, then the embedding's
+
+
+def test_the_alignment_overturns_a_narrow_margin_and_not_a_wide_one():
+    """The terms keep their scales: the same Qmax lead reorders candidates whose distances
+    are alike and leaves a clear embedding margin alone (a standardised fusion would treat
+    both queries the same). Qmax counts per query frame: a clip twice as long needs twice
+    the Qmax for the same effect."""
+    fusion = Fusion(candidates=2, weight=1.6)
+    qmax = np.array([10.0, 30.0])  # the second candidate aligns better: 1.0 per frame more
+    narrow = fusion.fuse(np.array([0.50, 0.60]), qmax, 20)
+    wide = fusion.fuse(np.array([0.50, 3.00]), qmax, 20)
+    assert narrow[1] > narrow[0] and wide[0] > wide[1]
+    np.testing.assert_allclose(narrow, [-0.5 + 1.6 * 0.5, -0.6 + 1.6 * 1.5])
+    longer = fusion.fuse(np.array([0.50, 0.60]), qmax * 2, 40)
+    np.testing.assert_allclose(longer, narrow)
+    # a candidate with no stored sequence takes the others' median Qmax
+    missing = fusion.fuse(np.array([0.5, 0.6, 0.7]), np.array([10.0, np.nan, 30.0]), 20)
+    np.testing.assert_allclose(missing[1], -0.6 + 1.6 * 1.0)
+    with pytest.raises(ValueError, match="frame"):
+        fusion.fuse(np.array([0.5]), np.array([1.0]), 0)
 
 
 def test_fit_finds_the_weight_that_helps():
@@ -56,7 +76,10 @@ def test_fit_finds_the_weight_that_helps():
     base = retrieval_metrics(dist, labels, labels, ids, ids)["MAP"]
     shortlist = Fusion(candidates=11).shortlist(dist)
     qmax = [qmax_full[i, cols] for i, cols in enumerate(shortlist)]
-    best, scores = Fusion.fit(dist, qmax, shortlist, labels, labels, ids, ids, candidates=11)
+    frames = [20] * 12
+    best, scores = Fusion.fit(
+        dist, qmax, shortlist, frames, labels, labels, ids, ids, candidates=11
+    )
     assert scores[0.0] == pytest.approx(base) and base < 0.7
     assert best.weight > 0 and scores[best.weight] == pytest.approx(1.0)
     # a shorter shortlist is a prefix of a longer one (what the evaluation's sweep relies on)
@@ -142,7 +165,7 @@ def test_evaluate_reports_verified_levels_beside_the_model(tmp_path, capsys):
     assert len(swept) == 2 * len(WEIGHTS)
     for level in ("track (bpwr-10)", "segment 10 s (min)"):
         assert results[f"{level} +verify 4x0"]["map"] == results[level]["map"]
-        assert f"{level} +verify 4x0.5" in results
+        assert f"{level} +verify 4x1.6" in results
     v = report["verification"]
     assert (v["candidates"], v["weight"]) == (4, 0.0)
     assert v["pairs"] == 9 * 4 + 9 * 4 and v["wall_s"] > 0
