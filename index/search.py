@@ -9,7 +9,8 @@
 4. Verification (`verify`, when the query carries its chroma sequence): the first
    `verify` candidates re-ranked by fusing the segment distance with a Qmax alignment of
    the chroma sequences, which also says where each returned track matches, at what tempo
-   ratio and in what key (`refrain.index.verify`).
+   ratio and in what key (`refrain.index.verify`); then expanded with the first of them:
+   each candidate's distance to that track's own stored segments counts too.
 5. Localisation of tracks not aligned: the best segment pairs (best pairs without
    replacement) give the matching time ranges, query seconds <-> reference seconds.
 
@@ -53,6 +54,7 @@ class SearchOptions:
     max_matches: int = 3  # time-range pairs reported per track
     verify: int = 0  # candidates aligned (alignment verification); 0: none
     verify_weight: float = Fusion.weight  # of the alignment against the segment distance
+    verify_expand: float = Fusion.expand  # of the expansion with the first verified track
 
     def __post_init__(self) -> None:
         for name in ("top_k", "k", "candidates", "max_matches"):
@@ -67,7 +69,7 @@ class SearchOptions:
 
     def fusion(self) -> Fusion:
         """How verification fuses the alignment with the segment distance of its candidates."""
-        return Fusion(max(self.verify, 2), self.verify_weight)
+        return Fusion(max(self.verify, 2), self.verify_weight, self.verify_expand)
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,21 @@ def _reduce_by_track(
     return [query.best_shift(dist[:, a:b], reduction) for a, b in itertools.pairwise(offsets)]
 
 
+def _from_first(
+    first: str, ids: list[str], found: list[str], ref_all: np.ndarray, offsets: np.ndarray
+) -> list[float]:
+    """Whole-track segment distances (`bpwr-10`, as between two references) from the stored
+    segments of `first` to those of each of `ids`, all among the gathered candidates."""
+    column = {tid: j for j, tid in enumerate(found)}
+    j = column[first]
+    refs = torch.from_numpy(ref_all)
+    dist = nsqeuc(refs[offsets[j] : offsets[j + 1]], refs)
+    reduction = default_reduction(LONG_CLIP_S)
+    return [
+        float(reduce(dist[:, offsets[column[t]] : offsets[column[t] + 1]], reduction)) for t in ids
+    ]
+
+
 def rank_tracks(
     index: SegmentStore,
     query: QuerySegments,
@@ -235,6 +252,10 @@ def rank_tracks(
             options.fusion(),
         )
         if verification.ran:
+            if verification.fusion.expand and len(verification.ids) > 1:
+                verification.expand(
+                    _from_first(verification.order[0], verification.ids, found, ref_all, offsets)
+                )
             position = {
                 tid: i for i, tid in enumerate(verification.reorder([s[1] for s in scored]))
             }

@@ -5,7 +5,8 @@ The reducer (`search.rank_tracks`) hands over its candidates closest first. The 
 `candidates` of them that have a stored sequence (`TrackRecord.sequence`) are aligned with
 the query in one pass (`refrain.model.align.plots`), their order becomes the fusion's
 (`refrain.model.verify.Fusion`: minus the segment distance plus `weight` times Qmax per
-query frame), and tracks further down keep their order after them. A candidate
+query frame, less `expand` times the first track's own distance to each: `Fusion.expanded`),
+and tracks further down keep their order after them. A candidate
 without a sequence (added by an older version) takes the median Qmax, so it neither rises
 nor sinks for lack of one. For the tracks returned, `locate` reads the query and reference
 ranges, the tempo ratio and the key shift off the alignment paths, starting from the blocks
@@ -57,8 +58,18 @@ class Verification:
         q = np.array([self.qmax.get(tid, np.nan) for tid in ids])
         # each aligned candidate's standing among the others, for the fused calibration
         self.relative = dict(zip(ids, fusion.standard_scores(q).tolist(), strict=True))
-        fused = fusion.fuse(np.asarray(distances[: len(ids)], dtype=np.float64), q, len(chroma))
-        self.order = [ids[i] for i in np.argsort(-fused, kind="stable")]
+        self.ids = ids
+        self.fused = fusion.fuse(
+            np.asarray(distances[: len(ids)], dtype=np.float64), q, len(chroma)
+        )
+        self.order = [ids[i] for i in np.argsort(-self.fused, kind="stable")]
+
+    def expand(self, from_first: Sequence[float]) -> None:
+        """The head re-ordered after expansion with its first track (`Fusion.expanded`):
+        `from_first[i]` is the whole-track segment distance from the first track in the
+        fused order to `ids[i]`."""
+        self.fused = self.fusion.expanded(self.fused, np.asarray(from_first, dtype=np.float64))
+        self.order = [self.ids[i] for i in np.argsort(-self.fused, kind="stable")]
 
     @property
     def ran(self) -> bool:

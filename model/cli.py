@@ -70,6 +70,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="weight of the alignment in the fusion (refrain.model.verify)",
     )
     p.add_argument(
+        "--verify-expand",
+        type=float,
+        default=0.5,
+        help="weight of the expansion with the first verified track (refrain.model.verify)",
+    )
+    p.add_argument(
         "--verify-sweep",
         action="store_true",
         help="also report every level re-ranked with each number of candidates up to "
@@ -231,6 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds or None,
         verify=args.verify,
         verify_weight=args.verify_weight,
+        verify_expand=args.verify_expand,
         verify_sweep=getattr(args, "verify_sweep", False),
     )
     baseline = getattr(args, "baseline", None)

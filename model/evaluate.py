@@ -149,6 +149,7 @@ class EvalOptions:
     # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
     verify: int = 0
     verify_weight: float = 1.6  # refrain.model.verify.Fusion's
+    verify_expand: float = 0.5  # expansion with the first candidate (Fusion's)
     # also report every level re-ranked with each (candidates, weight) of `model.verify`'s
     # sweep, candidates up to `verify` (the data to choose them on validation queries)
     verify_sweep: bool = False
@@ -170,7 +171,7 @@ class EvalOptions:
         if self.verify:
             from refrain.model.verify import Fusion
 
-            Fusion(self.verify, self.verify_weight)  # raises on bad values
+            Fusion(self.verify, self.verify_weight, self.verify_expand)  # raises on bad values
         elif self.verify_sweep:
             raise ValueError("verify_sweep needs verify (its largest number of candidates)")
         if self.seed < 0:
@@ -368,8 +369,8 @@ def evaluate_detailed(
     if scorer is None and opts.verify:
         fused, sweep, cost = _verified(model, items, opts, waveforms, kept, levels, dists, progress)
         swept = [
-            ((f"{level[0]} +verify {c}x{w:g}", *level[1:]), dist)
-            for (c, w), per_level in sweep.items()
+            ((f"{level[0]} +verify {label}", *level[1:]), dist)
+            for label, per_level in sweep.items()
             for level, dist in zip(levels, per_level, strict=True)
         ]
         levels = levels + [(f"{level[0]} +verify", *level[1:]) for level in levels]
@@ -403,27 +404,35 @@ def evaluate_detailed(
 
 def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
     """Each level's distances with its shortlists re-ranked by `model.verify.Fusion`: the
-    chroma of the same tracks and clips (same draws), Qmax of the shortlisted pairs only.
-    With `verify_sweep`, also each (candidates, weight) of the sweep's re-ranking per level,
-    from the same Qmax scores (a shortlist of fewer candidates is a prefix of the longest)."""
+    chroma of the same tracks and clips (same draws), Qmax of the shortlisted pairs only;
+    expansion reads the candidates' distances to each other off the whole-track level.
+    With `verify_sweep`, also each (candidates, weight) of the sweep's re-ranking per level
+    at the options' expansion ("CxW"), and each expansion weight at the options' candidates
+    and weight ("CxW+E"), from the same Qmax scores (a shortlist of fewer candidates is a
+    prefix of the longest)."""
     from refrain.model.qmax import QmaxScorer, shortlist_qmax
     from refrain.model.sequence import decode, encode
-    from refrain.model.verify import SWEEP_CANDIDATES, WEIGHTS, Fusion
+    from refrain.model.verify import EXPANSIONS, SWEEP_CANDIDATES, WEIGHTS, Fusion
 
-    fusion = Fusion(opts.verify, opts.verify_weight)
+    fusion = Fusion(opts.verify, opts.verify_weight, opts.verify_expand)
     qmax_scorer = QmaxScorer(config=model.config)
     whole, queries, _ = _embed_all(qmax_scorer, items, opts, None, waveforms, progress)
     # quantised like the sequences the service stores (`model.sequence`)
     stored = [decode(encode(z)) for z in whole]
     cands = [stored[i] for i in kept]
-    grid = [
-        (c, w)
+    between = dists[0]  # the whole-track level: every kept track against every other, in order
+    grid = {
+        f"{c}x{w:g}": Fusion(c, w, opts.verify_expand)
         for c in sorted({c for c in SWEEP_CANDIDATES if c < opts.verify} | {opts.verify})
         for w in WEIGHTS
-    ]
-    sweep: dict[tuple[int, float], list[np.ndarray]] = {}
+    }
+    grid |= {
+        f"{opts.verify}x{opts.verify_weight:g}+{e:g}": Fusion(opts.verify, opts.verify_weight, e)
+        for e in EXPANSIONS
+    }
+    sweep: dict[str, list[np.ndarray]] = {}
     if opts.verify_sweep:
-        sweep = {g: [] for g in grid}
+        sweep = {label: [] for label in grid}
     fused, pairs, wall, cpu = [], 0, 0.0, 0.0
     for (_, qids, *_rest), dist, tau in zip(
         levels, dists, (None, *opts.query_seconds), strict=True
@@ -437,11 +446,11 @@ def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
         shortlist = fusion.shortlist(masked)
         qmax, cost = shortlist_qmax(chroma, cands, shortlist, qmax_scorer.params, progress=progress)
         frames = [len(c) for c in chroma]
-        fused.append(fusion.rerank(dist, qmax, shortlist, frames))
-        for (c, w), out in sweep.items():
-            out.append(
-                Fusion(c, w).rerank(dist, [q[:c] for q in qmax], [s[:c] for s in shortlist], frames)
-            )
+        fused.append(fusion.rerank(dist, qmax, shortlist, frames, between))
+        for label, out in sweep.items():
+            c = grid[label].candidates
+            short = [s[:c] for s in shortlist]
+            out.append(grid[label].rerank(dist, [q[:c] for q in qmax], short, frames, between))
         pairs, wall, cpu = pairs + cost.pairs, wall + cost.wall_s, cpu + cost.cpu_s
     total = {
         "pairs": pairs,

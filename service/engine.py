@@ -337,6 +337,7 @@ class Engine:
             reduction=request.reduction or None,
             verify=verify,
             verify_weight=s.verify_weight,
+            verify_expand=s.verify_expand,
         )
         with omp_threads(s.search_threads):
             hits = rank_tracks(

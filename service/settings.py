@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     verify_weight: float = Field(
         1.6, ge=0, le=10, description="weight of the alignment against the segment distance"
     )
+    verify_expand: float = Field(
+        0.5,
+        ge=0,
+        le=10,
+        description="weight of the expansion with the first verified track (its own "
+        "distance to the other candidates; 0: off)",
+    )
     query_transpositions: int = Field(
         0,
         ge=0,

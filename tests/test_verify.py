@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from refrain.model.metrics import retrieval_metrics
-from refrain.model.verify import BELOW, WEIGHTS, Fusion
+from refrain.model.verify import BELOW, EXPANSIONS, WEIGHTS, Fusion
 from refrain.service.cli import main
 
 from helpers import SR, pitch_shift, synth_song, time_stretch
@@ -23,7 +23,7 @@ def test_weight_zero_is_the_embeddings_ranking():
     rng = np.random.default_rng(0)
     dist = rng.random((6, 9))
     dist[0, 0] = np.inf  # the query itself
-    fusion = Fusion(candidates=4, weight=0.0)
+    fusion = Fusion(candidates=4, weight=0.0, expand=0.0)
     shortlist = fusion.shortlist(dist)
     assert all(len(s) == 4 for s in shortlist) and 0 not in shortlist[0]
     qmax = [rng.random(len(s)) * 30 for s in shortlist]
@@ -37,7 +37,7 @@ def test_weight_zero_is_the_embeddings_ranking():
 
 def test_a_large_weight_orders_the_shortlist_by_alignment_and_keeps_the_rest_below():
     dist = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
-    fusion = Fusion(candidates=3, weight=1000.0)
+    fusion = Fusion(candidates=3, weight=1000.0, expand=0.0)
     shortlist = fusion.shortlist(dist)
     np.testing.assert_array_equal(shortlist[0], [0, 1, 2])
     fused = fusion.rerank(dist, [np.array([1.0, 50.0, 9.0])], shortlist, [20])
@@ -62,6 +62,34 @@ def test_the_alignment_overturns_a_narrow_margin_and_not_a_wide_one():
     np.testing.assert_allclose(missing[1], -0.6 + 1.6 * 1.0)
     with pytest.raises(ValueError, match="frame"):
         fusion.fuse(np.array([0.5]), np.array([1.0]), 0)
+
+
+def test_expansion_lifts_what_resembles_the_first_candidate():
+    """After fusing, each candidate loses `expand` times its distance to the candidate the
+    fusion put first: a version far from the clip but close to its best match rises above a
+    track nearer the clip that resembles nothing in the list; the first stays first."""
+    dist = np.array([[1.0, 2.2, 2.0, 5.0]])  # 0: the clip's version; 1: another, farther
+    between = np.array(
+        [[0.0, 1.2, 3.0, 6.0], [1.2, 0.0, 3.2, 6.2], [3.0, 3.2, 0.0, 5.5], [6.0, 6.2, 5.5, 0.0]]
+    )
+    qmax, frames = [np.zeros(4)], [20]
+    shortlist = [np.arange(4)]
+    plain = Fusion(candidates=4, weight=0.0, expand=0.0).rerank(dist, qmax, shortlist, frames)
+    expanded = Fusion(candidates=4, weight=0.0, expand=0.5)
+    out = expanded.rerank(dist, qmax, shortlist, frames, between)
+    assert list(np.argsort(plain[0])) == [0, 2, 1, 3]
+    assert list(np.argsort(out[0])) == [0, 1, 2, 3]
+    np.testing.assert_allclose(out[0], [1.0, 2.8, 3.5, 8.0])
+    fused = np.array([-1.0, -2.2, -2.0, -5.0])
+    np.testing.assert_allclose(
+        expanded.expanded(fused, between[0]), [-1.0, -2.8, -3.5, -8.0]
+    )  # the first's own distance counts as 0
+    with pytest.raises(ValueError, match="distances to each other"):
+        expanded.rerank(dist, qmax, shortlist, frames)
+    with pytest.raises(ValueError, match="expansion"):
+        Fusion(expand=-0.5)
+    assert Fusion.from_dict(Fusion().to_dict()) == Fusion()
+    assert Fusion.from_dict({"candidates": 20, "weight": 0.5}).expand == 0.0  # older files
 
 
 def test_fit_finds_the_weight_that_helps():
@@ -147,6 +175,8 @@ def test_evaluate_reports_verified_levels_beside_the_model(tmp_path, capsys):
         "4",
         "--verify-weight",
         "0",
+        "--verify-expand",
+        "0",
         "--verify-sweep",
         "--json",
         str(out),
@@ -156,18 +186,20 @@ def test_evaluate_reports_verified_levels_beside_the_model(tmp_path, capsys):
     assert "track (bpwr-10) +verify" in printed and "verification:" in printed
     report = json.loads(out.read_text())
     results = report["results"]
-    # weight 0: verification may not change a single rank
+    # weight 0, no expansion: verification may not change a single rank
     for level in ("track (bpwr-10)", "segment 10 s (min)"):
         assert results[f"{level} +verify"]["map"] == results[level]["map"]
     # the sweep: every weight of the grid at 4 candidates (none of its smaller sizes is below
-    # 4), from the same Qmax scores; weight 0 again changes nothing
+    # 4), then every expansion weight at 4 x 0, from the same Qmax scores; weight 0 and
+    # expansion 0 again change nothing
     swept = [k for k in results if "+verify " in k]
-    assert len(swept) == 2 * len(WEIGHTS)
+    assert len(swept) == 2 * (len(WEIGHTS) + len(EXPANSIONS))
     for level in ("track (bpwr-10)", "segment 10 s (min)"):
         assert results[f"{level} +verify 4x0"]["map"] == results[level]["map"]
-        assert f"{level} +verify 4x1.6" in results
+        assert results[f"{level} +verify 4x0+0"]["map"] == results[level]["map"]
+        assert f"{level} +verify 4x1.6" in results and f"{level} +verify 4x0+0.5" in results
     v = report["verification"]
-    assert (v["candidates"], v["weight"]) == (4, 0.0)
+    assert (v["candidates"], v["weight"], v["expand"]) == (4, 0.0, 0.0)
     assert v["pairs"] == 9 * 4 + 9 * 4 and v["wall_s"] > 0
 
 
@@ -208,3 +240,42 @@ def test_verified_hits_are_scored_with_their_standing_among_the_candidates(tmp_p
         assert per_frame == pytest.approx(h.alignment / len(chroma))
         assert relative == pytest.approx(z) and h.score == pytest.approx(1 / (1 + np.exp(-z)))
     assert want[0] == want.max() > 1.5  # the source stands out among its candidates
+
+
+def test_search_expands_with_the_first_verified_track(tmp_path):
+    """In `rank_tracks`, a version that lies farther from the clip than an unrelated track,
+    but close to the clip's best match, comes second once expansion counts each candidate's
+    distance to the first (from the stored segments of both); with expansion off it does not."""
+    from test_align import chroma_walk
+    from test_index import IDENTITY, ZDIM
+
+    from refrain.index import TrackRecord, open_index
+    from refrain.index.search import QuerySegments, SearchOptions, rank_tracks
+    from refrain.model.sequence import decode, encode
+
+    rng = np.random.default_rng(9)
+    basis = np.eye(ZDIM, dtype=np.float32) * np.sqrt(ZDIM)  # nsqeuc(0, basis[k] * a) = a^2
+    clip = np.full(ZDIM, 0.1, dtype=np.float32)
+    offsets = {
+        "best": basis[1] * 1.0,  # the clip's version: distance 1.0
+        "other-version": basis[1] * 1.0 + basis[2] * 1.1,  # 2.21 from the clip, 1.21 from best
+        "unrelated": basis[3] * 1.4,  # 1.96 from the clip, 2.96 from best
+        "far": basis[4] * 2.5,
+    }
+    starts = np.arange(3) * 5.0
+    with open_index(tmp_path / "idx", IDENTITY) as ix:
+        for tid, off in offsets.items():
+            vectors = np.tile(clip + off, (3, 1)) + rng.normal(0, 1e-3, (3, ZDIM)).astype(
+                np.float32
+            )
+            sequence = encode(chroma_walk(rng, 60))
+            ix.add_track(TrackRecord(tid, content_sha256=tid, sequence=sequence), vectors, starts)
+        chroma = decode(encode(chroma_walk(rng, 20)))
+        query = QuerySegments(np.tile(clip, (2, 1)), starts[:2], 20.0, 10.0, chroma=chroma)
+
+        def order(expand: float) -> list[str]:
+            opts = SearchOptions(top_k=4, verify=4, verify_weight=0.0, verify_expand=expand)
+            return [h.track.track_id for h in rank_tracks(ix, query, opts)]
+
+        assert order(0.0) == ["best", "unrelated", "other-version", "far"]
+        assert order(0.5) == ["best", "other-version", "unrelated", "far"]
