@@ -64,7 +64,13 @@ import numpy as np
 import torch
 
 from refrain.index import IndexOptions, SegmentIndex, TrackRecord, open_index
-from refrain.index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
+from refrain.index.search import (
+    QuerySegments,
+    SearchOptions,
+    exhaustive_rank,
+    expand_with_first,
+    rank_tracks,
+)
 from refrain.index.verify import Verification
 from refrain.model.reduce import nsqeuc
 from refrain.service.settings import Settings
@@ -203,9 +209,12 @@ def verified_top(
     opts: SearchOptions,
 ) -> set[str]:
     """The exhaustive pipeline's top 10 with verification: the `opts.verify` exhaustive
-    nearest tracks aligned and fused as `rank_tracks` does, the rest in distance order."""
+    nearest tracks aligned, fused and expanded as `rank_tracks` does, the rest in distance
+    order."""
     ids = [track_id(int(i)) for i in gt_i]
     v = Verification(index, ids, [float(d) for d in gt_d], *chroma, opts.fusion())
+    found, vectors, _, offsets = index.gather_vectors(v.ids)
+    expand_with_first(v, found, vectors, offsets)
     return set(v.reorder(ids)[:TOP])
 
 

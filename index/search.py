@@ -178,19 +178,28 @@ def _reduce_by_track(
     return [query.best_shift(dist[:, a:b], reduction) for a, b in itertools.pairwise(offsets)]
 
 
-def _from_first(
-    first: str, ids: list[str], found: list[str], ref_all: np.ndarray, offsets: np.ndarray
-) -> list[float]:
-    """Whole-track segment distances (`bpwr-10`, as between two references) from the stored
-    segments of `first` to those of each of `ids`, all among the gathered candidates."""
+def expand_with_first(
+    verification: Verification, found: list[str], ref_all: np.ndarray, offsets: np.ndarray
+) -> None:
+    """Expand `verification`'s order with its first track (`Verification.expand`): the
+    whole-track segment distances (`bpwr-10`, as between two references) from that track's
+    stored segments to those of each verified candidate, read from the gathered vectors
+    (`SegmentStore.gather_vectors`: track ids, their rows, the rows' offsets per track).
+    Nothing changes with expansion off or one candidate."""
+    ids = verification.ids
+    if not verification.fusion.expand or len(ids) < 2:
+        return
     column = {tid: j for j, tid in enumerate(found)}
-    j = column[first]
+    j = column[verification.order[0]]
     refs = torch.from_numpy(ref_all)
     dist = nsqeuc(refs[offsets[j] : offsets[j + 1]], refs)
     reduction = default_reduction(LONG_CLIP_S)
-    return [
-        float(reduce(dist[:, offsets[column[t]] : offsets[column[t] + 1]], reduction)) for t in ids
-    ]
+    verification.expand(
+        [
+            float(reduce(dist[:, offsets[column[t]] : offsets[column[t] + 1]], reduction))
+            for t in ids
+        ]
+    )
 
 
 def rank_tracks(
@@ -252,10 +261,7 @@ def rank_tracks(
             options.fusion(),
         )
         if verification.ran:
-            if verification.fusion.expand and len(verification.ids) > 1:
-                verification.expand(
-                    _from_first(verification.order[0], verification.ids, found, ref_all, offsets)
-                )
+            expand_with_first(verification, found, ref_all, offsets)
             position = {
                 tid: i for i, tid in enumerate(verification.reorder([s[1] for s in scored]))
             }
