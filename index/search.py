@@ -189,17 +189,11 @@ def expand_with_first(
     ids = verification.ids
     if not verification.fusion.expand or len(ids) < 2:
         return
-    column = {tid: j for j, tid in enumerate(found)}
-    j = column[verification.order[0]]
     refs = torch.from_numpy(ref_all)
-    dist = nsqeuc(refs[offsets[j] : offsets[j + 1]], refs)
+    rows = {tid: refs[offsets[j] : offsets[j + 1]] for j, tid in enumerate(found)}
+    first = rows[verification.order[0]]
     reduction = default_reduction(LONG_CLIP_S)
-    verification.expand(
-        [
-            float(reduce(dist[:, offsets[column[t]] : offsets[column[t] + 1]], reduction))
-            for t in ids
-        ]
-    )
+    verification.expand([float(reduce(nsqeuc(first, rows[t]), reduction)) for t in ids])
 
 
 def rank_tracks(

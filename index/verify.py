@@ -62,14 +62,17 @@ class Verification:
         self.fused = fusion.fuse(
             np.asarray(distances[: len(ids)], dtype=np.float64), q, len(chroma)
         )
-        self.order = [ids[i] for i in np.argsort(-self.fused, kind="stable")]
+
+    @property
+    def order(self) -> list[str]:
+        """The aligned candidates, best fused score first."""
+        return [self.ids[i] for i in np.argsort(-self.fused, kind="stable")]
 
     def expand(self, from_first: Sequence[float]) -> None:
         """The head re-ordered after expansion with its first track (`Fusion.expanded`):
         `from_first[i]` is the whole-track segment distance from the first track in the
         fused order to `ids[i]`."""
         self.fused = self.fusion.expanded(self.fused, np.asarray(from_first, dtype=np.float64))
-        self.order = [self.ids[i] for i in np.argsort(-self.fused, kind="stable")]
 
     @property
     def ran(self) -> bool:

@@ -32,13 +32,8 @@ import numpy as np
 from refrain.model.metrics import retrieval_metrics
 
 WEIGHTS = (0.0, 0.4, 0.8, 1.2, 1.6, 2.0, 2.4, 3.2, 4.8, 6.4)  # searched by `Fusion.fit`
-EXPANSIONS = (
-    0.0,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-)  # expansion weights `refrain evaluate --verify-sweep` tries
+# expansion weights `refrain evaluate --verify-sweep` tries
+EXPANSIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SWEEP_CANDIDATES = (10, 20, 50, 100, 200)  # shortlist sizes `refrain evaluate --verify-sweep` tries
 BELOW = 1e6  # added to the distance of tracks outside the candidates: they stay below them
 
