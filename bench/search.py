@@ -24,7 +24,8 @@ A query is a noisy copy of 3 consecutive segments of a stored track ("a version"
 
 Alignment verification (`--reducer K:CANDIDATES:VERIFY`, e.g. 512:100:50): every track is
 stored with a seeded chroma sequence as long as its audio (2 frames a second, a random walk
-over pitch classes, 5.2 KB), and a query carries 30 s of its source's sequence with noise,
+over pitch classes, standing for both its full and its upper chroma: 10.4 KB), and a query
+carries 30 s of its source's sequence with noise,
 so the VERIFY best candidates are aligned and the returned ones located as in the service.
 "verify ms" is that stage's median (not in "reduce ms").
 
@@ -73,6 +74,7 @@ from refrain.index.search import (
 )
 from refrain.index.verify import Verification
 from refrain.model.reduce import nsqeuc
+from refrain.model.sequence import QueryChroma
 from refrain.service.settings import Settings
 
 SEGMENTS = 40  # segments per reference track
@@ -188,8 +190,9 @@ def track_chroma(seed: int, i: int) -> np.ndarray:
     return (x / x.max(1, keepdims=True)).astype(np.float32)
 
 
-def query_chroma(seed: int, source: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A 30 s query's sequences: its source's chroma at a seeded offset, with noise."""
+def query_chroma(seed: int, source: int, n: int) -> QueryChroma:
+    """A 30 s query's sequences: its source's chroma at a seeded offset, with noise (the same
+    frames serve as its upper chroma, as they do in each stored sequence)."""
     from refrain.model.sequence import FINE_RATE, SEQUENCE_RATE
 
     rng = np.random.default_rng([seed, 8, n])
@@ -198,21 +201,30 @@ def query_chroma(seed: int, source: int, n: int) -> tuple[np.ndarray, np.ndarray
     o = int(rng.integers(0, len(ref) - m + 1))
     coarse = np.clip(ref[o : o + m] + 0.1 * rng.random((m, 12)), 0, None)
     fine = np.repeat(coarse, int(FINE_RATE / SEQUENCE_RATE), axis=0)
-    return coarse / coarse.max(1, keepdims=True), fine
+    coarse = coarse / coarse.max(1, keepdims=True)
+    return QueryChroma(coarse, fine, coarse)
 
 
 def verified_top(
     index: SegmentIndex,
     gt_d: np.ndarray,
     gt_i: np.ndarray,
-    chroma: tuple[np.ndarray, np.ndarray],
+    chroma: QueryChroma,
     opts: SearchOptions,
 ) -> set[str]:
     """The exhaustive pipeline's top 10 with verification: the `opts.verify` exhaustive
     nearest tracks aligned, fused and expanded as `rank_tracks` does, the rest in distance
     order."""
     ids = [track_id(int(i)) for i in gt_i]
-    v = Verification(index, ids, [float(d) for d in gt_d], *chroma, opts.fusion())
+    v = Verification(
+        index,
+        ids,
+        [float(d) for d in gt_d],
+        chroma.chroma,
+        chroma.fine,
+        opts.fusion(),
+        chroma.upper,
+    )
     found, vectors, _, offsets = index.gather_vectors(v.ids)
     expand_with_first(v, found, vectors, offsets)
     return set(v.reorder(ids)[:TOP])
@@ -239,11 +251,11 @@ def ground_truth(
 
 
 def query_segments(
-    vectors: np.ndarray, segment_s: float, chroma: tuple[np.ndarray, np.ndarray] | None = None
+    vectors: np.ndarray, segment_s: float, chroma: QueryChroma | None = None
 ) -> QuerySegments:
     starts = np.arange(QUERY_SEGMENTS, dtype=np.float64) * HOP_S
-    coarse, fine = chroma if chroma is not None else (None, None)
-    return QuerySegments(vectors, starts, segment_s, QUERY_S, chroma=coarse, fine=fine)
+    coarse, fine, upper = chroma if chroma is not None else (None, None, None)
+    return QuerySegments(vectors, starts, segment_s, QUERY_S, chroma=coarse, fine=fine, upper=upper)
 
 
 def verify_ground_truth(
@@ -376,7 +388,7 @@ def ingest(
                 work_id=f"w{ds.works[i]}",
                 duration_s=TRACK_S,
                 content_sha256=str(i),
-                sequence=encode(track_chroma(ds.seed, i)) if sequences else None,
+                sequence=encode(*[track_chroma(ds.seed, i)] * 2) if sequences else None,
             )
             items.append((record, vectors, starts))
         for k in range(0, len(items), batch):

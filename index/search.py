@@ -104,6 +104,7 @@ class QuerySegments:
     # chroma sequences for verification (`refrain.model.sequence.Chromagram.query`)
     chroma: np.ndarray | None = None  # (n, 12) at SEQUENCE_RATE
     fine: np.ndarray | None = None  # (n', 12) at FINE_RATE
+    upper: np.ndarray | None = None  # (n, 12) upper chroma at SEQUENCE_RATE (None: full only)
 
     def __post_init__(self) -> None:
         if len(self.vectors) != len(self.shifts) * len(self.starts_s):
@@ -253,6 +254,7 @@ def rank_tracks(
             query.chroma,
             query.fine,
             options.fusion(),
+            query.upper,
         )
         if verification.ran:
             expand_with_first(verification, found, ref_all, offsets)

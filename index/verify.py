@@ -3,14 +3,16 @@ the Qmax alignment of chroma sequences, and where each returned track matches.
 
 The reducer (`search.rank_tracks`) hands over its candidates closest first. The first
 `candidates` of them that have a stored sequence (`TrackRecord.sequence`) are aligned with
-the query in one pass (`refrain.model.align.plots`), their order becomes the fusion's
+the query in one pass (`refrain.model.align.plots`) on the upper chroma
+(`refrain.model.sequence.UPPER`), their order becomes the fusion's
 (`refrain.model.verify.Fusion`: minus the segment distance plus `weight` times Qmax per
 query frame, less `expand` times the first track's own distance to each: `Fusion.expanded`),
-and tracks further down keep their order after them. A candidate
-without a sequence (added by an older version) takes the median Qmax, so it neither rises
-nor sinks for lack of one. For the tracks returned, `locate` reads the query and reference
-ranges, the tempo ratio and the key shift off the alignment paths, starting from the blocks
-this pass already aligned.
+and tracks further down keep their order after them. A candidate without a sequence (added
+by an older version) takes the median Qmax, so it neither rises nor sinks for lack of one;
+one whose sequence holds only the full chroma (stored by an older version) is aligned on
+that. For the tracks returned, `locate` reads the query and reference ranges, the tempo
+ratio and the key shift off alignment paths of the full chroma, starting from the blocks the
+scoring pass already aligned where it aligned the full chroma.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from refrain.model import align
-from refrain.model.sequence import SEQUENCE_RATE, decode
+from refrain.model.sequence import SEQUENCE_RATE, UPPER, decode, decode_upper
 from refrain.model.verify import Fusion
 
 from .segment_store import SegmentStore
@@ -29,6 +31,7 @@ from .segment_store import SegmentStore
 log = logging.getLogger(__name__)
 
 _warned_missing = False
+_warned_full = False
 
 
 class Verification:
@@ -42,6 +45,7 @@ class Verification:
         chroma: np.ndarray,
         fine: np.ndarray | None,
         fusion: Fusion,
+        upper: np.ndarray | None = None,
     ) -> None:
         self.fusion = fusion
         self.fine = fine
@@ -51,10 +55,24 @@ class Verification:
         if self.missing:
             _warn_missing(self.missing, len(ids))
         self.refs = {tid: decode(stored[tid]) for tid in ids if tid in stored}
-        self.column = {tid: c for c, tid in enumerate(self.refs)}
-        self.plot = align.plots(chroma, list(self.refs.values()))
-        qmax = self.plot.qmax()
-        self.qmax = {tid: float(qmax[c]) for tid, c in self.column.items()}
+        uppers: dict[str, np.ndarray] = {}
+        if upper is not None:
+            for tid in self.refs:
+                u = decode_upper(stored[tid])
+                if u is not None:
+                    uppers[tid] = u
+        # candidates scored on the upper chroma, and those (stored by an older version, or a
+        # query without it) on the full chroma, whose blocks `locate` then starts from
+        on_full = [tid for tid in self.refs if tid not in uppers]
+        if on_full and upper is not None:
+            _warn_full(len(on_full), len(ids))
+        self.column = {tid: c for c, tid in enumerate(on_full)}
+        self.plot = align.plots(chroma, [self.refs[tid] for tid in on_full])
+        qmax = dict(zip(on_full, self.plot.qmax().tolist(), strict=True))
+        if upper is not None and uppers:
+            scores = align.plots(upper, list(uppers.values()), UPPER).qmax()
+            qmax |= dict(zip(uppers, scores.tolist(), strict=True))
+        self.qmax = qmax
         q = np.array([self.qmax.get(tid, np.nan) for tid in ids])
         # each aligned candidate's standing among the others, for the fused calibration
         self.relative = dict(zip(ids, fusion.standard_scores(q).tolist(), strict=True))
@@ -90,9 +108,12 @@ class Verification:
         """Where the query matches each of `tracks` ((track id, duration) pairs) that was
         aligned, best first; all of them in one pass."""
         todo = [(tid, s) for tid, s in tracks if tid in self.refs]
-        aligned = []
-        for tid, _ in todo:
-            c = self.column[tid]
+        aligned: list[tuple[np.ndarray, np.ndarray, int] | None] = []
+        for tid, _ in todo:  # a block of the full chroma where the scoring aligned one
+            c = self.column.get(tid)
+            if c is None:
+                aligned.append(None)
+                continue
             score, rec = self.plot.block(c)
             aligned.append((score, rec, int(self.plot.shifts[c])))
         found = align.locate(
@@ -107,6 +128,19 @@ class Verification:
             aligned,
         )
         return {tid: m for (tid, _), m in zip(todo, found, strict=True)}
+
+
+def _warn_full(n: int, total: int) -> None:
+    global _warned_full
+    if not _warned_full:
+        _warned_full = True
+        log.warning(
+            "%d of %d search candidates hold only the full chroma (stored by an older "
+            "version): they are aligned on it, which follows a tune less well than the upper "
+            "chroma; rebuild the index with `refrain index build` to align every track on both",
+            n,
+            total,
+        )
 
 
 def _warn_missing(missing: int, total: int) -> None:

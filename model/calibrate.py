@@ -235,10 +235,10 @@ def validation_pairs(
     cliques = np.array([item.clique for item in items])
     if alignment:
         from refrain.model.align import plots
-        from refrain.model.sequence import Chromagram, decode
+        from refrain.model.sequence import UPPER, Chromagram, decode_upper
 
-        chromagram = Chromagram(model.config)
-        sequences = [decode(chromagram.reference(w)) for w in waves]
+        chromagram = Chromagram(model.config)  # the upper chroma, as verification aligns it
+        sequences = [decode_upper(chromagram.reference(w)) for w in waves]
     distances, labels, aligned, relative = [], [], [], []
     for tau in query_seconds:
         clips = []
@@ -254,8 +254,8 @@ def validation_pairs(
             if alignment:
                 (top,) = fusion.shortlist(d[others][None])
                 cols = np.nonzero(others)[0][top]
-                chroma = chromagram.query(clips[i])[0]
-                qmax = plots(chroma, [sequences[c] for c in cols]).qmax()
+                chroma = chromagram.query(clips[i]).upper
+                qmax = plots(chroma, [sequences[c] for c in cols], UPPER).qmax()
                 v = np.full(int(others.sum()), np.nan)
                 z = v.copy()
                 v[top] = qmax / len(chroma)

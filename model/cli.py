@@ -50,9 +50,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="2dftm",
         default=None,
-        choices=("2dftm", "qmax"),
+        choices=("2dftm", "qmax", "qmax-upper"),
         help="evaluate a training-free baseline instead of a model: chroma 2DFTM "
-        "segments (the default) or Qmax chroma alignment (needs librosa)",
+        "segments (the default), Qmax chroma alignment (needs librosa), or Qmax on the "
+        "upper chroma that verification aligns (refrain.model.sequence.UPPER)",
     )
     p.add_argument(
         "--verify",
@@ -66,7 +67,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify-weight",
         type=float,
-        default=1.6,
+        default=3.2,
         help="weight of the alignment in the fusion (refrain.model.verify)",
     )
     p.add_argument(
@@ -245,15 +246,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from refrain.model.baseline import ChromaBaseline
 
         model = ChromaBaseline()
-    elif baseline == "qmax":
-        from refrain.model.qmax import QmaxScorer
+    elif baseline in ("qmax", "qmax-upper"):
+        from refrain.model.qmax import QmaxParams, QmaxScorer
+        from refrain.model.sequence import UPPER
 
+        params = UPPER if baseline == "qmax-upper" else QmaxParams()
         try:
-            model = QmaxScorer(workers=getattr(args, "jobs", None))
+            model = QmaxScorer(params, workers=getattr(args, "jobs", None))
         except ImportError as e:  # librosa is in the train extra
             raise ValueError(str(e)) from None
     elif baseline is not None:
-        raise ValueError(f"unknown baseline {baseline!r}; expected 2dftm or qmax")
+        raise ValueError(f"unknown baseline {baseline!r}; expected 2dftm, qmax or qmax-upper")
     else:
         model = load_model(args.checkpoint, device=args.device)
     ev = evaluate_detailed(model, items, options, progress=True)

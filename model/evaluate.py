@@ -148,7 +148,7 @@ class EvalOptions:
     # alignment verification (`model.verify`): also report every level with the model's
     # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
     verify: int = 0
-    verify_weight: float = 1.6  # refrain.model.verify.Fusion's
+    verify_weight: float = 3.2  # refrain.model.verify.Fusion's
     verify_expand: float = 0.5  # expansion with the first candidate (Fusion's)
     # also report every level re-ranked with each (candidates, weight) of `model.verify`'s
     # sweep, candidates up to `verify` (the data to choose them on validation queries)
@@ -404,18 +404,19 @@ def evaluate_detailed(
 
 def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
     """Each level's distances with its shortlists re-ranked by `model.verify.Fusion`: the
-    chroma of the same tracks and clips (same draws), Qmax of the shortlisted pairs only;
+    upper chroma (`model.sequence.UPPER`) of the same tracks and clips (same draws), Qmax of
+    the shortlisted pairs only;
     expansion reads the candidates' distances to each other off the whole-track level.
     With `verify_sweep`, also each (candidates, weight) of the sweep's re-ranking per level
     at the options' expansion ("CxW"), and each expansion weight at the options' candidates
     and weight ("CxW+E"), from the same Qmax scores (a shortlist of fewer candidates is a
     prefix of the longest)."""
     from refrain.model.qmax import QmaxScorer, shortlist_qmax
-    from refrain.model.sequence import decode, encode
+    from refrain.model.sequence import UPPER, decode, encode
     from refrain.model.verify import EXPANSIONS, SWEEP_CANDIDATES, WEIGHTS, Fusion
 
     fusion = Fusion(opts.verify, opts.verify_weight, opts.verify_expand)
-    qmax_scorer = QmaxScorer(config=model.config)
+    qmax_scorer = QmaxScorer(UPPER, config=model.config)  # the chroma verification aligns
     whole, queries, _ = _embed_all(qmax_scorer, items, opts, None, waveforms, progress)
     # quantised like the sequences the service stores (`model.sequence`)
     stored = [decode(encode(z)) for z in whole]

@@ -70,6 +70,9 @@ class QmaxParams:
     kappa: float = 0.1  # fraction of the other sequence's frames that are neighbours
     gap_onset: float = 5.0  # penalty of a gap's first frame in the alignment
     gap_extend: float = 0.5  # penalty of each further gap frame
+    # the chroma itself (`fold_chroma`): CQT bins from this one up (0: all, from C1) ...
+    lowest_bin: int = 0
+    power: float = 1.0  # ... with their magnitudes raised to this power before folding
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.frame_rate) and self.frame_rate > 0):
@@ -80,6 +83,10 @@ class QmaxParams:
             raise ValueError(f"expected 0 < kappa <= 1, got {self.kappa!r}")
         if self.gap_onset < 0 or self.gap_extend < 0:
             raise ValueError("expected non-negative gap penalties")
+        if self.lowest_bin < 0:
+            raise ValueError(f"expected lowest_bin >= 0, got {self.lowest_bin!r}")
+        if not (math.isfinite(self.power) and self.power > 0):
+            raise ValueError(f"expected a positive power, got {self.power!r}")
 
     def to_dict(self) -> dict:
         return {"name": NAME, **dataclasses.asdict(self), "distance": "1/(1+qmax)"}
@@ -88,15 +95,25 @@ class QmaxParams:
 # -- features --------------------------------------------------------------------------------
 
 
-def fold_chroma(cqt: np.ndarray, per_frame: int) -> np.ndarray:
+def fold_chroma(
+    cqt: np.ndarray, per_frame: int, lowest_bin: int = 0, power: float = 1.0
+) -> np.ndarray:
     """CQT magnitudes (bins, frames), bin 0 a C, 12 per octave -> chroma (n, 12).
 
-    Bins are summed per pitch class, frames averaged `per_frame` at a time (a shorter last
-    group only if it holds half a group or more) and each frame scaled to a maximum of 1.
+    The bins from `lowest_bin` up (a multiple of 12 keeps whole octaves), their magnitudes
+    raised to `power`, are summed per pitch class, frames averaged `per_frame` at a time (a
+    shorter last group only if it holds half a group or more) and each frame scaled to a
+    maximum of 1.
     """
     bins, frames = cqt.shape
     octaves = bins // 12
-    chroma = cqt[: octaves * 12].reshape(octaves, 12, frames).sum(0)
+    x = cqt[: octaves * 12]
+    if lowest_bin or power != 1.0:
+        x = x.copy()
+        x[: min(lowest_bin, len(x))] = 0
+        if power != 1.0:
+            x **= power
+    chroma = x.reshape(octaves, 12, frames).sum(0)
     starts = np.arange(0, frames, per_frame)
     if len(starts) > 1 and frames - starts[-1] < per_frame / 2:
         starts = starts[:-1]
@@ -315,7 +332,8 @@ class QmaxScorer:
         if len(x) <= self._cqt.half:  # reflection padding needs more samples than half a kernel
             x = x.repeat(self._cqt.half // len(x) + 1)
         cqt = self._cqt(x.view(1, -1))[0].numpy()
-        chroma = fold_chroma(cqt, self._per_frame)
+        p = self.params
+        chroma = fold_chroma(cqt, self._per_frame, p.lowest_bin, p.power)
         return chroma if len(chroma) >= 2 else np.repeat(chroma, 2, axis=0)
 
     def embed_many(

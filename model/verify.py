@@ -50,7 +50,7 @@ class Fusion:
     # five query levels among weights 0-6.4 and 20-200 candidates (`refrain evaluate --verify
     # 200 --verify-sweep`); 100 candidates matched 200 and beat 50 and 20 (model card)
     candidates: int = 100  # the embedding's nearest tracks re-ranked per query
-    weight: float = 1.6  # of the alignment (Qmax per query frame) against the segment distance
+    weight: float = 3.2  # of the alignment (Qmax per query frame) against the segment distance
     expand: float = 0.5  # of the first track's own distance to the others (`expanded`)
 
     def __post_init__(self) -> None:

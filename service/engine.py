@@ -321,14 +321,14 @@ class Engine:
         timings["embed"] = time.perf_counter() - t
         duration = len(wave) / self.model.sample_rate
         verify = s.verify_candidates if request.verify else 0
-        chroma = fine = None
+        chroma = fine = upper = None
         if verify:
             t = time.perf_counter()
             with same_omp_threads():
-                chroma, fine = self.chromagram.query(wave)
+                chroma, fine, upper = self.chromagram.query(wave)
             timings["chroma"] = time.perf_counter() - t
         query = QuerySegments(
-            z, starts, self.model.config.shingling.len, duration, shifts, chroma, fine
+            z, starts, self.model.config.shingling.len, duration, shifts, chroma, fine, upper
         )
         opts = SearchOptions(
             top_k=request.top_k,

@@ -100,7 +100,8 @@ class Hit(BaseModel):
     matches: list[Match] = Field(description="matching time ranges, best first")
     transposition: int = Field(description="semitones the clip was shifted by to match")
     alignment: float | None = Field(
-        description="Qmax of the alignment verification; null when the track was not aligned"
+        description="Qmax of the alignment verification (on the upper chroma, or the full one "
+        "for a track stored before it); null when the track was not aligned"
     )
 
 

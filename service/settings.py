@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         description="tracks re-ranked by alignment verification (0: off)",
     )
     verify_weight: float = Field(
-        1.6, ge=0, le=10, description="weight of the alignment against the segment distance"
+        3.2, ge=0, le=10, description="weight of the alignment against the segment distance"
     )
     verify_expand: float = Field(
         0.5,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from refrain.index.journal import record_size
-from refrain.model.sequence import BINS, SEQUENCE_RATE
+from refrain.model.sequence import SEQUENCE_RATE, sequence_bytes
 from refrain.service.exceptions import InsufficientStorage
 
 META_ALLOWANCE = 16 << 10  # a track's metadata JSON in its journal record, at most
@@ -30,9 +30,9 @@ def segment_count(duration_s: float, shingle_s: float, hop_s: float) -> int:
 
 def index_write_bytes(n_segments: int, zdim: int, duration_s: float = 0.0) -> int:
     """Disk bytes an index write of `n_segments` float32 vectors may take: its journal record
-    and the catalog rows, with the chroma sequence of `duration_s` seconds in both (base64
+    and the catalog rows, with the chroma sequences of `duration_s` seconds in both (base64
     in the journal, raw bytes in the catalog)."""
-    sequence = math.ceil(duration_s * SEQUENCE_RATE + 1) * BINS
+    sequence = sequence_bytes(math.ceil(duration_s * SEQUENCE_RATE + 1))
     meta = META_ALLOWANCE + math.ceil(sequence * 4 / 3)
     return record_size(n_segments, zdim, 4, meta) + CATALOG_ALLOWANCE + sequence
 

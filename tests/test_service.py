@@ -79,7 +79,8 @@ def test_catalog_search_localisation_and_restart(live_server, tmp_path, songs):
             }
             m = top["matches"][0]
             # Verified: the aligned reference range is where the clip was cut, in tempo.
-            assert top["alignment"] > 0 and m["score"] >= top["alignment"]  # best of 12 keys
+            # ranked on the upper chroma, located on the full one
+            assert top["alignment"] > 0 and m["score"] > 0
             assert abs(m["ref_start_s"] - start) <= 1.5 and abs(m["ref_end_s"] - start - 10) <= 1.5
             assert m["tempo_ratio"] == pytest.approx(1.0, abs=0.03) and m["key_shift"] == 0
             assert m["distance"] is None

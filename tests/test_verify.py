@@ -279,3 +279,50 @@ def test_search_expands_with_the_first_verified_track(tmp_path):
 
         assert order(0.0) == ["best", "unrelated", "other-version", "far"]
         assert order(0.5) == ["best", "other-version", "unrelated", "far"]
+
+
+def test_new_sequences_are_scored_on_the_upper_chroma_and_older_ones_on_the_full(tmp_path):
+    """An index holding sequences of both formats: candidates stored with both chromas are
+    scored by Qmax of the query's upper chroma against theirs, those stored by an older
+    version (the full chroma alone) by Qmax of the full chromas, and every returned track
+    is located on the full chroma all the same."""
+    from test_align import chroma_walk
+    from test_index import IDENTITY, ZDIM
+
+    from refrain.index import TrackRecord, open_index
+    from refrain.index.search import QuerySegments, SearchOptions, rank_tracks
+    from refrain.index.verify import Verification
+    from refrain.model.align import plots
+    from refrain.model.sequence import UPPER, decode, decode_upper, encode
+
+    rng = np.random.default_rng(10)
+    full = [chroma_walk(rng, 120) for _ in range(6)]
+    upper = [chroma_walk(rng, 120) for _ in range(6)]
+    vectors = rng.standard_normal((6, 3, ZDIM)).astype(np.float32)
+    starts = np.arange(3) * 5.0
+    ids = [f"t{i}" for i in range(6)]
+    with open_index(tmp_path / "idx", IDENTITY) as ix:
+        for i, tid in enumerate(ids):
+            both = encode(full[i], upper[i]) if i < 3 else encode(full[i])
+            ix.add_track(TrackRecord(tid, content_sha256=tid, sequence=both), vectors[i], starts)
+        stored = ix.sequences(ids)
+        q_full = decode(encode(full[1][30:90]))  # 30 s of t1
+        q_upper = decode(encode(upper[1][30:90]))
+        v = Verification(ix, ids, [1.0] * 6, q_full, None, Fusion(6, 3.2, 0.0), q_upper)
+        on_upper = plots(q_upper, [decode_upper(stored[t]) for t in ids[:3]], UPPER).qmax()
+        on_full = plots(q_full, [decode(stored[t]) for t in ids[3:]]).qmax()
+        assert [v.qmax[t] for t in ids] == pytest.approx([*on_upper, *on_full])
+        assert v.order[0] == "t1" and v.qmax["t1"] > 40
+        found = v.locate([(t, 60.0) for t in ids], 1, 30.0)
+        assert sorted(found) == ids
+        (match,) = found["t1"]
+        assert match.ref_start_s == pytest.approx(15.0, abs=1.0)
+        # a query without its upper chroma scores every candidate on the full chroma
+        v_full = Verification(ix, ids, [1.0] * 6, q_full, None, Fusion(6, 3.2, 0.0))
+        everything = plots(q_full, [decode(stored[t]) for t in ids]).qmax()
+        assert [v_full.qmax[t] for t in ids] == pytest.approx(list(everything))
+        query = QuerySegments(
+            vectors[1][:2] + 0.5, starts[:2], 20.0, 30.0, chroma=q_full, upper=q_upper
+        )
+        hits = rank_tracks(ix, query, SearchOptions(top_k=3, verify=6))
+    assert hits[0].track.track_id == "t1" and hits[0].alignment == pytest.approx(v.qmax["t1"])
