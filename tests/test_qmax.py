@@ -160,6 +160,7 @@ def test_baseline_option_values():
     assert parser.parse_args([*base, "--baseline"]).baseline == "2dftm"
     assert parser.parse_args([*base, "--baseline", "2dftm"]).baseline == "2dftm"
     assert parser.parse_args([*base, "--baseline", "qmax", "--jobs", "3"]).jobs == 3
+    assert parser.parse_args([*base, "--baseline", "qmax-upper"]).baseline == "qmax-upper"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--baseline", "dtw"])
     assert QmaxParams(m=5).to_dict()["m"] == 5
@@ -167,7 +168,8 @@ def test_baseline_option_values():
         QmaxParams(kappa=0)
 
 
-def test_cli_end_to_end_on_synthesised_versions(tmp_path, songs, capsys):
+@pytest.mark.parametrize("baseline", ["qmax", "qmax-upper"])
+def test_cli_end_to_end_on_synthesised_versions(tmp_path, songs, capsys, baseline):
     # three works, three versions each: the original, transposed, slower and filtered
     rows = ["clique,path"]
     for w, x in enumerate(songs[:3]):
@@ -187,7 +189,7 @@ def test_cli_end_to_end_on_synthesised_versions(tmp_path, songs, capsys):
         "--manifest",
         str(manifest),
         "--baseline",
-        "qmax",
+        baseline,
         "--jobs",
         "1",
         "--query-seconds",
@@ -208,7 +210,11 @@ def test_cli_end_to_end_on_synthesised_versions(tmp_path, songs, capsys):
     assert results["segment 10 s (qmax)"]["map"]["mean"] >= 0.7
     assert report["pairwise"]["pairs"] == 2 * 9 * 9
     assert report["pairwise"]["scorer"] == "qmax" and report["pairwise"]["wall_s"] > 0
-    assert report["settings"]["model"]["name"] == "qmax"
+    model = report["settings"]["model"]
+    assert model["name"] == "qmax"
+    # the paper's chroma, or the upper chroma verification aligns
+    want = (36, 1.5) if baseline == "qmax-upper" else (0, 1.0)
+    assert (model["lowest_bin"], model["power"]) == want
 
 
 def test_missing_librosa_is_a_clear_error(tmp_path, monkeypatch, capsys):
