@@ -33,9 +33,11 @@ def test_both_chromas_round_trip_and_an_older_sequence_reads_as_the_full_chroma(
     older = encode(full)  # the full chroma alone, as earlier versions stored it
     assert len(older) == 9 * 12 and decode_upper(older) is None
     np.testing.assert_array_equal(decode(older), decode(data))
-    # every frame of a stored chroma holds a 255 (scaled to a maximum of 1), the header none:
-    # no older sequence starts like a new one
-    assert max(HEADER) < 255 and decode(older).max(1).min() == 1.0
+    # every frame of a stored chroma holds a 255 (scaled to a maximum of 1) or is silent (all
+    # zeros), and the header is neither: no older sequence starts like a new one
+    assert min(HEADER) > 0 and max(HEADER) < 255 and decode(older).max(1).min() == 1.0
+    silent = encode(np.zeros((3, BINS), dtype=np.float32))
+    assert decode_upper(silent) is None and not decode(silent).any()
 
 
 def test_malformed_sequences_are_refused():
