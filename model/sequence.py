@@ -17,8 +17,9 @@ byte per bin:
 A stored sequence is `HEADER` and then both, frame for frame: 48 bytes per second of audio,
 2,880 per track-minute. A sequence stored by an older version is the full chroma alone
 (no header: each of its frames holds a 255 or is silent, all zeros, and the header is
-neither); `decode_upper` returns None for it and verification aligns it on the full chroma. The query also gets a finer
-full chroma (`FINE_RATE`) from the same CQT, for the tempo and offset refinement.
+neither); `decode_upper` returns None for it and verification aligns it on the full
+chroma. The query also gets a finer full chroma (`FINE_RATE`) from the same CQT, for the
+tempo and offset refinement.
 """
 
 from __future__ import annotations
