@@ -23,15 +23,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from refrain.model import align
-from refrain.model.sequence import SEQUENCE_RATE, UPPER, decode, decode_upper
+from refrain.model.sequence import SEQUENCE_RATE, UPPER, decode_both
 from refrain.model.verify import Fusion
 
 from .segment_store import SegmentStore
 
 log = logging.getLogger(__name__)
 
-_warned_missing = False
-_warned_full = False
+_warned: set[str] = set()  # kinds of older sequences already logged
 
 
 class Verification:
@@ -54,12 +53,12 @@ class Verification:
         self.missing = len(ids) - len(stored)
         if self.missing:
             _warn_missing(self.missing, len(ids))
-        self.refs = {tid: decode(stored[tid]) for tid in ids if tid in stored}
+        self.refs: dict[str, np.ndarray] = {}
         uppers: dict[str, np.ndarray] = {}
-        if upper is not None:
-            for tid in self.refs:
-                u = decode_upper(stored[tid])
-                if u is not None:
+        for tid in ids:
+            if tid in stored:
+                self.refs[tid], u = decode_both(stored[tid])
+                if u is not None and upper is not None:
                     uppers[tid] = u
         # candidates scored on the upper chroma, and those (stored by an older version, or a
         # query without it) on the full chroma, whose blocks `locate` then starts from
@@ -130,27 +129,30 @@ class Verification:
         return {tid: m for (tid, _), m in zip(todo, found, strict=True)}
 
 
+def _warn_once(kind: str, message: str, *args: object) -> None:
+    """Log `message` the first time a search meets this `kind` of older sequence."""
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning(message, *args)
+
+
 def _warn_full(n: int, total: int) -> None:
-    global _warned_full
-    if not _warned_full:
-        _warned_full = True
-        log.warning(
-            "%d of %d search candidates hold only the full chroma (stored by an older "
-            "version): they are aligned on it, which follows a tune less well than the upper "
-            "chroma; rebuild the index with `refrain index build` to align every track on both",
-            n,
-            total,
-        )
+    _warn_once(
+        "full",
+        "%d of %d search candidates hold only the full chroma (stored by an older "
+        "version): they are aligned on it, which follows a tune less well than the upper "
+        "chroma; rebuild the index with `refrain index build` to align every track on both",
+        n,
+        total,
+    )
 
 
 def _warn_missing(missing: int, total: int) -> None:
-    global _warned_missing
-    if not _warned_missing:
-        _warned_missing = True
-        log.warning(
-            "%d of %d search candidates have no stored chroma sequence (added by an older "
-            "version): they are ranked by segment distance alone and reported without "
-            "alignment; rebuild the index with `refrain index build` to verify every track",
-            missing,
-            total,
-        )
+    _warn_once(
+        "missing",
+        "%d of %d search candidates have no stored chroma sequence (added by an older "
+        "version): they are ranked by segment distance alone and reported without "
+        "alignment; rebuild the index with `refrain index build` to verify every track",
+        missing,
+        total,
+    )

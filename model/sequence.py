@@ -99,6 +99,12 @@ def decode_upper(data: bytes) -> np.ndarray | None:
     return None if upper is None else _frames(upper)
 
 
+def decode_both(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    """`encode`'s bytes -> (`decode`, `decode_upper`), read in one pass."""
+    full, upper = _parts(data)
+    return _frames(full), None if upper is None else _frames(upper)
+
+
 class Chromagram:
     """Waveform (mono, at the model's sample rate) -> chroma sequences, on the CPU."""
 
@@ -148,8 +154,9 @@ class Chromagram:
         full, upper, fine = self.sequences(
             wave, (SEQUENCE_RATE, SEQUENCE_RATE, FINE_RATE), (QmaxParams(), UPPER, QmaxParams())
         )
-        data = encode(full, upper)
-        return QueryChroma(decode(data), fine, decode_upper(data))
+        coarse, top = decode_both(encode(full, upper))
+        assert top is not None  # encoded with both
+        return QueryChroma(coarse, fine, top)
 
 
 class QueryChroma(NamedTuple):
