@@ -299,3 +299,38 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     if not np.isfinite(diff) or diff > 0:
         raise CheckpointError(f"conversion changed the network's output by {diff}")
     return out
+
+
+def interpolate(
+    a: str | os.PathLike, b: str | os.PathLike, weight: float, dst: str | os.PathLike
+) -> Path:
+    """Write the network whose weights are ``(1 - weight) * a + weight * b`` into `dst`.
+
+    Both checkpoints must have one configuration, e.g. a model and the same model trained
+    further: the mean of the two keeps some of what each one does best (weight-space
+    ensembling). Integer buffers (batch-norm step counts) are taken from `b`. The result has
+    no calibration, since its distances are neither model's: refit it (`refrain calibrate`).
+    """
+    if not (np.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"expected an interpolation weight in [0, 1], got {weight!r}")
+    net_a, info_a = load_checkpoint(a)
+    net_b, info_b = load_checkpoint(b)
+    if net_a.config.to_dict() != net_b.config.to_dict():
+        raise CheckpointError(f"{a} and {b} have different configurations: cannot interpolate")
+    state_a, state_b = net_a.state_dict(), net_b.state_dict()
+    mixed = {
+        key: torch.lerp(value.float(), state_b[key].float(), weight).to(value.dtype)
+        if value.is_floating_point()
+        else state_b[key]
+        for key, value in state_a.items()
+    }
+    net_a.load_state_dict(mixed)
+    extra = {
+        "trained": True,
+        "interpolated": {
+            "weight": weight,
+            "a": info_a["weights_sha256"],
+            "b": info_b["weights_sha256"],
+        },
+    }
+    return save_refrain(net_a.eval(), dst, extra=extra)

@@ -1,4 +1,4 @@
-"""Model subcommands of `refrain`: embed, convert, evaluate."""
+"""Model subcommands of `refrain`: embed, convert, interpolate, evaluate."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="official checkpoint (.ckpt with configuration.yaml beside)")
     p.add_argument("out", help="output folder")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "interpolate", help="mix the weights of two models of one configuration into a third"
+    )
+    p.add_argument("a", help="Refrain model folder or official checkpoint (weight 0)")
+    p.add_argument("b", help="the other model (weight 1)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--weight", type=float, default=0.5, help="share of b, in [0, 1]")
+    p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("evaluate", help="track- and segment-level retrieval metrics on a manifest")
     p.add_argument("--manifest", required=True, help="CSV with columns clique,path")
@@ -208,6 +217,14 @@ def _cost_line(cost: dict) -> str:
         f"{cost['ms_per_pair']:.3g} ms per pair ({cost['workers']} processes, "
         f"{cost['cpu_ms_per_pair']:.3g} ms of CPU per pair)"
     )
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from refrain.model.checkpoint import interpolate
+
+    out = interpolate(args.a, args.b, args.weight, args.out)
+    print(f"wrote {out} ({args.weight:g} of {args.b}); refit its calibration: refrain calibrate")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`refrain embed`, `refrain convert`, batching across files, and the shipped default model."""
+"""`refrain embed`, `convert` and `interpolate`, batching across files, the default model."""
 
 import logging
 from pathlib import Path
@@ -73,6 +73,38 @@ def test_cli_convert_then_embed(tmp_path, model_a):
         == 0
     )
     np.testing.assert_array_equal(np.load(tmp_path / "o" / "x.npy"), model_a.embed(wav))
+
+
+def test_cli_interpolate_mixes_the_weights_of_two_models(tmp_path, model_a):
+    import torch
+
+    from refrain.model.checkpoint import load_checkpoint, save_refrain
+    from refrain.model.network import CLEWSNet
+
+    net_a, _ = load_checkpoint(CKPT_A)
+    net_b, _ = load_checkpoint(CKPT_A)
+    with torch.no_grad():
+        for param in net_b.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    save_refrain(net_b, tmp_path / "b")
+    assert main(["interpolate", str(CKPT_A), str(tmp_path / "b"), str(tmp_path / "m")]) == 0
+    mixed, info = load_checkpoint(tmp_path / "m")
+    assert info["interpolated"]["weight"] == 0.5 and "calibration" not in info
+    state_a, state_b = net_a.state_dict(), net_b.state_dict()
+    for key, value in mixed.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (state_a[key] + state_b[key]) / 2)
+    same = tmp_path / "same"
+    assert main(["interpolate", str(CKPT_A), str(tmp_path / "b"), str(same), "--weight", "0"]) == 0
+    audio = np.sin(np.arange(16000 * 8) * 0.05).astype(np.float32)
+    np.testing.assert_allclose(load_model(same).embed(audio), model_a.embed(audio), atol=1e-5)
+
+    other = CLEWSNet(load_model().config)  # another configuration: refused
+    save_refrain(other, tmp_path / "other")
+    assert main(["interpolate", str(CKPT_A), str(tmp_path / "other"), str(tmp_path / "x")]) == 2
+    args = ["interpolate", str(CKPT_A), str(tmp_path / "b"), str(tmp_path / "y"), "--weight", "2"]
+    assert main(args) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_cli_reports_user_errors(tmp_path, capsys):
