@@ -319,7 +319,7 @@ def interpolate(
         raise CheckpointError(f"{a} and {b} have different configurations: cannot interpolate")
     state_a, state_b = net_a.state_dict(), net_b.state_dict()
     mixed = {
-        key: torch.lerp(value.float(), state_b[key].float(), weight).to(value.dtype)
+        key: ((1 - weight) * value.float() + weight * state_b[key].float()).to(value.dtype)
         if value.is_floating_point()
         else state_b[key]
         for key, value in state_a.items()
