@@ -308,8 +308,9 @@ def interpolate(
 
     Both checkpoints must have one configuration, e.g. a model and the same model trained
     further: the mean of the two keeps some of what each one does best (weight-space
-    ensembling). Integer buffers (batch-norm step counts) are taken from `b`. The result has
-    no calibration, since its distances are neither model's: refit it (`refrain calibrate`).
+    ensembling). Integer buffers (batch-norm step counts) are taken from `b`. The result is
+    untrained if either is, keeps the training loss both share, and has no calibration, since
+    its distances are neither model's: refit it (`refrain calibrate`).
     """
     if not (np.isfinite(weight) and 0.0 <= weight <= 1.0):
         raise ValueError(f"expected an interpolation weight in [0, 1], got {weight!r}")
@@ -326,11 +327,14 @@ def interpolate(
     }
     net_a.load_state_dict(mixed)
     extra = {
-        "trained": True,
+        # a placeholder on either side makes the result one too (load_model warns of it)
+        "trained": info_a.get("trained") is not False and info_b.get("trained") is not False,
         "interpolated": {
             "weight": weight,
             "a": info_a["weights_sha256"],
             "b": info_b["weights_sha256"],
         },
     }
+    if "loss" in info_a and info_a.get("loss") == info_b.get("loss"):
+        extra["loss"] = info_a["loss"]  # what both were trained with
     return save_refrain(net_a.eval(), dst, extra=extra)

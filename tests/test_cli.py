@@ -99,6 +99,10 @@ def test_cli_interpolate_mixes_the_weights_of_two_models(tmp_path, model_a):
     audio = np.sin(np.arange(16000 * 8) * 0.05).astype(np.float32)
     np.testing.assert_allclose(load_model(same).embed(audio), model_a.embed(audio), atol=1e-5)
 
+    save_refrain(net_b, tmp_path / "placeholder", extra={"trained": False})
+    args = ["interpolate", str(tmp_path / "b"), str(tmp_path / "placeholder"), str(tmp_path / "p")]
+    assert main(args) == 0 and load_checkpoint(tmp_path / "p")[1]["trained"] is False
+
     other = CLEWSNet(load_model().config)  # another configuration: refused
     save_refrain(other, tmp_path / "other")
     assert main(["interpolate", str(CKPT_A), str(tmp_path / "other"), str(tmp_path / "x")]) == 2
