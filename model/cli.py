@@ -76,7 +76,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify-weight",
         type=float,
-        default=3.2,
+        default=2.4,
         help="weight of the alignment in the fusion (refrain.model.verify)",
     )
     p.add_argument(

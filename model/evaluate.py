@@ -148,7 +148,7 @@ class EvalOptions:
     # alignment verification (`model.verify`): also report every level with the model's
     # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
     verify: int = 0
-    verify_weight: float = 3.2  # refrain.model.verify.Fusion's
+    verify_weight: float = 2.4  # refrain.model.verify.Fusion's
     verify_expand: float = 0.5  # expansion with the first candidate (Fusion's)
     # also report every level re-ranked with each (candidates, weight) of `model.verify`'s
     # sweep, candidates up to `verify` (the data to choose them on validation queries)

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         description="tracks re-ranked by alignment verification (0: off)",
     )
     verify_weight: float = Field(
-        3.2, ge=0, le=10, description="weight of the alignment against the segment distance"
+        2.4, ge=0, le=10, description="weight of the alignment against the segment distance"
     )
     verify_expand: float = Field(
         0.5,
