@@ -8,6 +8,7 @@ figures are seconds of audio embedded per wall-clock second.
     python bench/embed.py                       # fixture-A model and full DiscogsVI size
     python bench/embed.py --models A --tracks 32
     python bench/embed.py --models default,stage7 --tracks 8   # the shipped depth vs stage 7's
+    python bench/embed.py --models default --device cuda --precision bfloat16
 
 "default" is the shipped model; "stage7" the same network at stage 7's depth (one residual
 block per stage, `configs/default-stage7.yaml`), random weights: the time does not depend on
@@ -61,9 +62,13 @@ def literal_loop(model: Embedder, files: list[Path], hop: float) -> list[np.ndar
     out = []
     with torch.inference_mode():
         for f in files:
-            x = torch.from_numpy(load_audio(f))
+            x = torch.from_numpy(load_audio(f)).to(model.device)
             shingles = cut_shingles(x, length, int(model.sample_rate * hop), length)
-            out.append(net(net.spectrogram(shingles)).numpy())
+            with torch.autocast(
+                model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32
+            ):
+                z = net(net.spectrogram(shingles))
+            out.append(z.float().cpu().numpy())
     return out
 
 
@@ -73,22 +78,22 @@ def timed(fn):
     return time.perf_counter() - t0, result
 
 
-def make_models(names: list[str]) -> dict[str, Embedder]:
+def make_models(names: list[str], device: str = "cpu") -> dict[str, Embedder]:
     models = {}
     for name in names:
         if name == "A":
-            models["fixture-A (zdim 128)"] = load_model(FIXTURE_A)
+            models["fixture-A (zdim 128)"] = load_model(FIXTURE_A, device=device)
         elif name == "default":
-            models["shipped default (zdim 256)"] = load_model()
+            models["shipped default (zdim 256)"] = load_model(device=device)
         elif name == "stage7":
             conf = yaml.safe_load((ROOT / "configs/default-stage7.yaml").read_text())["model"]
             torch.manual_seed(0)
             net = CLEWSNet(ModelConfig.from_dict(conf)).eval()
-            models["stage 7 depth (zdim 256)"] = Embedder(net)
+            models["stage 7 depth (zdim 256)"] = Embedder(net, device=device)
         elif name == "full":
             torch.manual_seed(0)
             net = CLEWSNet(ModelConfig()).eval()  # DiscogsVI sizes, random weights
-            models["DiscogsVI size (zdim 1024)"] = Embedder(net)
+            models["DiscogsVI size (zdim 1024)"] = Embedder(net, device=device)
         else:
             raise SystemExit(f"unknown model {name!r}: expected A, default, stage7 or full")
     return models
@@ -105,6 +110,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=2, help="alternating runs per method (min kept)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--precision", default="float32", help="float32, or bfloat16/float16 autocast (CUDA)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,14 +129,16 @@ def main() -> None:
         many.append(tmp / f"t{i:03d}.flac")
         synth_track(many[-1], seconds, args.seed + 1 + i)
 
-    print(f"torch {torch.__version__}, {args.threads} threads, hop {args.hop} s")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {args.device} ({where}), {args.precision}, hop {args.hop} s")
     header = (
         f"{'model':<27} {'workload':<22} {'audio s':>8} {'loop s':>8} {'refrain s':>9} "
         f"{'loop x/s':>9} {'refrain x/s':>11} {'speedup':>8} {'max|diff|':>10}"
     )
     print(header)
     print("-" * len(header))
-    for name, model in make_models(args.models.split(",")).items():
+    for name, model in make_models(args.models.split(","), args.device).items():
+        model.set_precision(args.precision)
         n = args.full_tracks if (args.full_tracks and "1024" in name) else args.tracks
         workloads = [
             ("one 30 s clip", [clip], 30.0),

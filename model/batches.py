@@ -13,11 +13,14 @@ import hashlib
 import json
 import logging
 import math
+import queue
 import random
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -199,6 +202,52 @@ class BatchSampler:
         self.neighbours = nearest_works(d, self.config.data.mine_pool)
         near = d.gather(1, torch.from_numpy(self.neighbours[:, :1]))
         return {"mine_s": time.monotonic() - t0, "mine_d_nearest": float(near.mean())}
+
+
+T = TypeVar("T")
+
+
+def prefetched(make: Callable[[], T], n: int, depth: int) -> Iterator[T]:
+    """The results of calling `make` `n` times, in order; with `depth` > 0 the calls run in a
+    background thread, at most `depth` results ahead of the consumer, so that preparing the
+    next batch (CPU) overlaps the current step (the accelerator). The same calls in the same
+    order as without it: a seeded sampler yields the same batches. An exception in `make`
+    is raised in the consumer; a consumer that stops early stops the thread."""
+    if depth <= 0:
+        for _ in range(n):
+            yield make()
+        return
+    results: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[bool, object]) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for _ in range(n):
+                if not put((True, make())):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put((False, e))
+
+    thread = threading.Thread(target=work, name="refrain-batches", daemon=True)
+    thread.start()
+    try:
+        for _ in range(n):
+            ok, item = results.get()
+            if not ok:
+                raise item  # type: ignore[misc]
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
 
 
 def cqt_frames(config: ModelConfig, seconds: float) -> int:

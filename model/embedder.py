@@ -38,6 +38,12 @@ class Embedder:
         self, net: CLEWSNet, info: dict[str, Any] | None = None, device: str | None = None
     ) -> None:
         self.device = torch.device(device or "cpu")
+        if self.device.type == "cuda":
+            # PyTorch lets cuDNN run float32 convolutions in TF32 (10-bit mantissas) unless
+            # told otherwise; float32 here means float32, so that a GPU worker's embeddings
+            # match a CPU worker's (bfloat16/float16 are the opt-in fast precisions). The
+            # switch is process-wide.
+            torch.backends.cudnn.allow_tf32 = False
         self.net = net.eval().to(self.device)
         self.config: ModelConfig = net.config
         self.info = dict(info or {})

@@ -30,6 +30,7 @@ from refrain.model.batches import (
     Track,
     cqt_frames,
     embed_cached,
+    prefetched,
     read_tracks,
 )
 from refrain.model.checkpoint import save_refrain
@@ -72,6 +73,10 @@ class TrainConfig:
     valid_hop_s: float = 10.0
     max_minutes: float = 0.0  # stop (after a checkpoint) past this wall time; 0 = no limit
     init: str = ""  # start from these weights (the same model, or one with fewer blocks a stage)
+    # batches the sampler prepares ahead, in a background thread (0: none; unset: 2 on a GPU,
+    # none on the CPU, where the thread would only compete with the step for the cores); the
+    # batches are the same either way, only the wait for them goes (bench/train_speed.py)
+    prefetch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,16 @@ def _grown_backbone(
 # -- the loop --------------------------------------------------------------------------------
 
 
+def _ready(
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch in page-locked memory when it goes to a GPU (the copy then overlaps work)."""
+    if device.type != "cuda":
+        return batch
+    x, labels, ids = batch
+    return x.pin_memory(), labels, ids
+
+
 def train(config: RunConfig) -> Path:
     """Train (or resume) as configured; returns the folder of the best checkpoint."""
     tc = config.training
@@ -227,10 +242,13 @@ def train(config: RunConfig) -> Path:
         net.train()
         stats_sum: dict[str, float] = {}
         seen, t0 = 0, time.monotonic()
-        bar = tqdm(range(tc.steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step")
-        for _ in bar:
-            x, labels, ids = sampler.batch()
-            z = net(x.to(device)).reshape(len(labels), -1, config.model.zdim)
+        depth = tc.prefetch if tc.prefetch is not None else (2 if device.type == "cuda" else 0)
+        batches = prefetched(lambda: _ready(sampler.batch(), device), tc.steps_per_epoch, depth)
+        bar = tqdm(
+            batches, total=tc.steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step"
+        )
+        for x, labels, ids in bar:
+            z = net(x.to(device, non_blocking=True)).reshape(len(labels), -1, config.model.zdim)
             loss, stats = contrastive_loss(z, labels.to(device), ids.to(device), config.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()

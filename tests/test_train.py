@@ -442,3 +442,55 @@ def test_refrain_calibrate_fits_the_fused_model_beside_the_distance_one(tiny_cor
     assert f["c"] > 0  # more of the clip aligned: likelier a version
     stored = load_model(folder).info["calibration"]
     assert Calibration.from_dict(stored) == cal
+
+
+def test_prefetched_batches_are_the_same_batches_in_the_same_order():
+    import threading
+
+    from refrain.model.batches import prefetched
+
+    calls = []
+
+    def make():
+        calls.append(threading.current_thread().name)
+        return len(calls)
+
+    assert list(prefetched(make, 5, depth=2)) == [1, 2, 3, 4, 5]
+    assert set(calls) == {"refrain-batches"}  # made in the background thread
+    calls.clear()
+    assert list(prefetched(make, 3, depth=0)) == [1, 2, 3]
+    assert set(calls) == {threading.current_thread().name}
+
+    def failing():
+        if len(calls) >= 2:
+            raise RuntimeError("decode failed")
+        calls.append(1)
+        return len(calls)
+
+    calls.clear()
+    got = []
+    with pytest.raises(RuntimeError, match="decode failed"):
+        got.extend(prefetched(failing, 5, depth=2))
+    assert got == [1, 2]
+
+    calls.clear()
+    items = prefetched(make, 1000, depth=2)
+    assert next(items) == 1
+    items.close()  # a consumer that stops early stops the producer, which made only a few
+    assert not any(t.name == "refrain-batches" for t in threading.enumerate())
+    assert len(calls) <= 4
+
+
+def test_training_with_prefetched_batches_trains_exactly_as_without(tiny_corpus, tmp_path):
+    import json
+
+    from refrain.model.train import RunConfig, train
+
+    histories = []
+    for depth in (0, 2):
+        raw = tiny_run(tiny_corpus, tmp_path / f"p{depth}")
+        raw["training"] |= {"prefetch": depth, "epochs": 2, "steps_per_epoch": 3}
+        train(RunConfig.from_dict(raw))
+        rows = json.loads((tmp_path / f"p{depth}" / "run" / "history.json").read_text())
+        histories.append([(r["loss"], r["d_pos"], r["valid_MAP"]) for r in rows])
+    assert len(histories[0]) == 2 and histories[0] == histories[1]
