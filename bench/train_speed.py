@@ -46,7 +46,7 @@ from embed import synth_track  # bench/ is not a package
 
 
 def widened(model: ModelConfig, factor: float) -> ModelConfig:
-    """`model` with every convolution channel count (and the embedding size) times `factor`."""
+    """`model` with every convolution channel count times `factor` (the embedding size kept)."""
     if factor == 1:
         return model
     d = model.to_dict()
@@ -60,6 +60,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def crop_segments(config: RunConfig) -> int:
+    """Segments in one training crop (as `BatchSampler` cuts them)."""
+    return max(1, round(config.data.crop_s / config.model.shingling.len))
+
+
 def step_speed(
     config: RunConfig, device: torch.device, steps: int, amp: str | None
 ) -> tuple[float, float]:
@@ -69,7 +74,7 @@ def step_speed(
     net = CLEWSNet(c)
     works = config.training.works_per_batch
     per_work = config.data.versions_per_work
-    n_seg = max(1, round(config.data.crop_s / c.shingling.len))
+    n_seg = crop_segments(config)
     with torch.no_grad():
         _, bins, frames = net.spectrogram(torch.zeros(1, c.sample_rate * c.shingling.len)).shape
     assert frames == cqt_frames(c, c.shingling.len), (frames, cqt_frames(c, c.shingling.len))
@@ -124,8 +129,15 @@ def synth_manifest(folder: Path, works: int, versions: int, seconds: float) -> P
 def loop_speed(config: RunConfig, work: Path, epochs: int, steps: int, prefetch: int) -> float:
     """The trainer's segments per second in its last epoch."""
     out = work / f"run-{time.monotonic_ns()}"
-    tc = replace(config.training, out=str(out), epochs=epochs, steps_per_epoch=steps, init="")
-    tc = replace(tc, max_minutes=0.0, prefetch=prefetch)
+    tc = replace(
+        config.training,
+        out=str(out),
+        epochs=epochs,
+        steps_per_epoch=steps,
+        init="",
+        max_minutes=0.0,
+        prefetch=prefetch,
+    )
     train(replace(config, training=tc))
     history = json.loads((out / "history.json").read_text())
     return float(history[-1]["segments_per_s"])
@@ -183,7 +195,7 @@ def main() -> None:
             data = replace(base.data, manifest=str(manifest or ""), cache=str(work / "cqt"))
             tc = replace(base.training, works_per_batch=works, device=args.device)
             config = replace(base, model=model, data=data, training=tc)
-            n_seg = works * base.data.versions_per_work * round(base.data.crop_s / 20)
+            n_seg = works * base.data.versions_per_work * crop_segments(config)
             params = sum(t.numel() for t in CLEWSNet(model).parameters()) / 1e6
             step, peak = step_speed(config, device, args.steps, args.amp)
             for depth in [int(v) for v in args.prefetch.split(",")] if manifest else [-1]:

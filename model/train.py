@@ -229,6 +229,7 @@ def train(config: RunConfig) -> Path:
         log.info("resumed at epoch %d (best MAP %.4f)", epoch, best)
     sampler = BatchSampler(train_tracks, config, seed=tc.seed * 100_003 + epoch)
 
+    depth = tc.prefetch if tc.prefetch is not None else (2 if device.type == "cuda" else 0)
     t_start = time.monotonic()
     while epoch < tc.epochs:
         mined: dict[str, float] = {}
@@ -242,7 +243,6 @@ def train(config: RunConfig) -> Path:
         net.train()
         stats_sum: dict[str, float] = {}
         seen, t0 = 0, time.monotonic()
-        depth = tc.prefetch if tc.prefetch is not None else (2 if device.type == "cuda" else 0)
         batches = prefetched(lambda: _ready(sampler.batch(), device), tc.steps_per_epoch, depth)
         bar = tqdm(
             batches, total=tc.steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step"
