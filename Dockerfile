@@ -44,7 +44,9 @@ print('\n'.join(d['project']['dependencies']))" > /tmp/requirements.txt \
 COPY README.md ./
 COPY model ./model
 COPY index ./index
+COPY search ./search
 COPY service ./service
+COPY training ./training
 COPY refrain ./refrain
 RUN pip install --no-deps --no-build-isolation . && rm -rf /src
 
@@ -98,7 +100,9 @@ print('\n'.join(x for x in d['project']['dependencies'] if not x.startswith('fai
 COPY README.md ./
 COPY model ./model
 COPY index ./index
+COPY search ./search
 COPY service ./service
+COPY training ./training
 COPY refrain ./refrain
 RUN pip install --no-deps --no-build-isolation . && rm -rf /src
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import yaml
 
 from refrain.model import load_model
-from refrain.model.evaluate import evaluate, read_manifest
-from refrain.model.losses import LOSSES
-from refrain.model.train import RunConfig, train
+from refrain.training.evaluate import evaluate, read_manifest
+from refrain.training.losses import LOSSES
+from refrain.training.train import RunConfig, train
 
 REDUCTIONS = ("bpwr-5", "meanmin", "min")
 TAUS = (5.0, 10.0, 20.0, 30.0)

@@ -7,7 +7,7 @@ Every track of the manifest is embedded at the reference hop (5 s) and each segm
 is split into three parts: its work's mean, its track's offset from that (the version), and
 its own offset from its track's mean (where in the track it is). The covariance of each part
 is written as a square-root factor (float16), with the mean vector and the eigenvalue spectra,
-so that synthetic catalogues of any size can be drawn with the model's geometry: a real
+so that synthetic catalogs of any size can be drawn with the model's geometry: a real
 embedding space is far from isotropic (the shipped model's participation ratio is about 20
 of 256 dimensions), and how well an ANN index works depends on it.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from refrain.model import load_model
-from refrain.model.evaluate import read_manifest
+from refrain.training.evaluate import read_manifest
 
 HOP_S = 5.0
 

@@ -98,7 +98,7 @@ def make_set(
     n_references: int, clips_per_variant: int, clip_s: float, ref_s: float, seed: int, out: Path
 ) -> tuple[dict[str, np.ndarray], list[Clip]]:
     """Rendered references (id -> samples at 16 kHz) and clips cut from their variants."""
-    from refrain.model.corpus.render import find_soundfonts, render_midi
+    from refrain.training.corpus.render import find_soundfonts, render_midi
 
     soundfont = next(p for p in find_soundfonts() if p.name.startswith("FluidR3"))
     rng = np.random.default_rng(seed)

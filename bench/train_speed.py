@@ -4,7 +4,7 @@ Two figures per setting, measured in one process:
 
 - **step**: forward, loss, backward and an Adam step on ready batches (random pooled-CQT
   segments of the training shape, already on the device): what the network itself costs;
-- **loop**: `refrain.model.train.train` for a few epochs on synthetic audio tracks
+- **loop**: `refrain.training.train.train` for a few epochs on synthetic audio tracks
   (bench/embed.py's chords, bass and noise), so that the batch sampler's crops and
   augmentations (CPU, in the training process) count too. The figure is the trainer's own
   `segments_per_s` of the last epoch (training steps only, validation left out); the first
@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from refrain.model.batches import cqt_frames
 from refrain.model.config import ModelConfig
-from refrain.model.losses import contrastive_loss
 from refrain.model.network import CLEWSNet
-from refrain.model.train import RunConfig, train
+from refrain.training.batches import cqt_frames
+from refrain.training.losses import contrastive_loss
+from refrain.training.train import RunConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

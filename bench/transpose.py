@@ -28,12 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from refrain.index.search import key_shifts
 from refrain.model import load_model
 from refrain.model.embedder import transposed
-from refrain.model.evaluate import read_manifest
-from refrain.model.metrics import average_precision
 from refrain.model.reduce import nsqeuc
+from refrain.search.ranking import key_shifts
+from refrain.training.evaluate import read_manifest
+from refrain.training.retrieval_metrics import average_precision
 
 import helpers
 

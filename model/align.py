@@ -142,9 +142,8 @@ def plots(
     refs = [np.asarray(r, dtype=np.float32) for r in refs]
     if len(refs) == 0:
         empty = np.zeros((len(query) + 2, 0))
-        return Plots(
-            empty, empty.astype(bool), *(np.zeros(0, np.int64) for _ in range(3)), p, query
-        )
+        starts, widths, shifts = (np.zeros(0, np.int64) for _ in range(3))
+        return Plots(empty, empty.astype(bool), starts, widths, shifts, p, query)
     if shifts is None:
         profiles = _rolled_profiles(query)
         shifts = np.array([np.argmax(_key_fit(query, r, profiles)) for r in refs], np.int64)
@@ -318,8 +317,11 @@ def locate(
             blocks[c] = (score, rec, int(s[r]))
     out = []
     for c, ref in enumerate(refs):
-        score, rec, shift = blocks[c]  # type: ignore[misc]
-        duration = ref_s[c] if ref_s is not None and ref_s[c] else len(ref) / rate
+        block = blocks[c]
+        assert block is not None  # every block left empty above was filled in
+        score, rec, shift = block
+        given = ref_s[c] if ref_s is not None else None
+        duration = given if given else len(ref) / rate
         out.append(
             _matches(
                 score.copy(), rec.copy(), ref, fine, shift, max_matches, rate, query_s, duration, p
@@ -372,7 +374,8 @@ def _matches(
     context = (p.m - 1) * p.tau  # frames before a state that it also holds
     out: list[Alignment] = []
     for _ in range(max_matches):
-        end = np.unravel_index(int(np.argmax(score)), score.shape)
+        row, col = np.unravel_index(int(np.argmax(score)), score.shape)
+        end = (int(row), int(col))
         best = float(score[end])
         path = _backtrack(score, rec, end) if best > 0 else []
         if len(path) < _MIN_PATH or (out and best < 0.5 * out[0].score):

@@ -176,9 +176,9 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 def _open_input(source: Source) -> Iterator[BinaryIO]:
     """A seekable binary file over `source`, positioned at its start; empty input is refused."""
     if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as file:
-            _require_content(file)
-            yield file
+        with open(source, "rb") as opened:
+            _require_content(opened)
+            yield opened
         return
     if isinstance(source, (bytes, bytearray, memoryview)):
         file: BinaryIO = io.BytesIO(source)
@@ -270,6 +270,7 @@ def _decode_soundfile(file: BinaryIO, max_duration_s: float | None) -> Decoded:
                     blocks.append(to_mono(block.T))
                     total += len(block)
                 if cap is not None and total > cap:
+                    assert max_duration_s is not None  # a cap comes from a limit
                     raise AudioTooLongError(total / sr, max_duration_s, exact=False)
                 if len(block) < want:
                     break
@@ -284,7 +285,10 @@ def _decode_soundfile(file: BinaryIO, max_duration_s: float | None) -> Decoded:
 def _open_pyav(file: BinaryIO) -> Iterator[av.container.InputContainer]:
     try:
         container = av.open(
-            file, container_options={"format_whitelist": _PYAV_FORMATS}, metadata_errors="ignore"
+            file,
+            "r",
+            container_options={"format_whitelist": _PYAV_FORMATS},
+            metadata_errors="ignore",
         )
     except _PYAV_ERRORS as e:
         raise AudioDecodeError(f"FFmpeg: {_reason(e)}") from e
@@ -341,6 +345,7 @@ def _decode_pyav(file: BinaryIO, max_duration_s: float | None) -> Decoded:
                 chunks.append(_frame_to_mono(frame))
                 total += frame.samples
             if cap is not None and total > cap:
+                assert max_duration_s is not None  # a cap comes from a limit
                 raise AudioTooLongError(total / sr, max_duration_s, exact=False)
     if not chunks and last_error is not None:
         raise AudioDecodeError(f"FFmpeg: {_reason(last_error)}") from last_error

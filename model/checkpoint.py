@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,9 @@ def _plain(obj: Any) -> Any:
 def read_official(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read an official checkpoint safely -> (model state dict, configuration as a dict)."""
     path = Path(path)
-    allow = [(obj, name) for name, obj in _OFFICIAL_GLOBALS.items()]
+    allow: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (obj, name) for name, obj in _OFFICIAL_GLOBALS.items()
+    ]
     try:
         with torch.serialization.safe_globals(allow), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

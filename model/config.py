@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,9 @@ class ModelConfig:
             ),
             frontend=FrontendConfig(
                 cqtpow=float(_num(m["frontend"]["cqtpow"])),
-                channels=tuple(int(_num(c)) for c in m["frontend"]["channels"]),
+                channels=cast(
+                    "tuple[int, int]", tuple(int(_num(c)) for c in m["frontend"]["channels"])
+                ),
             ),
             backbone=BackboneConfig(
                 blocks=tuple(int(_num(c)) for c in m["backbone"]["blocks"]),

@@ -24,6 +24,30 @@ DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
 DEFAULT_HOP_S = 5.0
 
 
+def load_waveform(
+    audio: AudioInput, sample_rate: int, max_duration_s: float | None = None
+) -> torch.Tensor:
+    """Any accepted input -> 1-D float32 tensor at `sample_rate`."""
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    if isinstance(audio, np.ndarray):
+        x = np.asarray(audio, dtype=np.float32)
+        if x.ndim == 2 and 1 in x.shape:
+            x = x.reshape(-1)
+        if x.ndim != 1:
+            raise AudioDecodeError(
+                f"expected a 1-D mono waveform at {sample_rate} Hz, got shape {x.shape}"
+            )
+        if x.size == 0:
+            raise AudioDecodeError("waveform is empty")
+        check_samples(x)
+        if max_duration_s is not None and x.size > max_duration_s * sample_rate:
+            raise AudioTooLongError(x.size / sample_rate, max_duration_s)
+    else:
+        x = load_audio(audio, sample_rate=sample_rate, max_duration_s=max_duration_s)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
 @dataclass(frozen=True)
 class EmbedOptions:
     hop_s: float = DEFAULT_HOP_S  # seconds between shingle starts
@@ -77,24 +101,7 @@ class Embedder:
 
     def waveform(self, audio: AudioInput, max_duration_s: float | None = None) -> torch.Tensor:
         """Any accepted input -> 1-D float32 tensor at the model's sample rate."""
-        if isinstance(audio, torch.Tensor):
-            audio = audio.detach().cpu().numpy()
-        if isinstance(audio, np.ndarray):
-            x = np.asarray(audio, dtype=np.float32)
-            if x.ndim == 2 and 1 in x.shape:
-                x = x.reshape(-1)
-            if x.ndim != 1:
-                raise AudioDecodeError(
-                    f"expected a 1-D mono waveform at {self.sample_rate} Hz, got shape {x.shape}"
-                )
-            if x.size == 0:
-                raise AudioDecodeError("waveform is empty")
-            check_samples(x)
-            if max_duration_s is not None and x.size > max_duration_s * self.sample_rate:
-                raise AudioTooLongError(x.size / self.sample_rate, max_duration_s)
-        else:
-            x = load_audio(audio, sample_rate=self.sample_rate, max_duration_s=max_duration_s)
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return load_waveform(audio, self.sample_rate, max_duration_s)
 
     def _lengths(self, hop_s: float) -> tuple[int, int, int]:
         if not (hop_s > 0 and np.isfinite(hop_s)):
@@ -193,6 +200,7 @@ class Embedder:
                         raise err
                     bar.update(1)
                     continue
+                assert cqt is not None  # prepare gives a CQT or an error
                 pending.append((i, cqt))
                 flush(force=False)
             flush(force=True)

@@ -36,20 +36,22 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
 
 from refrain.model.config import ModelConfig
-from refrain.model.embedder import AudioInput
+from refrain.model.embedder import AudioInput, load_waveform
 
 NAME = "qmax"
 _TASKS_PER_WORKER = 32  # query chunks per worker process: balance and progress granularity
 _POOL_MIN_CELLS = 50_000_000  # plot cells (~0.1 us each) worth starting processes (seconds)
 
 
-def _librosa():
+def _librosa() -> ModuleType:
     try:
         import librosa.sequence
     except ImportError as e:
@@ -238,7 +240,7 @@ _WORKER: _Candidates | None = None
 _BLAS = None
 
 
-def one_blas_thread():
+def one_blas_thread() -> AbstractContextManager[object]:
     """Single-threaded BLAS for the block: the products here are small, and BLAS threads that
     spin while other work holds the cores make them ten times slower (threadpoolctl; its
     controller is made once, a limit then costs some microseconds). Only BLAS libraries with
@@ -266,12 +268,13 @@ def _init_worker(cands: Sequence[np.ndarray], params: QmaxParams) -> None:
 
 def _score_chunk(queries: list[np.ndarray]) -> tuple[np.ndarray, float]:
     start = time.process_time()
+    assert _WORKER is not None, "a pool worker is set up by _init_worker"
     rows = np.stack([_WORKER.qmax_row(q) for q in queries])
     return rows, time.process_time() - start
 
 
 def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -321,16 +324,14 @@ class QmaxScorer:
         return self.config.sample_rate
 
     def waveform(self, audio: AudioInput) -> torch.Tensor:
-        from refrain.model.embedder import Embedder
-
-        return Embedder.waveform(self, audio)  # same decoding and checks as the network
+        return load_waveform(audio, self.sample_rate)  # same decoding and checks as the network
 
     @torch.inference_mode()
     def chroma(self, audio: AudioInput) -> np.ndarray:
         """Audio -> chroma sequence (n, 12) at `params.frame_rate`, n >= 2."""
         x = self.waveform(audio)
-        if len(x) <= self._cqt.half:  # reflection padding needs more samples than half a kernel
-            x = x.repeat(self._cqt.half // len(x) + 1)
+        if len(x) <= self._cqt.half_width:  # reflection padding needs more than half a kernel
+            x = x.repeat(self._cqt.half_width // len(x) + 1)
         cqt = self._cqt(x.view(1, -1))[0].numpy()
         p = self.params
         chroma = fold_chroma(cqt, self._per_frame, p.lowest_bin, p.power)

@@ -198,6 +198,20 @@ def _reduce_one_side(dist: Tensor, valid: Tensor, reduction: Reduction) -> Tenso
     raise AssertionError(f"unhandled reduction kind {kind}")
 
 
+@overload
+def reduce(
+    dist: Tensor, reduction: Reduction | str, mask: Tensor | np.ndarray | None = None
+) -> Tensor: ...
+@overload
+def reduce(
+    dist: np.ndarray, reduction: Reduction | str, mask: Tensor | np.ndarray | None = None
+) -> np.ndarray: ...
+@overload
+def reduce(
+    dist: Tensor | np.ndarray,
+    reduction: Reduction | str,
+    mask: Tensor | np.ndarray | None = None,
+) -> Tensor | np.ndarray: ...
 def reduce(
     dist: Tensor | np.ndarray,
     reduction: Reduction | str,

@@ -124,8 +124,8 @@ class Chromagram:
         x = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
         if len(x) == 0:
             raise ValueError("no audio samples")
-        if len(x) <= self._cqt.half:  # reflection padding needs more than half a kernel
-            x = x.repeat(self._cqt.half // len(x) + 1)
+        if len(x) <= self._cqt.half_width:  # reflection padding needs more than half a kernel
+            x = x.repeat(self._cqt.half_width // len(x) + 1)
         return self._cqt(x.view(1, -1))[0].numpy()
 
     def sequences(

@@ -51,13 +51,15 @@ class CroppedCQT(nn.Module):
     with its own span does about a seventh of the work. Same sums, other order.
     """
 
+    scale: torch.Tensor
+
     def __init__(self, cqt: CQT1992v2, group: int = 12) -> None:
         super().__init__()
         if not (cqt.center and cqt.pad_mode == "reflect" and cqt.output_format == "Magnitude"):
             raise ValueError("CroppedCQT expects a centred, reflect-padded magnitude CQT")
         self.hop = int(cqt.hop_length)
         self.width = int(cqt.kernel_width)
-        self.half = self.width // 2
+        self.half_width = self.width // 2
         real, imag = cqt.cqt_kernels_real[:, 0], cqt.cqt_kernels_imag[:, 0]
         scale = torch.sqrt(cqt.lenghts.view(-1, 1))
         self.spans: list[tuple[int, int, int, int]] = []  # (first bin, last bin+1, tap lo, hi)
@@ -75,12 +77,12 @@ class CroppedCQT(nn.Module):
         self.hi = max(s[3] for s in self.spans)
 
     def n_frames(self, n: int) -> int:
-        return (n + 2 * self.half - self.width) // self.hop + 1
+        return (n + 2 * self.half_width - self.width) // self.hop + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T) waveforms -> (B, bins, frames) magnitudes."""
         frames = self.n_frames(x.size(-1))
-        xp = nn.functional.pad(x.unsqueeze(1), (self.half, self.half), mode="reflect")
+        xp = nn.functional.pad(x.unsqueeze(1), (self.half_width, self.half_width), mode="reflect")
         out = []
         for (b0, b1, lo, hi), k in zip(self.spans, self.kernels, strict=False):
             seg = xp[:, :, lo : lo + (frames - 1) * self.hop + (hi - lo)]
@@ -94,11 +96,11 @@ class CroppedCQT(nn.Module):
 class ShingleCQT:
     """Per-shingle CQT frames computed from one CQT of the whole track (see module doc)."""
 
-    def __init__(self, cqt: CQT1992v2, pool: nn.AvgPool1d) -> None:
+    def __init__(self, cqt: CQT1992v2, pool: nn.Module) -> None:
         self.transform = CroppedCQT(cqt)
         self.pool = pool
         self.hop = self.transform.hop
-        self.half = self.transform.half
+        self.half_width = self.transform.half_width
 
     def supports(self, length: int, hop: int, min_length: int) -> bool:
         """Whether the shortcut applies: shingle starts on the CQT hop grid, overlap worth it."""
@@ -110,8 +112,8 @@ class ShingleCQT:
     def _edges(self, length: int) -> tuple[int, int]:
         """First and last+1 frame whose nonzero kernel taps lie inside a shingle of `length`."""
         t = self.transform
-        first = -(-(t.half - t.lo) // t.hop)
-        last = (length - t.hi + t.half) // t.hop + 1
+        first = -(-(t.half_width - t.lo) // t.hop)
+        last = (length - t.hi + t.half_width) // t.hop + 1
         return first, last
 
     def per_shingle(self, shingles: torch.Tensor) -> torch.Tensor:
@@ -131,11 +133,11 @@ class ShingleCQT:
         frames = whole[:, idx].permute(1, 0, 2).contiguous()  # (S, bins, per)
         shingles = x.unfold(-1, length, hop)
         # Left edge: frames 0..first-1, reflected at each shingle's start.
-        left_len = max((first - 1) * t.hop - t.half + t.hi, t.half + 1)
+        left_len = max((first - 1) * t.hop - t.half_width + t.hi, t.half_width + 1)
         frames[:, :, :first] = t(shingles[:, :left_len].contiguous())[:, :, :first]
         # Right edge: a slice starting on the hop grid, reflected at the shingle's end.
-        r0 = (last * t.hop - t.half + t.lo) // t.hop * t.hop
-        r0 = max(0, min(r0, (length - t.half - 1) // t.hop * t.hop))  # reflect needs > half
+        r0 = (last * t.hop - t.half_width + t.lo) // t.hop * t.hop
+        r0 = max(0, min(r0, (length - t.half_width - 1) // t.hop * t.hop))  # reflect needs > half
         right = t(shingles[:, r0:].contiguous())
         offset = r0 // t.hop
         frames[:, :, last:] = right[:, :, last - offset : per - offset]

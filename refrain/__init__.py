@@ -5,9 +5,11 @@
     model = load_model()                          # the shipped default model
     vectors = model.embed("song.flac", hop=5.0)   # (n_segments, dim) float32
 
-The packages: `refrain.model` (audio, the CLEWS network, checkpoints, reductions, training,
-evaluation, the version corpus), `refrain.index` (the crash-safe segment store) and
-`refrain.service` (the REST service and the `refrain` command line).
+The packages, each depending only on those before it: `refrain.model` (audio, the CLEWS
+network, checkpoints, reductions, alignment), `refrain.index` (the crash-safe segment store),
+`refrain.search` (ranking: candidates, reductions, verification), `refrain.service` (the REST
+service and the `refrain` command line) and `refrain.training` (training, evaluation,
+calibration and the version corpus, which the service never imports).
 """
 
 from importlib import import_module

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from refrain.service import errors, pages
+from refrain.service import http_errors, pages
 from refrain.service.auth import EarlyAuth
 from refrain.service.metrics import Metrics
 from refrain.service.routes import ingest, ops, search, tracks
@@ -73,7 +73,7 @@ class BodyLimitMiddleware:
                 await self._reject(scope, send)
 
     async def _reject(self, scope: Scope, send: Send) -> None:
-        response = errors.error_response(
+        response = http_errors.error_response(
             413,
             "payload_too_large",
             f"request body exceeds {self.limit} bytes",
@@ -173,7 +173,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runtime = runtime
-    errors.install(app)
+    http_errors.install(app)
     pages.install(app)
     for module in (search, tracks, ingest, ops):
         app.include_router(module.router)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from refrain.model.audio import AUDIO_EXTENSIONS
-from refrain.service.exceptions import InvalidInput, RefrainError, TooLarge, UnsafeArchive
+from refrain.service.errors import InvalidInput, RefrainError, TooLarge, UnsafeArchive
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.json")
 MAX_MANIFEST_BYTES = 16 << 20

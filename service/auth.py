@@ -16,7 +16,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from refrain.service.deps import SettingsDep
-from refrain.service.errors import ApiError, error_response
+from refrain.service.http_errors import ApiError, error_response
 from refrain.service.settings import Settings
 
 _bearer = HTTPBearer(

@@ -7,8 +7,9 @@ import ipaddress
 import logging
 import sys
 
-from refrain.model import cli as model_cli
-from refrain.service import ingest_cli
+from refrain.model import commands as model_commands
+from refrain.service import ingest_commands
+from refrain.training import commands as training_commands
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -102,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve(sub)
     add_worker(sub)
-    model_cli.add_commands(sub)
-    ingest_cli.add_commands(sub)
+    model_commands.add_commands(sub)
+    training_commands.add_commands(sub)
+    ingest_commands.add_commands(sub)
     return parser
 
 

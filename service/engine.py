@@ -26,13 +26,13 @@ import faiss
 import numpy as np
 
 from refrain.index import AddResult, SegmentStore, TrackRecord
-from refrain.index.search import QuerySegments, SearchOptions, TrackHit, key_shifts, rank_tracks
 from refrain.model.audio import load_audio
-from refrain.model.calibrate import uncalibrated_score
+from refrain.model.calibration import uncalibrated_score
 from refrain.model.embedder import Embedder, check_embeddings
 from refrain.model.reduce import Reduction
 from refrain.model.sequence import Chromagram
-from refrain.service.exceptions import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
+from refrain.search.ranking import QuerySegments, SearchOptions, TrackHit, key_shifts, rank_tracks
+from refrain.service.errors import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings
 from refrain.service.sources import Item

@@ -1,117 +1,136 @@
-"""Every failure becomes a JSON error `{"error": {"code", "message"}}` with a 4xx/5xx status.
+"""The service's domain errors: what went wrong, in words a client can act on, without HTTP.
 
-Domain errors (`exceptions`) get their status from `STATUS`, the only table of them; `ApiError`
-is for the HTTP layer's own refusals (authentication, the shape of a request).
+The core (`engine`, ingestion jobs, sources, archives, storage) raises these. Each carries a
+stable machine-readable `code` (`audio_too_short`, `track_exists`, ...) and a message; its
+class says what kind of failure it is. The HTTP layer (`errors`) maps each kind to one status
+in one table; the command line prints code and message; ingestion jobs retry the transient
+kinds and record the others against the item.
+
+`as_domain_error` folds the library's own exceptions (audio decoding, the index, the
+inference workers) into the same kinds, so every caller sees one vocabulary.
 """
 
 from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from refrain.index import SegmentIndexError
-from refrain.model.audio import AudioDecodeError
-from refrain.service import exceptions as ex
-from refrain.service.remote_worker import WorkerRejected
+from refrain.index import (
+    CatalogUnavailableError,
+    IdentityMismatchError,
+    InsufficientStorageError,
+    TrackExistsError,
+    TrackNotFoundError,
+)
+from refrain.index.milvus import BackendUnavailableError
+from refrain.model.audio import (
+    AudioDecodeError,
+    AudioTooLongError,
+    TruncatedAudioError,
+    UnsupportedAudioError,
+)
+from refrain.service.remote_worker import WorkerRejected, WorkersUnavailable
 from refrain.service.worker import Overloaded
 
 log = logging.getLogger("refrain.service")
 
-# the one place where a kind of failure becomes an HTTP status
-STATUS: dict[type[ex.RefrainError], int] = {
-    ex.InvalidInput: 422,
-    ex.UnsupportedMedia: 415,
-    ex.TooLarge: 413,
-    ex.NotFound: 404,
-    ex.Conflict: 409,
-    ex.Forbidden: 403,
-    ex.InsufficientStorage: 507,
-    ex.Unavailable: 503,
-    ex.Misconfigured: 503,
-    ex.UpstreamFailed: 502,
-    ex.Internal: 500,
-}
 
+class RefrainError(Exception):
+    """A failure with a stable `code`; `retry_after_s` set when trying again later may help."""
 
-class ApiError(Exception):
-    """An error of the HTTP layer itself (authentication, the request's shape)."""
+    transient = False  # True: the same request may succeed later (ingestion retries it)
 
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
-        self.headers = headers
+        self.retry_after_s = retry_after_s
 
 
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
+class InvalidInput(RefrainError):
+    """The request or its audio cannot be used as sent (bad parameter, too short, silent)."""
 
 
-def status_of(err: ex.RefrainError) -> int:
-    for kind in type(err).__mro__:
-        if kind in STATUS:
-            return STATUS[kind]
-    return 500
+class UnsafeArchive(InvalidInput):
+    """An archive member would escape its folder, is a link or device, or cannot be read."""
 
 
-def classify(exc: BaseException) -> ApiError:
-    """Any exception as the API error it is answered with."""
-    if isinstance(exc, ApiError):
+class UnsupportedMedia(RefrainError):
+    """The upload is not a format the service reads."""
+
+
+class TooLarge(RefrainError):
+    """The upload, archive, manifest or file is over a configured limit."""
+
+
+class NotFound(RefrainError):
+    """No such track or job."""
+
+
+class Conflict(RefrainError):
+    """A track with this id exists with other content."""
+
+
+class Forbidden(RefrainError):
+    """The operation is disabled, or the path lies outside what may be read."""
+
+
+class InsufficientStorage(RefrainError):
+    """The write would leave less free space on the data volume than its reserve."""
+
+
+class Unavailable(RefrainError):
+    """Not now: loading, overloaded, a backend down. Retry after `retry_after_s`."""
+
+    transient = True
+
+    def __init__(self, code: str, message: str, retry_after_s: float | None = 5.0) -> None:
+        super().__init__(code, message, retry_after_s)
+
+
+class UpstreamFailed(RefrainError):
+    """A remote inference worker refused a request the service considers valid."""
+
+
+class Misconfigured(RefrainError):
+    """The index was built with another model than the one loaded."""
+
+
+class Internal(RefrainError):
+    """A failure nobody anticipated; logged with its traceback."""
+
+
+def not_ready(why: str) -> Unavailable:
+    return Unavailable("not_ready", f"service is not ready ({why})")
+
+
+def as_domain_error(exc: BaseException) -> RefrainError:
+    """The domain error for any exception: itself, a library exception's kind, or Internal
+    (logged with its traceback, since nobody expected it)."""
+    if isinstance(exc, RefrainError):
         return exc
-    err = ex.as_domain_error(exc)
-    headers = None
-    if err.retry_after_s is not None:
-        headers = {"Retry-After": str(max(1, round(err.retry_after_s)))}
-    return ApiError(status_of(err), err.code, err.message, headers)
-
-
-def install(app: FastAPI) -> None:
-    def count(request: Request, code: str) -> None:
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.errors.labels(code).inc()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for e in exc.errors():
-            where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query"))
-            parts.append(f"{where}: {e.get('msg')}")
-        count(request, "invalid_request")
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
-        code = codes.get(exc.status_code, "http_error")
-        count(request, code)
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    async def _known(request: Request, exc: Exception) -> JSONResponse:
-        err = classify(exc)
-        count(request, err.code)
-        return error_response(err.status, err.code, err.message, err.headers)
-
-    # Known failures are answered by the exception middleware (no traceback in the log);
-    # anything else reaches the server-error handler as a logged 500.
-    for known in (
-        ApiError,
-        ex.RefrainError,
-        AudioDecodeError,
-        Overloaded,
-        SegmentIndexError,
-        WorkerRejected,
-    ):
-        app.add_exception_handler(known, _known)
-    app.add_exception_handler(Exception, _known)
+    if isinstance(exc, AudioTooLongError):
+        return InvalidInput("audio_too_long", str(exc))
+    if isinstance(exc, TruncatedAudioError):
+        return InvalidInput("truncated_audio", str(exc))
+    if isinstance(exc, UnsupportedAudioError):
+        return UnsupportedMedia("unsupported_audio", str(exc))
+    if isinstance(exc, AudioDecodeError):
+        return InvalidInput("bad_audio", str(exc))
+    if isinstance(exc, WorkersUnavailable):
+        return Unavailable("workers_unavailable", f"{exc}; retry later", 5.0)
+    if isinstance(exc, WorkerRejected):
+        return UpstreamFailed("worker_rejected", str(exc))
+    if isinstance(exc, Overloaded):
+        return Unavailable("overloaded", f"{exc}; retry later", 1.0)
+    if isinstance(exc, TrackNotFoundError):
+        return NotFound("track_not_found", str(exc))
+    if isinstance(exc, TrackExistsError):
+        return Conflict("track_exists", str(exc))
+    if isinstance(exc, (BackendUnavailableError, CatalogUnavailableError)):
+        return Unavailable("index_unavailable", f"{exc}; retry later", 5.0)
+    if isinstance(exc, InsufficientStorageError):
+        return InsufficientStorage("insufficient_storage", str(exc))
+    if isinstance(exc, IdentityMismatchError):
+        return Misconfigured("index_model_mismatch", str(exc))
+    log.error("unhandled error", exc_info=exc)
+    return Internal("internal", f"internal error ({type(exc).__name__})")

@@ -22,7 +22,7 @@ from refrain.model.embedder import load_model
 from refrain.service.backend import open_store
 from refrain.service.catalog_files import Entry
 from refrain.service.engine import CheckedReference, Engine, TrackMeta
-from refrain.service.exceptions import as_domain_error
+from refrain.service.errors import as_domain_error
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings
 

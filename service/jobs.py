@@ -48,7 +48,7 @@ from refrain.index import (
     TrackNotFoundError,
 )
 from refrain.index.files import fsync_dir
-from refrain.service.exceptions import Unavailable, as_domain_error
+from refrain.service.errors import Unavailable, as_domain_error
 from refrain.service.jobstore import JOB_ID, ItemState, JobState, JobStore
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings

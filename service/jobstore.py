@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from refrain.service.exceptions import Unavailable
+from refrain.service.errors import Unavailable
 from refrain.service.sources import Item
 
 SCHEMA = """

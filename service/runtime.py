@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from refrain.index import AddResult, SegmentStore
-from refrain.model.calibrate import Calibration, uncalibrated_score
+from refrain.model.calibration import Calibration, uncalibrated_score
 from refrain.model.embedder import Embedder, load_model
 from refrain.service.backend import open_store
 from refrain.service.engine import Engine, SegmentEmbedder
-from refrain.service.exceptions import Unavailable, not_ready
+from refrain.service.errors import Unavailable, not_ready
 from refrain.service.jobs import JobManager
 from refrain.service.metrics import Metrics
 from refrain.service.remote_worker import RemoteWorkers

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from refrain.model.audio import AUDIO_EXTENSIONS
 from refrain.service.archive import MANIFEST_NAMES, MAX_MANIFEST_BYTES
-from refrain.service.exceptions import Forbidden, InvalidInput, RefrainError, TooLarge
+from refrain.service.errors import Forbidden, InvalidInput, RefrainError, TooLarge
 
 TRACK_ID = re.compile(r"^[\w.\-:@+()' ]{1,200}$")  # one '/'-separated part of an id
 

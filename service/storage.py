@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from refrain.index.journal import record_size
 from refrain.model.sequence import SEQUENCE_RATE, sequence_bytes
-from refrain.service.exceptions import InsufficientStorage
+from refrain.service.errors import InsufficientStorage
 
 META_ALLOWANCE = 16 << 10  # a track's metadata JSON in its journal record, at most
 CATALOG_ALLOWANCE = 64 << 10  # the catalog's WAL pages for one written row and its index

@@ -30,9 +30,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from refrain.model.embedder import Embedder, load_model
-from refrain.service import errors
+from refrain.service import http_errors
 from refrain.service.app import BodyLimitMiddleware, MetricsMiddleware
-from refrain.service.errors import ApiError
+from refrain.service.http_errors import ApiError
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings
 from refrain.service.worker import InferenceWorker
@@ -123,7 +123,7 @@ def create_worker_app(settings: Settings | None = None, load_in_background: bool
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.worker = state
-    errors.install(app)
+    http_errors.install(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:

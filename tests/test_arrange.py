@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from refrain.model.corpus.arrange import (
+from refrain.training.corpus.arrange import (
     HYMN_BPM,
     TEXTURES,
     Arrangement,
@@ -22,11 +22,11 @@ from refrain.model.corpus.arrange import (
     sample_arrangement,
     tune_of,
 )
-from refrain.model.corpus.harmony import Key, estimate_key, harmonise, mode_change
-from refrain.model.corpus.midi import version_events
-from refrain.model.corpus.report import tune_fit
-from refrain.model.corpus.versions import VersionOptions, VersionParams, sample_version
-from refrain.model.corpus.works import Part, Work
+from refrain.training.corpus.harmony import Key, estimate_key, harmonise, mode_change
+from refrain.training.corpus.midi import version_events
+from refrain.training.corpus.report import tune_fit
+from refrain.training.corpus.versions import VersionOptions, VersionParams, sample_version
+from refrain.training.corpus.works import Part, Work
 
 SOUNDFONTS = ["a.sf2", "b.sf2"]
 # "Twinkle, twinkle" in C major (A B B A), in quarters.
@@ -180,9 +180,9 @@ def test_tiny_arranged_corpus_renders_reports_and_trains(tmp_path):
     pytest.importorskip("music21")
     if shutil.which("fluidsynth") is None:
         pytest.skip("fluidsynth is not installed (Debian package fluidsynth)")
-    from refrain.model.corpus import main
-    from refrain.model.corpus.render import find_soundfonts
-    from refrain.model.train import RunConfig, train
+    from refrain.training.corpus import main
+    from refrain.training.corpus.render import find_soundfonts
+    from refrain.training.train import RunConfig, train
 
     fonts = [str(p) for p in find_soundfonts()][:1]
     if not fonts:

@@ -161,7 +161,7 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "music21", None)  # as if `refrain[train]` were not installed
     for name in [m for m in sys.modules if m.startswith("music21.")]:
         monkeypatch.setitem(sys.modules, name, None)
-    code = main(["corpus", "works", "--catalogue", str(tmp_path / "facts.jsonl")])
+    code = main(["corpus", "works", "--catalog", str(tmp_path / "facts.jsonl")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "music21" in err and "pip install 'refrain[train]'" in err

@@ -12,12 +12,12 @@ import pytest
 import soundfile as sf
 from scipy import signal
 
-from refrain.model.corpus import degrade
-from refrain.model.corpus.catalogue import BachGuard, Facts, split_of
-from refrain.model.corpus.degrade import Band, Compressor, Eq, Mp3, Noise, Reverb
-from refrain.model.corpus.midi import TICKS_PER_SECOND, version_events, version_midi
-from refrain.model.corpus.versions import FAMILIES, VersionOptions, VersionParams, sample_version
-from refrain.model.corpus.works import Part, Work
+from refrain.training.corpus import degrade
+from refrain.training.corpus.catalog import BachGuard, Facts, split_of
+from refrain.training.corpus.degrade import Band, Compressor, Eq, Mp3, Noise, Reverb
+from refrain.training.corpus.midi import TICKS_PER_SECOND, version_events, version_midi
+from refrain.training.corpus.versions import FAMILIES, VersionOptions, VersionParams, sample_version
+from refrain.training.corpus.works import Part, Work
 
 SR = 16000
 
@@ -240,7 +240,7 @@ def test_bach_guard_recognises_chorale_tunes_elsewhere():
 
 
 def test_selection_skips_reserved_short_derived_and_duplicate_works(monkeypatch):
-    from refrain.model.corpus import catalogue as cat
+    from refrain.training.corpus import catalog as cat
 
     guard = BachGuard.shipped()
     chorale = next(m for m in guard.melodies.values() if len(m["intervals"]) > 30)
@@ -255,11 +255,11 @@ def test_selection_skips_reserved_short_derived_and_duplicate_works(monkeypatch)
         Facts("oneills1850/c.abc#7", title="Reel", seconds=35.0, notes=90, intervals=tune[3:]),
         Facts("oneills1850/c.abc#8", title="Jig", seconds=35.0, notes=90, intervals=tune[4:]),
     ]
-    catalogue = cat.Catalogue(None)
-    catalogue.add(facts)
+    catalog = cat.Catalog(None)
+    catalog.add(facts)
     sources = [cat.Source(*f.id.split("#")[:1], *map(int, f.id.split("#")[1:])) for f in facts]
     monkeypatch.setattr(cat, "ordered_sources", lambda collection: sources)
-    selection = cat.select_works(None, catalogue, cat.SelectOptions("default"), guard=guard)
+    selection = cat.select_works(None, catalog, cat.SelectOptions("default"), guard=guard)
     assert [f.id for f in selection.works] == ["ryansMammoth/b.abc", "oneills1850/c.abc#8"]
     reasons = selection.rejected
     assert reasons["bach/bwv1.6.mxl"] == reasons["cpebach/x.xml"] == "reserved for evaluation"
@@ -267,10 +267,10 @@ def test_selection_skips_reserved_short_derived_and_duplicate_works(monkeypatch)
     assert reasons["essenFolksong/a.abc#2"] == "unreadable"
     assert reasons["essenFolksong/a.abc#3"].startswith("melody of Bach chorale bach/")
     assert reasons["oneills1850/c.abc#7"] == "duplicate of ryansMammoth/b.abc"
-    first = cat.select_works(1, catalogue, cat.SelectOptions("default"), guard=guard)
+    first = cat.select_works(1, catalog, cat.SelectOptions("default"), guard=guard)
     assert [f.id for f in first.works] == ["ryansMammoth/b.abc"]
     # --min-parts: only works written in at least that many parts
-    catalogue.add(
+    catalog.add(
         [
             Facts(
                 "palestrina/m.krn",
@@ -283,32 +283,30 @@ def test_selection_skips_reserved_short_derived_and_duplicate_works(monkeypatch)
         ]
     )
     sources.append(cat.Source("palestrina/m.krn"))
-    parts = cat.select_works(
-        None, catalogue, cat.SelectOptions("default", min_parts=3), guard=guard
-    )
+    parts = cat.select_works(None, catalog, cat.SelectOptions("default", min_parts=3), guard=guard)
     assert [f.id for f in parts.works] == ["palestrina/m.krn"]
     assert parts.rejected["ryansMammoth/b.abc"] == "too few parts"
 
 
-def test_catalogue_survives_a_torn_last_line(tmp_path):
+def test_catalog_survives_a_torn_last_line(tmp_path):
     pytest.importorskip("music21")
-    from refrain.model.corpus.catalogue import Catalogue, reader_version
+    from refrain.training.corpus.catalog import Catalog, reader_version
 
-    path = tmp_path / "catalogue.jsonl"
+    path = tmp_path / "catalog.jsonl"
     first = Facts("a/x.abc", seconds=30.0, intervals=(1, 2), reader=reader_version())
-    Catalogue(path).add([first])
+    Catalog(path).add([first])
     path.write_text(path.read_text() + '{"id": "a/y.abc", "sec')  # killed mid-write
-    catalogue = Catalogue(path)
-    assert len(catalogue) == 1 and catalogue.get("a/x.abc") == first
+    catalog = Catalog(path)
+    assert len(catalog) == 1 and catalog.get("a/x.abc") == first
     second = replace(first, id="a/z.abc")
-    catalogue.add([second])
-    reread = Catalogue(path)
+    catalog.add([second])
+    reread = Catalog(path)
     assert reread.get("a/z.abc") == second and reread.get("a/y.abc") is None
 
 
 def test_default_sources_hold_no_bach_and_bach_eval_only_chorales():
     pytest.importorskip("music21")
-    from refrain.model.corpus.works import list_sources
+    from refrain.training.corpus.works import list_sources
 
     default = list_sources("default")
     assert len(default) > 10000
@@ -319,7 +317,7 @@ def test_default_sources_hold_no_bach_and_bach_eval_only_chorales():
     assert all(s.path.startswith("bach/bwv") for s in chorales)
 
 
-# Chorale tunes: music21's real chorale files grouped by melody (model/corpus/families.py).
+# Chorale tunes: music21's real chorale files grouped by melody (training/corpus/families.py).
 
 # Two harmonisations of "Herzlich tut mich verlangen" (one sung as "Befiehl du deine Wege"), a
 # "Befiehl du deine Wege" with a melody of its own, and one harmonisation of "O Gott, du
@@ -332,7 +330,7 @@ _TWINS = ("bach/bwv197.7-a.mxl", "bach/bwv398.mxl")
 @pytest.fixture(scope="module")
 def chorales():
     pytest.importorskip("music21")
-    from refrain.model.corpus.works import Source, load_work
+    from refrain.training.corpus.works import Source, load_work
 
     return {i: load_work(Source(i)) for i in (*_HERZLICH, _OTHER_BEFIEHL, *_TWINS)}
 
@@ -346,13 +344,13 @@ def _transposed(work: Work, semitones: int, suffix: str) -> Work:
 
 
 def _melodies(works) -> dict:
-    from refrain.model.corpus.works import intervals
+    from refrain.training.corpus.works import intervals
 
     return {w.id: intervals(w.top_line()) for w in works}
 
 
 def test_families_group_the_harmonisations_of_a_tune_and_separate_other_tunes(chorales):
-    from refrain.model.corpus.families import (
+    from refrain.training.corpus.families import (
         TUNE_THRESHOLD,
         chorale_families,
         melody,
@@ -369,7 +367,7 @@ def test_families_group_the_harmonisations_of_a_tune_and_separate_other_tunes(ch
 
 
 def test_families_are_transposition_invariant(chorales):
-    from refrain.model.corpus.families import chorale_families, melody, tune_similarity
+    from refrain.training.corpus.families import chorale_families, melody, tune_similarity
 
     a, b = (chorales[i] for i in _HERZLICH)
     up = _transposed(b, 5, "-up5")
@@ -381,7 +379,7 @@ def test_families_are_transposition_invariant(chorales):
 
 
 def test_families_collapse_copies_of_one_harmonisation(chorales):
-    from refrain.model.corpus.families import (
+    from refrain.training.corpus.families import (
         harmonisation_overlap,
         same_harmonisation,
         select_families,
@@ -423,7 +421,7 @@ def test_families_collapse_copies_of_one_harmonisation(chorales):
 
 
 def _soundfonts() -> tuple[str, ...] | None:
-    from refrain.model.corpus.render import find_soundfonts
+    from refrain.training.corpus.render import find_soundfonts
 
     found = find_soundfonts()
     quick = [str(p) for p in found if p.suffix == ".sf2"]  # .sf3 fonts load slowly
@@ -439,8 +437,8 @@ def corpus(tmp_path_factory):
     soundfonts = _soundfonts()
     if not soundfonts:
         pytest.skip("no soundfont installed (Debian: apt-get install fluid-soundfont-gm)")
-    from refrain.model.corpus import main
-    from refrain.model.corpus.pipeline import CorpusOptions
+    from refrain.training.corpus import main
+    from refrain.training.corpus.pipeline import CorpusOptions
 
     root = tmp_path_factory.mktemp("corpus")
     options = CorpusOptions(
@@ -451,11 +449,11 @@ def corpus(tmp_path_factory):
         max_seconds=25.0,
         soundfonts=soundfonts,
         jobs=2,
-        catalogue=root / "catalogue.jsonl",
+        catalog=root / "catalog.jsonl",
     )
     argv = ["render", "--out", str(options.out), "--works", "3", "--versions", "2"]
     argv += ["--seed", "0", "--max-seconds", "25", "--jobs", "2", "--quiet"]
-    argv += ["--catalogue", str(options.catalogue)]
+    argv += ["--catalog", str(options.catalog)]
     for font in soundfonts:
         argv += ["--soundfont", font]
     assert main(argv) == 0
@@ -472,7 +470,7 @@ def _records(out: Path) -> list[dict]:
 
 
 def test_tiny_corpus_manifest_and_audio(corpus):
-    from refrain.model.corpus.pipeline import MANIFEST_COLUMNS
+    from refrain.training.corpus.pipeline import MANIFEST_COLUMNS
 
     options = corpus
     out = options.out
@@ -506,7 +504,7 @@ def test_tiny_corpus_holds_no_bach_and_splits_by_work(corpus):
 
 
 def test_tiny_corpus_is_deterministic_and_resumable(corpus):
-    from refrain.model.corpus.pipeline import build_corpus
+    from refrain.training.corpus.pipeline import build_corpus
 
     options = corpus
     again = replace(options, out=options.out.parent / "b", jobs=1)
@@ -548,9 +546,9 @@ def test_bach_eval_renders_the_harmonisations_of_a_tune_as_one_clique(tmp_path, 
     soundfonts = _soundfonts()
     if not soundfonts:
         pytest.skip("no soundfont installed (Debian: apt-get install fluid-soundfont-gm)")
-    from refrain.model.corpus import catalogue as cat
-    from refrain.model.corpus import main
-    from refrain.model.corpus.works import Source
+    from refrain.training.corpus import catalog as cat
+    from refrain.training.corpus import main
+    from refrain.training.corpus.works import Source
 
     # three of music21's chorale files, not all 412: two harmonisations of one tune, another
     chosen = [Source(i) for i in (*_HERZLICH, _OTHER_BEFIEHL)]

@@ -13,8 +13,8 @@ import pytest
 import soundfile as sf
 
 from refrain.model import load_model
-from refrain.model.evaluate import EvalOptions, Item, evaluate, evaluate_detailed, read_manifest
 from refrain.service.cli import main
+from refrain.training.evaluate import EvalOptions, Item, evaluate, evaluate_detailed, read_manifest
 
 DATA = Path(__file__).parent / "data"
 CKPT = DATA / "clews-official-A" / "checkpoint_best.ckpt"

@@ -499,7 +499,7 @@ def test_golden_v1_index_still_loads(tmp_path):
 
 
 def test_transposed_query_is_ranked_by_its_best_key(index):
-    from refrain.index.search import (
+    from refrain.search.ranking import (
         QuerySegments,
         SearchOptions,
         exhaustive_rank,

@@ -184,7 +184,7 @@ def test_fast_scan_pq_serves_the_exact_track_ranking(tmp_path):
     """The large-catalog setting (IVF + 4-bit fast-scan PQ codes, exact re-ranking from the
     stored vectors) through deletes, replaces and a reopen ranks tracks as an exhaustive
     comparison does."""
-    from refrain.index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
+    from refrain.search.ranking import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
 
     path = tmp_path / "fs"
     tracks = list(clustered_tracks(200))

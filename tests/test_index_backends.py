@@ -30,7 +30,7 @@ from refrain.index import (
     TrackRecord,
     open_index,
 )
-from refrain.index.search import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
+from refrain.search.ranking import QuerySegments, SearchOptions, exhaustive_rank, rank_tracks
 
 HAVE_MILVUS = all(importlib.util.find_spec(m) for m in ("pymilvus", "milvus_lite"))
 needs_milvus = pytest.mark.skipif(
@@ -391,7 +391,7 @@ def test_service_on_the_milvus_backend(live_server, tmp_path):
 
 def test_unreachable_milvus_is_a_503():
     from refrain.index.milvus import BackendUnavailableError
-    from refrain.service.errors import classify
+    from refrain.service.http_errors import classify
 
     err = classify(BackendUnavailableError("Milvus search on 'refrain_segments' failed"))
     assert (err.status, err.code, err.headers) == (503, "index_unavailable", {"Retry-After": "5"})

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from refrain.service import ingest_cli
+from refrain.service import ingest_commands
 from refrain.service.archive import ArchiveLimits, extract_archive
-from refrain.service.exceptions import RefrainError, TooLarge
+from refrain.service.errors import RefrainError, TooLarge
 from refrain.service.settings import Settings
 
 from conftest import CKPT_A, DATA, LiveServer
@@ -407,7 +407,7 @@ def test_job_survives_a_restart(tmp_path):
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="refrain")
-    ingest_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    ingest_commands.add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -441,7 +441,7 @@ def test_index_build_then_service_opens_it(tmp_path, root):
     assert len(decode(stored["b1"])) == pytest.approx(6.0 * SEQUENCE_RATE, abs=1)
 
 
-def test_ingest_cli_uploads_and_resumes(server, client, tmp_path, capsys):
+def test_ingest_commands_uploads_and_resumes(server, client, tmp_path, capsys):
     cat = tmp_path / "catalog"
     for name in ("c1.wav", "c2.ogg", "nested/c3.flac"):
         clip(cat / name)
@@ -468,7 +468,7 @@ def test_ingest_cli_uploads_and_resumes(server, client, tmp_path, capsys):
     assert "added 3" in out
     assert n_tracks(client) == before + 3
     assert client.get("/v1/tracks/cli-1").json()["work_id"] == "W7"
-    state = json.loads((cat / ingest_cli.STATE_FILE).read_text())
+    state = json.loads((cat / ingest_commands.STATE_FILE).read_text())
     assert len(state["servers"][server.url]["batches"]) == 2
 
     assert cli(*argv) == 0  # everything finished: nothing is sent again
@@ -476,18 +476,18 @@ def test_ingest_cli_uploads_and_resumes(server, client, tmp_path, capsys):
     assert n_tracks(client) == before + 3
 
 
-def test_ingest_cli_without_key_fails_cleanly(server, tmp_path, monkeypatch):
+def test_ingest_commands_without_key_fails_cleanly(server, tmp_path, monkeypatch):
     monkeypatch.delenv("REFRAIN_API_KEY", raising=False)
     clip(tmp_path / "k" / "k1.wav")
     with pytest.raises(PermissionError, match="API key"):
         cli("ingest", str(tmp_path / "k"), "--url", server.url, "--retries", "0")
 
 
-def test_ingest_cli_retries_connection_errors_and_503(tmp_path, monkeypatch):
+def test_ingest_commands_retries_connection_errors_and_503(tmp_path, monkeypatch):
     from refrain.service import ingest_client
 
     clip(tmp_path / "r" / "r1.wav")
-    entries = ingest_cli.read_catalog(tmp_path / "r")
+    entries = ingest_commands.read_catalog(tmp_path / "r")
     calls, waits = [], []
     replies = iter(
         [

@@ -16,7 +16,15 @@ from refrain.index import SegmentStore, TrackRecord, open_index
 ROOT = Path(__file__).resolve().parents[1]
 
 # the service's HTTP layer: the only modules that may speak in HTTP statuses
-HTTP_LAYER = {"app.py", "errors.py", "auth.py", "deps.py", "forms.py", "pages.py", "worker_app.py"}
+HTTP_LAYER = {
+    "app.py",
+    "http_errors.py",
+    "auth.py",
+    "deps.py",
+    "forms.py",
+    "pages.py",
+    "worker_app.py",
+}
 
 
 @pytest.mark.slow
@@ -37,7 +45,7 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
         "refrain/index/store.py",
         "refrain/service/engine.py",
         "refrain/model/weights/default/config.json",
-        "refrain/model/corpus/bach_melodies.json",
+        "refrain/training/corpus/bach_melodies.json",
         "refrain/service/console/index.html",
         "refrain/service/console/console.js",
     ):
@@ -77,7 +85,7 @@ def test_http_stays_in_the_http_layer():
     for path in sorted((ROOT / "service").glob("*.py")):
         if path.name not in HTTP_LAYER and (names := _http_names(path)):
             offenders[path.name] = sorted(set(names))
-    for folder in ("model", "index"):
+    for folder in ("model", "index", "search", "training"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             if names := _http_names(path):
                 offenders[str(path.relative_to(ROOT))] = sorted(set(names))
@@ -88,8 +96,8 @@ def test_http_stays_in_the_http_layer():
 
 
 def test_the_core_maps_every_domain_error_to_one_status():
-    from refrain.service import exceptions as ex
-    from refrain.service.errors import STATUS, classify
+    from refrain.service import errors as ex
+    from refrain.service.http_errors import STATUS, classify
 
     kinds = [
         c
@@ -125,3 +133,73 @@ def test_both_backends_are_segment_stores(tmp_path):
             milvus_store.add_tracks(
                 [(TrackRecord("b"), np.zeros((1, 8), np.float32), np.zeros(1))] * 2
             )
+
+
+# which packages each package may import: dependencies flow one way, and the service never
+# loads training (its command line registers the training subcommands, imported on use)
+ALLOWED = {
+    "model": {"model"},
+    "index": {"index"},
+    "search": {"search", "index", "model"},
+    "service": {"service", "search", "index", "model"},
+    "training": {"training", "search", "index", "model"},
+}
+COMMAND_LINE = {"service/cli.py"}  # the `refrain` entry point registers every package's commands
+
+
+def _refrain_imports(path: Path) -> set[str]:
+    """The refrain packages a module imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "refrain" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_dependencies_flow_one_way():
+    offenders = {}
+    for package, allowed in ALLOWED.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            name = str(path.relative_to(ROOT))
+            extra = _refrain_imports(path) - allowed - {"__version__"}
+            if name in COMMAND_LINE:
+                extra -= {"training"}
+            if extra:
+                offenders[name] = sorted(extra)
+    assert offenders == {}
+
+
+def test_the_service_loads_no_training_or_corpus_module():
+    code = (
+        "import sys, refrain.service.app, refrain.service.worker_app; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('refrain.'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = out.stdout.split()
+    assert "refrain.service.app" in loaded and "refrain.search.ranking" in loaded
+    assert [m for m in loaded if m.startswith("refrain.training")] == []
+    assert not any("corpus" in m for m in loaded)
+
+
+def test_the_training_subcommands_stay_on_the_command_line():
+    from refrain.service.cli import build_parser
+
+    parser = build_parser()
+    for argv in (
+        ["embed", "a.flac", "--out", "z"],
+        ["convert", "a.ckpt", "out"],
+        ["interpolate", "a", "b", "out"],
+        ["evaluate", "--manifest", "m.csv"],
+        ["train", "configs/default.yaml"],
+        ["calibrate", "model", "--manifest", "m.csv"],
+        ["corpus", "works"],
+    ):
+        assert callable(parser.parse_args(argv).func), argv

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from refrain.model import metrics
-from refrain.model.metrics import (
+from refrain.training import retrieval_metrics as metrics
+from refrain.training.retrieval_metrics import (
     Estimate,
     EvalResult,
     average_precision,

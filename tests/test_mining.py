@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from refrain.model.mining import mined_works, nearest_works, work_distances
+from refrain.training.mining import mined_works, nearest_works, work_distances
 
 
 def test_work_distances_are_the_min_over_segment_pairs():
@@ -47,8 +47,8 @@ def test_mined_works_take_the_anchor_and_works_of_its_pool():
 
 
 def test_mined_batches_follow_the_network_and_random_ones_do_not():
-    from refrain.model.batches import BatchSampler, Track
-    from refrain.model.train import RunConfig
+    from refrain.training.batches import BatchSampler, Track
+    from refrain.training.train import RunConfig
 
     tracks = []
     for w in range(12):  # three styles: a work's CQT is its style's band plus noise

@@ -13,7 +13,6 @@ import soundfile as sf
 
 import refrain.model.qmax as qmax_module
 from refrain.model.audio import resample
-from refrain.model.evaluate import Item, evaluate_detailed
 from refrain.model.qmax import (
     QmaxParams,
     QmaxScorer,
@@ -24,6 +23,7 @@ from refrain.model.qmax import (
     qmax_pair,
 )
 from refrain.service.cli import build_parser, main
+from refrain.training.evaluate import Item, evaluate_detailed
 
 from helpers import SR, pitch_shift, synth_song, time_stretch
 

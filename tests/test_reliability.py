@@ -18,7 +18,7 @@ from test_storage import tgz_of, zip_of
 from refrain.model.audio import AudioDecodeError, load_audio
 from refrain.service import storage
 from refrain.service.archive import ArchiveLimits, extract_archive
-from refrain.service.exceptions import RefrainError, TooLarge
+from refrain.service.errors import RefrainError, TooLarge
 from refrain.service.settings import Settings
 
 from conftest import CKPT_A, DATA, LiveServer
@@ -395,7 +395,7 @@ def test_unauthenticated_uploads_are_refused_before_their_body_is_read(tmp_path)
 
 def test_a_file_swapped_for_an_outside_link_after_the_job_was_accepted_is_not_read(tmp_path):
     from refrain.service.engine import Engine
-    from refrain.service.exceptions import Forbidden
+    from refrain.service.errors import Forbidden
     from refrain.service.metrics import Metrics
     from refrain.service.sources import Item
 

@@ -15,7 +15,7 @@ import soundfile as sf
 
 from refrain.service import storage
 from refrain.service.archive import ArchiveLimits, extract_archive
-from refrain.service.exceptions import InsufficientStorage, RefrainError
+from refrain.service.errors import InsufficientStorage, RefrainError
 from refrain.service.settings import Settings
 
 from conftest import CKPT_A, DATA, LiveServer

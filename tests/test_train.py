@@ -10,11 +10,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from refrain.model.augment import AugmentConfig, augment
-from refrain.model.augment import time_stretch as cqt_stretch
-from refrain.model.calibrate import Calibration, calibrate, fit_logistic
-from refrain.model.losses import LOSSES, LossConfig, contrastive_loss
+from refrain.model.calibration import Calibration
 from refrain.model.reduce import Reduction, reduce
+from refrain.training.augment import AugmentConfig, augment
+from refrain.training.augment import time_stretch as cqt_stretch
+from refrain.training.calibrate import calibrate, fit_logistic
+from refrain.training.losses import LOSSES, LossConfig, contrastive_loss
 
 from helpers import SR, pitch_shift, synth_song, time_stretch
 
@@ -169,7 +170,7 @@ def tiny_run(corpus, tmp_path, **data):
 def test_training_with_mined_batches_mines_every_epoch_and_after_resuming(tiny_corpus, tmp_path):
     import json
 
-    from refrain.model.train import RunConfig, train
+    from refrain.training.train import RunConfig, train
 
     raw = tiny_run(tiny_corpus, tmp_path, mine_p=1.0, mine_pool=2, mine_every=2)
     raw["training"]["epochs"] = 3
@@ -185,7 +186,7 @@ def test_training_with_mined_batches_mines_every_epoch_and_after_resuming(tiny_c
 
 def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_path):
     from refrain.model import load_model
-    from refrain.model.train import RunConfig, train
+    from refrain.training.train import RunConfig, train
 
     raw = tiny_run(tiny_corpus, tmp_path)
     best = train(RunConfig.from_dict(raw))
@@ -205,7 +206,7 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
 
     # A new run warm-started from that checkpoint begins from its weights, not at random.
     from refrain.model.network import CLEWSNet
-    from refrain.model.train import init_weights
+    from refrain.training.train import init_weights
 
     net = CLEWSNet(model.config)
     init_weights(net, best)
@@ -241,7 +242,7 @@ def test_training_runs_resumes_and_produces_a_loadable_model(tiny_corpus, tmp_pa
 
 
 def test_chroma_baseline_is_transposition_invariant():
-    from refrain.model.baseline import ChromaBaseline
+    from refrain.training.baseline import ChromaBaseline
 
     base = ChromaBaseline()
     song = synth_song(25.0, 7)
@@ -263,8 +264,8 @@ def test_rendered_corpus_trains_end_to_end(tmp_path):
     pytest.importorskip("music21")
     if shutil.which("fluidsynth") is None:
         pytest.skip("fluidsynth is not installed (Debian package fluidsynth)")
-    from refrain.model.corpus.pipeline import CorpusOptions, build_corpus
-    from refrain.model.train import RunConfig, train
+    from refrain.training.corpus.pipeline import CorpusOptions, build_corpus
+    from refrain.training.train import RunConfig, train
 
     summary = build_corpus(
         CorpusOptions(
@@ -303,8 +304,8 @@ def test_rendered_corpus_trains_end_to_end(tmp_path):
 
 
 def test_several_manifests_make_one_track_list(tmp_path):
-    from refrain.model.batches import read_tracks
-    from refrain.model.train import RunConfig
+    from refrain.training.batches import read_tracks
+    from refrain.training.train import RunConfig
 
     for name, rows in (
         ("a", [["w1", "x.flac", "train"], ["w2", "y.flac", "valid"]]),
@@ -325,7 +326,7 @@ def test_several_manifests_make_one_track_list(tmp_path):
 
 
 def test_eq_curve_is_smooth_bounded_and_constant_over_time():
-    from refrain.model.augment import eq_curve
+    from refrain.training.augment import eq_curve
 
     gen = torch.Generator().manual_seed(3)
     for _ in range(50):
@@ -343,8 +344,8 @@ def test_eq_curve_is_smooth_bounded_and_constant_over_time():
 
 
 def test_grouped_batches_take_their_works_from_one_manifest():
-    from refrain.model.batches import BatchSampler, Track
-    from refrain.model.train import RunConfig
+    from refrain.training.batches import BatchSampler, Track
+    from refrain.training.train import RunConfig
 
     tracks = []
     for g, prefix, n in ((0, "a", 10), (1, "b", 6), (2, "c", 2)):  # group c cannot fill a batch
@@ -383,7 +384,7 @@ def test_grouped_batches_take_their_works_from_one_manifest():
 def test_shipped_configs_parse_and_chain_their_stages():
     from pathlib import Path
 
-    from refrain.model.train import RunConfig
+    from refrain.training.train import RunConfig
 
     folder = Path(__file__).resolve().parents[1] / "configs"
     configs = {p.stem: RunConfig.load(p) for p in sorted(folder.glob("*.yaml"))}
@@ -428,7 +429,7 @@ def test_refrain_calibrate_fits_the_fused_model_beside_the_distance_one(tiny_cor
     from pathlib import Path
 
     from refrain.model import load_model
-    from refrain.model.calibrate import calibrate_model
+    from refrain.training.calibrate import calibrate_model
 
     folder = tmp_path / "model"
     shutil.copytree(
@@ -447,7 +448,7 @@ def test_refrain_calibrate_fits_the_fused_model_beside_the_distance_one(tiny_cor
 def test_prefetched_batches_are_the_same_batches_in_the_same_order():
     import threading
 
-    from refrain.model.batches import prefetched
+    from refrain.training.batches import prefetched
 
     calls = []
 
@@ -484,7 +485,7 @@ def test_prefetched_batches_are_the_same_batches_in_the_same_order():
 def test_training_with_prefetched_batches_trains_exactly_as_without(tiny_corpus, tmp_path):
     import json
 
-    from refrain.model.train import RunConfig, train
+    from refrain.training.train import RunConfig, train
 
     histories = []
     for depth in (0, 2):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from refrain.model.metrics import retrieval_metrics
-from refrain.model.verify import BELOW, EXPANSIONS, WEIGHTS, Fusion
+from refrain.search.fusion import BELOW, Fusion
 from refrain.service.cli import main
+from refrain.training.retrieval_metrics import retrieval_metrics
+from refrain.training.verified import EXPANSIONS, WEIGHTS, fit_fusion
 
 from helpers import SR, pitch_shift, synth_song, time_stretch
 
@@ -105,7 +106,7 @@ def test_fit_finds_the_weight_that_helps():
     shortlist = Fusion(candidates=11).shortlist(dist)
     qmax = [qmax_full[i, cols] for i, cols in enumerate(shortlist)]
     frames = [20] * 12
-    best, scores = Fusion.fit(
+    best, scores = fit_fusion(
         dist, qmax, shortlist, frames, labels, labels, ids, ids, candidates=11
     )
     assert scores[0.0] == pytest.approx(base) and base < 0.7
@@ -211,8 +212,8 @@ def test_verified_hits_are_scored_with_their_standing_among_the_candidates(tmp_p
     from test_index import IDENTITY, ZDIM
 
     from refrain.index import TrackRecord, open_index
-    from refrain.index.search import QuerySegments, SearchOptions, rank_tracks
     from refrain.model.sequence import decode, encode
+    from refrain.search.ranking import QuerySegments, SearchOptions, rank_tracks
 
     rng = np.random.default_rng(8)
     refs = [chroma_walk(rng, 120) for _ in range(6)]
@@ -250,8 +251,8 @@ def test_search_expands_with_the_first_verified_track(tmp_path):
     from test_index import IDENTITY, ZDIM
 
     from refrain.index import TrackRecord, open_index
-    from refrain.index.search import QuerySegments, SearchOptions, rank_tracks
     from refrain.model.sequence import decode, encode
+    from refrain.search.ranking import QuerySegments, SearchOptions, rank_tracks
 
     rng = np.random.default_rng(9)
     basis = np.eye(ZDIM, dtype=np.float32) * np.sqrt(ZDIM)  # nsqeuc(0, basis[k] * a) = a^2
@@ -290,10 +291,10 @@ def test_new_sequences_are_scored_on_the_upper_chroma_and_older_ones_on_the_full
     from test_index import IDENTITY, ZDIM
 
     from refrain.index import TrackRecord, open_index
-    from refrain.index.search import QuerySegments, SearchOptions, rank_tracks
-    from refrain.index.verify import Verification
     from refrain.model.align import plots
     from refrain.model.sequence import UPPER, decode, decode_upper, encode
+    from refrain.search.ranking import QuerySegments, SearchOptions, rank_tracks
+    from refrain.search.verification import Verification
 
     rng = np.random.default_rng(10)
     full = [chroma_walk(rng, 120) for _ in range(6)]

@@ -249,7 +249,7 @@ def test_ingest_search_outage_and_recovery(processes, songs):
 
 
 def test_no_reachable_worker_is_a_503_with_retry_after():
-    from refrain.service.errors import classify
+    from refrain.service.http_errors import classify
     from refrain.service.remote_worker import RemoteWorkers, WorkersUnavailable
     from refrain.service.worker import Overloaded
 

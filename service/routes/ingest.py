@@ -21,7 +21,7 @@ from refrain.model.audio import AUDIO_EXTENSIONS
 from refrain.service.archive import MAX_MANIFEST_BYTES, ArchiveLimits, copy_to_file, extract_archive
 from refrain.service.auth import require_read, require_write
 from refrain.service.deps import JobsDep, SettingsDep
-from refrain.service.exceptions import InvalidInput, NotFound, TooLarge, UnsupportedMedia
+from refrain.service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
 from refrain.service.forms import StrictFormRoute
 from refrain.service.jobs import JobManager
 from refrain.service.jobstore import JobState

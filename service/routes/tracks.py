@@ -12,7 +12,7 @@ from refrain.index import AddResult
 from refrain.service.auth import require_read, require_write
 from refrain.service.deps import EngineDep, SettingsDep
 from refrain.service.engine import TrackMeta
-from refrain.service.exceptions import InvalidInput
+from refrain.service.errors import InvalidInput
 from refrain.service.forms import StrictFormRoute
 from refrain.service.schemas import AddedTrack, Deleted, Track, TrackPage, responses
 from refrain.service.sources import check_metadata, valid_track_id

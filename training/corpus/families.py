@@ -9,7 +9,7 @@ another harmony, key, tempo and orchestration, not only another rendering of the
 How families are found. The melody of a file is its soprano: `Work.top_line()`, the part named
 as the tune (409 of music21's 412 chorale files name their soprano, also those with obbligato
 instruments written above it; the three Humdrum files have unnamed parts, the soprano first),
-repeated notes merged; the catalogue keeps it as `Facts.intervals`. Two melodies are compared
+repeated notes merged; the catalog keeps it as `Facts.intervals`. Two melodies are compared
 by a local alignment of their pitch classes (match +1, mismatch -1, a gap of g notes
 -(1.5 + 0.25 (g - 1)): ornaments and passing notes cost little), the second melody transposed
 by whichever of two offsets scores better: the one that lines up the final notes, and the one
@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refrain.model.corpus.works import Part, Work, list_sources, normalise_title, stable_fraction
+from refrain.training.corpus.works import Part, Work, list_sources, normalise_title, stable_fraction
 
 TUNE_THRESHOLD = 0.60
 TITLED_THRESHOLD = 0.40  # for two files that music21's chorale lists give the same title
@@ -318,12 +318,12 @@ def chorale_families(
     return group(ids, sim, titles=[titles(i) for i in ids] if titles else None)
 
 
-def catalogued_melodies(catalogue) -> dict[str, tuple[int, ...]]:
-    """Soprano intervals of every readable chorale file that `catalogue` (a
-    `catalogue.Catalogue`) holds facts about."""
+def cataloged_melodies(catalog) -> dict[str, tuple[int, ...]]:
+    """Soprano intervals of every readable chorale file that `catalog` (a
+    `catalog.Catalog`) holds facts about."""
     found = {}
     for source in list_sources("bach-eval"):
-        facts = catalogue.get(source.id)
+        facts = catalog.get(source.id)
         if facts is not None and not facts.error:
             found[source.id] = tuple(facts.intervals)
     return found

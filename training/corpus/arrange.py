@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from refrain.model.corpus.harmony import (
+from refrain.training.corpus.harmony import (
     Chord,
     Key,
     estimate_key,
@@ -32,8 +32,8 @@ from refrain.model.corpus.harmony import (
     mode_change,
     scale_of,
 )
-from refrain.model.corpus.textures import accompaniment, bass_line, counter_melody
-from refrain.model.corpus.works import Part, Work
+from refrain.training.corpus.textures import accompaniment, bass_line, counter_melody
+from refrain.training.corpus.works import Part, Work
 
 TEXTURES = ("block", "pad", "arpeggio", "alberti", "oompah", "strum", "hymn", "walking")
 BASS_STYLES = ("root", "root-fifth", "walking", "none")

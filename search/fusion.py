@@ -18,7 +18,8 @@ then lost on validation queries and the shortlist could not grow.)
 
 Tracks beyond the candidates keep the embedding's order after them, so verification changes
 the order of the top of a list and never what the embedding put below it. `weight` 0 is the
-embedding's ranking. `Fusion.fit` picks the weight that maximises MAP on validation queries.
+embedding's ranking. `refrain.training.verified.fit_fusion` picks the weight that maximises
+MAP on validation queries.
 Only the shortlisted pairs are aligned, `candidates` per query whatever the catalog's size.
 """
 
@@ -29,12 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refrain.model.metrics import retrieval_metrics
-
-WEIGHTS = (0.0, 0.4, 0.8, 1.2, 1.6, 2.0, 2.4, 3.2, 4.8, 6.4)  # searched by `Fusion.fit`
-# expansion weights `refrain evaluate --verify-sweep` tries
-EXPANSIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-SWEEP_CANDIDATES = (10, 20, 50, 100, 200)  # shortlist sizes `refrain evaluate --verify-sweep` tries
 BELOW = 1e6  # added to the distance of tracks outside the candidates: they stay below them
 
 
@@ -72,7 +67,7 @@ class Fusion:
     @staticmethod
     def standard_scores(qmax: np.ndarray) -> np.ndarray:
         """log(1 + Qmax) standardised over one query's candidates (a feature of the fused
-        calibration, `refrain.model.calibrate`). A NaN Qmax (no sequence stored) counts as the
+        calibration, `refrain.training.calibrate`). A NaN Qmax (no sequence stored) counts as the
         candidates' median."""
         return _z(np.log1p(_median_filled(qmax)))
 
@@ -142,31 +137,6 @@ class Fusion:
                     fused = self.expanded(fused, np.asarray(between)[first, cols])
                 out[i, cols] = -fused
         return out
-
-    @classmethod
-    def fit(
-        cls,
-        dist: np.ndarray,
-        qmax: Sequence[np.ndarray],
-        shortlist: Sequence[np.ndarray],
-        frames: Sequence[int],
-        query_labels: np.ndarray,
-        cand_labels: np.ndarray,
-        query_ids: np.ndarray | None = None,
-        cand_ids: np.ndarray | None = None,
-        candidates: int = 100,
-        weights: Sequence[float] = WEIGHTS,
-    ) -> tuple[Fusion, dict[float, float]]:
-        """The weight with the best MAP on these (validation) queries, and MAP per weight
-        (without expansion)."""
-        scores = {}
-        for w in weights:
-            fused = cls(candidates, w, 0.0).rerank(dist, qmax, shortlist, frames)
-            scores[w] = retrieval_metrics(fused, query_labels, cand_labels, query_ids, cand_ids)[
-                "MAP"
-            ]
-        best = max(scores, key=lambda w: (scores[w], -w))
-        return cls(candidates, best, 0.0), scores
 
 
 def _median_filled(qmax: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ per-track features go through the same decoding and query clips, and it scores e
 (query, candidate) pair itself in place of the segment reductions.
 
     from refrain.model import load_model
-    from refrain.model.evaluate import evaluate, read_manifest
+    from refrain.training.evaluate import evaluate, read_manifest
     results = evaluate(load_model(), read_manifest("test.csv"), query_seconds=(10,))
 """
 
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from refrain.model.audio import AudioDecodeError
-from refrain.model.metrics import EvalResult, retrieval_metrics
 from refrain.model.reduce import Reduction, track_distance
+from refrain.training.retrieval_metrics import EvalResult, retrieval_metrics
 
 if TYPE_CHECKING:
     from refrain.model.embedder import Embedder
@@ -148,7 +148,7 @@ class EvalOptions:
     # alignment verification (`model.verify`): also report every level with the model's
     # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
     verify: int = 0
-    verify_weight: float = 2.4  # refrain.model.verify.Fusion's
+    verify_weight: float = 2.4  # refrain.search.fusion.Fusion's
     verify_expand: float = 0.5  # expansion with the first candidate (Fusion's)
     # also report every level re-ranked with each (candidates, weight) of `model.verify`'s
     # sweep, candidates up to `verify` (the data to choose them on validation queries)
@@ -169,7 +169,7 @@ class EvalOptions:
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)!r}")
         if self.verify:
-            from refrain.model.verify import Fusion
+            from refrain.search.fusion import Fusion
 
             Fusion(self.verify, self.verify_weight, self.verify_expand)  # raises on bad values
         elif self.verify_sweep:
@@ -319,7 +319,7 @@ def evaluate_detailed(
     if need_audio and model is None:
         raise ValueError("a model is needed to embed tracks or segment queries")
     if need_audio:
-        whole, queries, skipped = _embed_all(model, items, opts, embeddings, waveforms, progress)
+        whole, queries, skipped = embed_all(model, items, opts, embeddings, waveforms, progress)
     else:
         whole, queries, skipped = [np.asarray(z, dtype=np.float32) for z in embeddings], {}, []
     kept = [i for i in range(len(items)) if whole[i] is not None]
@@ -367,7 +367,9 @@ def evaluate_detailed(
         pairwise = {"scorer": scorer, **cost.to_dict()}
 
     if scorer is None and opts.verify:
-        fused, sweep, cost = _verified(model, items, opts, waveforms, kept, levels, dists, progress)
+        from refrain.training.verified import verified
+
+        fused, sweep, cost = verified(model, items, opts, waveforms, kept, levels, dists, progress)
         swept = [
             ((f"{level[0]} +verify {label}", *level[1:]), dist)
             for label, per_level in sweep.items()
@@ -400,69 +402,6 @@ def evaluate_detailed(
         pairwise=pairwise,
         verification=verification,
     )
-
-
-def _verified(model, items, opts, waveforms, kept, levels, dists, progress):
-    """Each level's distances with its shortlists re-ranked by `model.verify.Fusion`: the
-    upper chroma (`model.sequence.UPPER`) of the same tracks and clips (same draws), Qmax of
-    the shortlisted pairs only;
-    expansion reads the candidates' distances to each other off the whole-track level.
-    With `verify_sweep`, also each (candidates, weight) of the sweep's re-ranking per level
-    at the options' expansion ("CxW"), and each expansion weight at the options' candidates
-    and weight ("CxW+E"), from the same Qmax scores (a shortlist of fewer candidates is a
-    prefix of the longest)."""
-    from refrain.model.qmax import QmaxScorer, shortlist_qmax
-    from refrain.model.sequence import UPPER, decode, encode
-    from refrain.model.verify import EXPANSIONS, SWEEP_CANDIDATES, WEIGHTS, Fusion
-
-    fusion = Fusion(opts.verify, opts.verify_weight, opts.verify_expand)
-    qmax_scorer = QmaxScorer(UPPER, config=model.config)  # the chroma verification aligns
-    whole, queries, _ = _embed_all(qmax_scorer, items, opts, None, waveforms, progress)
-    # quantised like the sequences the service stores (`model.sequence`)
-    stored = [decode(encode(z)) for z in whole]
-    cands = [stored[i] for i in kept]
-    between = dists[0]  # the whole-track level: every kept track against every other, in order
-    grid = {
-        f"{c}x{w:g}": Fusion(c, w, opts.verify_expand)
-        for c in sorted({c for c in SWEEP_CANDIDATES if c < opts.verify} | {opts.verify})
-        for w in WEIGHTS
-    }
-    grid |= {
-        f"{opts.verify}x{opts.verify_weight:g}+{e:g}": Fusion(opts.verify, opts.verify_weight, e)
-        for e in EXPANSIONS
-    }
-    sweep: dict[str, list[np.ndarray]] = {}
-    if opts.verify_sweep:
-        sweep = {label: [] for label in grid}
-    fused, pairs, wall, cpu = [], 0, 0.0, 0.0
-    for (_, qids, *_rest), dist, tau in zip(
-        levels, dists, (None, *opts.query_seconds), strict=True
-    ):
-        chroma = (
-            [stored[i] for i in qids]
-            if tau is None
-            else [decode(encode(z)) for _, _, z in queries[tau]]
-        )
-        masked = np.where(qids[:, None] == np.array(kept)[None, :], np.inf, dist)
-        shortlist = fusion.shortlist(masked)
-        qmax, cost = shortlist_qmax(chroma, cands, shortlist, qmax_scorer.params, progress=progress)
-        frames = [len(c) for c in chroma]
-        fused.append(fusion.rerank(dist, qmax, shortlist, frames, between))
-        for label, out in sweep.items():
-            c = grid[label].candidates
-            short = [s[:c] for s in shortlist]
-            out.append(grid[label].rerank(dist, [q[:c] for q in qmax], short, frames, between))
-        pairs, wall, cpu = pairs + cost.pairs, wall + cost.wall_s, cpu + cost.cpu_s
-    total = {
-        "pairs": pairs,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "workers": 1,
-        "ms_per_pair": 1000 * wall / max(pairs, 1),
-        "cpu_ms_per_pair": 1000 * cpu / max(pairs, 1),
-        **fusion.to_dict(),
-    }
-    return fused, sweep, total
 
 
 # -- embedding -------------------------------------------------------------------------------
@@ -508,7 +447,7 @@ def _decoded(model, items, waveforms, max_samples) -> Iterator[tuple[int, torch.
             yield j, future.result()
 
 
-def _embed_all(model, items, opts, embeddings, waveforms, progress):
+def embed_all(model, items, opts, embeddings, waveforms, progress):
     """Whole-track embeddings, segment queries {tau: [(item, offset_s, z)]} and failures."""
     from tqdm import tqdm
 

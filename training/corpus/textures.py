@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from refrain.model.corpus.arrange import Note, Slot
-    from refrain.model.corpus.harmony import Chord
-    from refrain.model.corpus.works import Work
+    from refrain.training.corpus.arrange import Note, Slot
+    from refrain.training.corpus.harmony import Chord
+    from refrain.training.corpus.works import Work
 
 _BASS_LOW = 36  # C2: bass notes lie in [36, 48)
 _STRUM_STAGGER = 0.03  # quarters between the strings of a strum

@@ -5,7 +5,7 @@ The reducer (`search.rank_tracks`) hands over its candidates closest first. The 
 `candidates` of them that have a stored sequence (`TrackRecord.sequence`) are aligned with
 the query in one pass (`refrain.model.align.plots`) on the upper chroma
 (`refrain.model.sequence.UPPER`), their order becomes the fusion's
-(`refrain.model.verify.Fusion`: minus the segment distance plus `weight` times Qmax per
+(`refrain.search.fusion.Fusion`: minus the segment distance plus `weight` times Qmax per
 query frame, less `expand` times the first track's own distance to each: `Fusion.expanded`),
 and tracks further down keep their order after them. A candidate without a sequence (added
 by an older version) takes the median Qmax, so it neither rises nor sinks for lack of one;
@@ -22,11 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from refrain.index import SegmentStore
 from refrain.model import align
 from refrain.model.sequence import SEQUENCE_RATE, UPPER, decode_both
-from refrain.model.verify import Fusion
-
-from .segment_store import SegmentStore
+from refrain.search.fusion import Fusion
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ With alignment verification, the pairs the service would align (each clip's `can
 nearest tracks by distance) also carry two alignment features: v, the Qmax of the clip's
 chroma against the reference's (`refrain.model.align`) per query frame (about the fraction of
 the clip's frames the alignment links), and z, that pair's log Qmax standardised over the
-clip's candidates, the term the verification's ranking uses (`refrain.model.verify`). A
+clip's candidates, the term the verification's ranking uses (`refrain.search.fusion`). A
 second model p = sigmoid(a + b d + c v + e z) is fitted on those pairs
 (`Calibration.fused`) and kept when, with the distance model scoring every other pair, it
 separates versions better than the distance alone: the service then scores the tracks it
@@ -20,48 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from refrain.model.calibration import Calibration
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    a: float  # intercept
-    b: float  # slope on the distance (negative: closer is likelier)
-    threshold: float  # distance at the chosen operating point
-    precision: float  # on the fitting pairs, at the threshold
-    recall: float
-    n_positive: int
-    n_negative: int
-    method: str = "logistic"
-    # the model with alignment: {"a", "b", "c", "threshold" (on the logit), "precision",
-    # "recall"}; None when the calibration was fitted without it
-    fused: dict | None = None
-
-    def probability(self, distance: float | np.ndarray) -> float | np.ndarray:
-        z = self.a + self.b * np.asarray(distance, dtype=np.float64)
-        p = 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
-        return float(p) if np.ndim(p) == 0 else p
-
-    def fused_probability(self, distance: float, alignment: float, relative: float) -> float:
-        """With alignment verification: `alignment` is the pair's Qmax per query frame,
-        `relative` its standardised log Qmax among the query's candidates."""
-        if self.fused is None:
-            return float(self.probability(distance))
-        f = self.fused
-        # a fused model stored before the relative feature has no "e": it did without it
-        z = f["a"] + f["b"] * distance + f["c"] * alignment + f.get("e", 0.0) * relative
-        return float(1.0 / (1.0 + np.exp(-np.clip(z, -500, 500))))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Calibration:
-        return cls(**d)
 
 
 def fit_logistic(
@@ -193,11 +157,6 @@ def calibrate(
     )
 
 
-def uncalibrated_score(distance: float, gamma: float = 5.0) -> float:
-    """exp(-gamma d): the similarity kernel of the CLEWS loss, in [0, 1]."""
-    return math.exp(-gamma * max(distance, 0.0))
-
-
 def validation_pairs(
     model,
     items,
@@ -218,7 +177,7 @@ def validation_pairs(
     import torch
 
     from refrain.model.reduce import track_distance
-    from refrain.model.verify import Fusion
+    from refrain.search.fusion import Fusion
 
     fusion = Fusion() if candidates is None else Fusion(candidates)
 
@@ -275,7 +234,7 @@ def calibrate_model(
 
     from refrain.model import load_model
     from refrain.model.checkpoint import save_refrain
-    from refrain.model.evaluate import read_manifest
+    from refrain.training.evaluate import read_manifest
 
     model = load_model(model_dir)
     if model.info.get("format") != "refrain":

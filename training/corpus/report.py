@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refrain.model.corpus.arrange import Arrangement, chord_difference, grid_of, harmonisation
-from refrain.model.corpus.works import Work
+from refrain.training.corpus.arrange import Arrangement, chord_difference, grid_of, harmonisation
+from refrain.training.corpus.works import Work
 
 _QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 

@@ -1,7 +1,7 @@
 """Choosing works: cached facts about every source, the Bach guard, deduplication and splits.
 
 Parsing a score takes 0.05-2 s, so the facts needed to accept or reject a source (length,
-melody, title) are kept in an append-only JSON-lines catalogue and reused by later runs.
+melody, title) are kept in an append-only JSON-lines catalog and reused by later runs.
 Sources are visited in an order fixed by hashing their ids, and the first `n` acceptable ones
 are taken: asking for more works extends a corpus instead of reshuffling it.
 """
@@ -17,7 +17,7 @@ from importlib import resources
 from multiprocessing import Pool
 from pathlib import Path
 
-from refrain.model.corpus.works import (
+from refrain.training.corpus.works import (
     INCIPIT_LEN,
     MELODY_KEY_LEN,
     Source,
@@ -33,7 +33,7 @@ from refrain.model.corpus.works import (
 
 SPLITS = ("train", "valid", "test")
 _MAX_INTERVALS = 400  # kept per source; enough for every key below
-# Bumped whenever reading a score changes, so that catalogued facts from before are re-read.
+# Bumped whenever reading a score changes, so that cataloged facts from before are re-read.
 FACTS_VERSION = 3
 # Bach guard thresholds, in intervals of the melody (repeated notes merged); see BachGuard.
 _GUARD_INCIPIT = 10
@@ -84,7 +84,7 @@ def facts_of(source: Source) -> Facts:
     )
 
 
-class Catalogue:
+class Catalog:
     """Append-only JSON-lines store of `Facts`, keyed by source id; `path=None` keeps none."""
 
     def __init__(self, path: str | Path | None) -> None:
@@ -150,8 +150,8 @@ class BachGuard:
 
     @classmethod
     def shipped(cls) -> BachGuard:
-        """The guard built from music21's Bach chorales (`model/corpus/bach_melodies.json`)."""
-        text = resources.files("refrain.model.corpus").joinpath("bach_melodies.json").read_text()
+        """The guard built from music21's Bach chorales (`training/corpus/bach_melodies.json`)."""
+        text = resources.files("refrain.training.corpus").joinpath("bach_melodies.json").read_text()
         return cls(json.loads(text)["melodies"])
 
     @classmethod
@@ -198,7 +198,7 @@ class SelectOptions:
     # song-like part-writing), e.g. 0.65; 0 takes every work.
     min_homophony: float = 0.0
     # Skip works whose melody or title repeats an accepted one's; off for the chorale tunes,
-    # whose harmonisations share their melody (model/corpus/families.py groups them).
+    # whose harmonisations share their melody (training/corpus/families.py groups them).
     dedupe: bool = True
 
 
@@ -209,7 +209,7 @@ def ordered_sources(collection: str) -> list[Source]:
 
 def select_works(
     n: int | None,
-    catalogue: Catalogue,
+    catalog: Catalog,
     options: SelectOptions = SelectOptions(),
     jobs: int = 1,
     guard: BachGuard | None = None,
@@ -220,7 +220,7 @@ def select_works(
         guard = BachGuard.shipped()
     selection = Selection()
     seen: dict[tuple, str] = {}
-    facts_stream = _facts_in_order(ordered_sources(options.collection), catalogue, jobs)
+    facts_stream = _facts_in_order(ordered_sources(options.collection), catalog, jobs)
     with closing(facts_stream):  # stops its worker pool as soon as enough works are found
         for facts in facts_stream:
             if progress is not None:
@@ -261,18 +261,18 @@ def _rejection(facts: Facts, options: SelectOptions, guard, seen: dict) -> str:
     return ""
 
 
-def _facts_in_order(sources: list[Source], catalogue: Catalogue, jobs: int) -> Iterator[Facts]:
-    """Facts of `sources` in order; the uncatalogued ones are parsed ahead by `jobs` processes
+def _facts_in_order(sources: list[Source], catalog: Catalog, jobs: int) -> Iterator[Facts]:
+    """Facts of `sources` in order; the uncataloged ones are parsed ahead by `jobs` processes
     (closing the iterator stops them)."""
-    missing = [s for s in sources if catalogue.get(s.id) is None]
+    missing = [s for s in sources if catalog.get(s.id) is None]
     pool = Pool(jobs) if jobs > 1 and len(missing) > 1 else None
     try:
         parsed = pool.imap(facts_of, missing) if pool else map(facts_of, missing)
         for source in sources:
-            facts = catalogue.get(source.id)
+            facts = catalog.get(source.id)
             if facts is None:
                 facts = next(parsed)
-                catalogue.add([facts])
+                catalog.add([facts])
             yield facts
     finally:
         if pool is not None:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from refrain.model.corpus.arrange import Arrangement, beat_length
+from refrain.training.corpus.arrange import Arrangement, beat_length
 
 if TYPE_CHECKING:
-    from refrain.model.corpus.works import Work
+    from refrain.training.corpus.works import Work
 
 KICK, SNARE, SIDE_STICK, CLOSED_HAT, PEDAL_HAT, OPEN_HAT, RIDE, CRASH = (
     36,

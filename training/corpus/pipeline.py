@@ -5,12 +5,12 @@ Layout of an output folder:
     manifest.csv            one row per version (paths relative to this folder)
     params.jsonl            the full parameters of every version
     corpus.json             the options the corpus was built with, and what was skipped why
-    catalogue.jsonl         cached facts about every source looked at
+    catalog.jsonl         cached facts about every source looked at
     works/<clique>.json     each selected work as plain note lists
     audio/<clique>/vNN.flac (or .mp3) and vNN.json, the version's record
     families.json           bach-eval only: the chorale tunes and their harmonisations
 
-In a bach-eval corpus a manifest clique is a tune (model/corpus/families.py): the versions of
+In a bach-eval corpus a manifest clique is a tune (training/corpus/families.py): the versions of
 all its harmonisations; each harmonisation (a chorale file, the `work` column) keeps its own
 <clique> folder, and its records in params.jsonl keep that clique and name the tune `family`.
 
@@ -34,18 +34,18 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from refrain.model.corpus.catalogue import Catalogue, SelectOptions, select_works, split_of
-from refrain.model.corpus.degrade import apply_chain, describe, mp3_decode
-from refrain.model.corpus.families import catalogued_melodies, select_families, write_table
-from refrain.model.corpus.midi import Timeline, version_midi
-from refrain.model.corpus.render import RenderError, find_soundfonts, render_midi
-from refrain.model.corpus.versions import (
+from refrain.training.corpus.catalog import Catalog, SelectOptions, select_works, split_of
+from refrain.training.corpus.degrade import apply_chain, describe, mp3_decode
+from refrain.training.corpus.families import cataloged_melodies, select_families, write_table
+from refrain.training.corpus.midi import Timeline, version_midi
+from refrain.training.corpus.render import RenderError, find_soundfonts, render_midi
+from refrain.training.corpus.versions import (
     VersionOptions,
     VersionParams,
     performed_work,
     sample_version,
 )
-from refrain.model.corpus.works import Source, Work, WorkError, clique_id, load_work
+from refrain.training.corpus.works import Source, Work, WorkError, clique_id, load_work
 
 MANIFEST_COLUMNS = (
     "clique",
@@ -82,7 +82,7 @@ class CorpusOptions:
     soundfonts: tuple[str, ...] | None = None  # files or folders; None: the system's
     jobs: int = 1
     timeout_s: float = 300.0  # per FluidSynth render
-    catalogue: Path | None = None  # shared facts cache; default out/catalogue.jsonl
+    catalog: Path | None = None  # shared facts cache; default out/catalog.jsonl
     version_options: VersionOptions = field(default_factory=VersionOptions)
 
 
@@ -96,6 +96,14 @@ class Summary:
     families: int = 0  # bach-eval: tunes (manifest cliques)
 
 
+def default_catalog(out: Path) -> Path:
+    """OUT/catalog.jsonl, or the catalogue.jsonl of a corpus rendered before the rename."""
+    older = out / "catalogue.jsonl"
+    return (
+        older if older.exists() and not (out / "catalog.jsonl").exists() else out / "catalog.jsonl"
+    )
+
+
 def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
     """Render (or complete) the corpus described by `options` and write its manifest."""
     out = Path(options.out)
@@ -104,7 +112,7 @@ def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
     if not soundfonts:
         raise RenderError("no soundfont found (Debian: apt-get install fluid-soundfont-gm)")
 
-    catalogue = Catalogue(options.catalogue or out / "catalogue.jsonl")
+    catalog = Catalog(options.catalog or default_catalog(out))
     tunes = options.collection == "bach-eval"
     select = SelectOptions(
         options.collection,
@@ -115,12 +123,12 @@ def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
     )
     with tqdm(desc="selecting works", unit="source", disable=not progress) as bar:
         n = None if tunes else options.works
-        selection = select_works(n, catalogue, select, options.jobs, progress=bar.update)
+        selection = select_works(n, catalog, select, options.jobs, progress=bar.update)
     ids = [f.id for f in selection.works]
     families = None
     if tunes:  # --works counts tunes; every harmonisation of a chosen tune is rendered
         families = select_families(
-            catalogued_melodies(catalogue),
+            cataloged_melodies(catalog),
             ids,
             options.works,
             lambda some: _load_works(out, some, options.jobs),
@@ -204,7 +212,7 @@ def _parse(source_id: str) -> Work:
     path, _, tune = source_id.partition("#")
     try:
         return load_work(Source(path, int(tune or 0)))
-    except WorkError as e:  # catalogued as readable, so the corpus files changed under us
+    except WorkError as e:  # cataloged as readable, so the corpus files changed under us
         raise RuntimeError(f"work {source_id} no longer reads: {e}") from e
 
 

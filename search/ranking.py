@@ -9,7 +9,7 @@
 4. Verification (`verify`, when the query carries its chroma sequence): the first
    `verify` candidates re-ranked by fusing the segment distance with a Qmax alignment of
    the chroma sequences, which also says where each returned track matches, at what tempo
-   ratio and in what key (`refrain.index.verify`); then expanded with the first of them:
+   ratio and in what key (`refrain.search.verification`); then expanded with the first of them:
    each candidate's distance to that track's own stored segments counts too.
 5. Localisation of tracks not aligned: the best segment pairs (best pairs without
    replacement) give the matching time ranges, query seconds <-> reference seconds.
@@ -29,14 +29,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from refrain.index import SegmentStore, TrackRecord
 from refrain.model.align import Alignment
-from refrain.model.calibrate import uncalibrated_score
+from refrain.model.calibration import uncalibrated_score
 from refrain.model.reduce import Reduction, best_pairs_batch, nsqeuc, reduce
-from refrain.model.verify import Fusion
-
-from .segment_store import SegmentStore
-from .types import TrackRecord
-from .verify import Verification
+from refrain.search.fusion import Fusion
+from refrain.search.verification import Verification
 
 LONG_CLIP_S = 40.0  # clips at least this long are ranked with bpwr-10, shorter with min
 

@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from refrain.model.corpus.arrange import (
+from refrain.training.corpus.arrange import (
     Arrangement,
     arrange,
     blended,
     evened,
     sample_arrangement,
 )
-from refrain.model.corpus.degrade import Degradation, degradation_from_json, sample_degradations
-from refrain.model.corpus.works import Work
+from refrain.training.corpus.degrade import Degradation, degradation_from_json, sample_degradations
+from refrain.training.corpus.works import Work
 
 # General MIDI programs by family. Bass programs only ever play a work's lowest part.
 FAMILIES: dict[str, tuple[int, ...]] = {

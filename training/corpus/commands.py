@@ -11,18 +11,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from refrain.model.corpus.catalogue import (
+from refrain.training.corpus.catalog import (
     BachGuard,
-    Catalogue,
+    Catalog,
     SelectOptions,
     facts_of,
     reader_version,
     select_works,
 )
-from refrain.model.corpus.pipeline import CorpusOptions, build_corpus
-from refrain.model.corpus.render import RenderError
-from refrain.model.corpus.versions import VersionOptions
-from refrain.model.corpus.works import list_sources
+from refrain.training.corpus.pipeline import CorpusOptions, build_corpus
+from refrain.training.corpus.render import RenderError
+from refrain.training.corpus.versions import VersionOptions
+from refrain.training.corpus.works import list_sources
 
 COLLECTIONS = ("default", "bach-eval")
 TUNE_HOMOPHONY = 0.65  # --tunes: most other parts start their notes with the top line's
@@ -74,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The same actions on their own (`python -m refrain.model.corpus`)."""
+    """The same actions on their own (`python -m refrain.training.corpus`)."""
     p = argparse.ArgumentParser(prog="refrain corpus", description=DESCRIPTION)
     add_actions(p)
     return p
@@ -175,10 +175,11 @@ def add_actions(p: argparse.ArgumentParser) -> None:
         help="soundfont file or folder (repeatable); default: the system's",
     )
     r.add_argument(
+        "--catalog",
         "--catalogue",
         type=Path,
         default=None,
-        help="facts cache shared between corpora (default OUT/catalogue.jsonl)",
+        help="facts cache shared between corpora (default OUT/catalog.jsonl)",
     )
     r.add_argument(
         "--timeout",
@@ -191,7 +192,9 @@ def add_actions(p: argparse.ArgumentParser) -> None:
 
     w = sub.add_parser("works", help="count (or list) the usable works of a collection")
     w.add_argument("--collection", choices=COLLECTIONS, default="default")
-    w.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
+    w.add_argument(
+        "--catalog", "--catalogue", type=Path, default=None, help="facts cache to use and extend"
+    )
     w.add_argument("--min-seconds", type=_positive(float, zero=True), default=20.0)
     w.add_argument("--min-parts", type=_positive(int), default=1)
     w.add_argument("--jobs", type=_positive(int), default=1)
@@ -206,7 +209,9 @@ def add_actions(p: argparse.ArgumentParser) -> None:
     h.set_defaults(func=_harmony)
 
     f = sub.add_parser("families", help="print the Bach chorale tunes and their harmonisations")
-    f.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
+    f.add_argument(
+        "--catalog", "--catalogue", type=Path, default=None, help="facts cache to use and extend"
+    )
     f.add_argument("--min-family", type=_positive(int), default=2)
     f.add_argument("--jobs", type=_positive(int), default=1)
     f.add_argument("--json", type=Path, default=None, help="also write the table here")
@@ -214,7 +219,9 @@ def add_actions(p: argparse.ArgumentParser) -> None:
 
     b = sub.add_parser("bach-melodies", help="rebuild the chorale melodies the Bach guard uses")
     b.add_argument("output", type=Path)
-    b.add_argument("--catalogue", type=Path, default=None, help="facts cache to use and extend")
+    b.add_argument(
+        "--catalog", "--catalogue", type=Path, default=None, help="facts cache to use and extend"
+    )
     b.set_defaults(func=_bach_melodies)
 
 
@@ -241,7 +248,7 @@ def _render(args) -> int:
         soundfonts=tuple(args.soundfont) if args.soundfont else None,
         jobs=args.jobs,
         timeout_s=args.timeout,
-        catalogue=args.catalogue,
+        catalog=args.catalog,
         version_options=VersionOptions(
             arrange=args.arrange, originals=args.originals, blend=args.blend, even=args.even
         ),
@@ -268,10 +275,10 @@ def _render(args) -> int:
 
 
 def _works(args) -> int:
-    catalogue = Catalogue(args.catalogue)
+    catalog = Catalog(args.catalog)
     options = SelectOptions(args.collection, args.min_seconds, min_parts=args.min_parts)
     with tqdm(desc="reading works", unit="source", disable=args.list) as bar:
-        selection = select_works(None, catalogue, options, args.jobs, progress=bar.update)
+        selection = select_works(None, catalog, options, args.jobs, progress=bar.update)
     by_collection = Counter(f.id.split("/", 1)[0] for f in selection.works)
     reasons = Counter(r.split(" of ")[0] for r in selection.rejected.values())
     if args.list:
@@ -285,7 +292,7 @@ def _works(args) -> int:
 
 
 def _harmony(args) -> int:
-    from refrain.model.corpus.report import harmony_report
+    from refrain.training.corpus.report import harmony_report
 
     try:
         report = harmony_report(args.corpus)
@@ -301,18 +308,18 @@ def _harmony(args) -> int:
 def _families(args) -> int:
     from multiprocessing import Pool
 
-    from refrain.model.corpus.families import (
-        catalogued_melodies,
+    from refrain.training.corpus.families import (
+        cataloged_melodies,
         format_table,
         select_families,
         table,
     )
-    from refrain.model.corpus.works import Source, load_work
+    from refrain.training.corpus.works import Source, load_work
 
-    catalogue = Catalogue(args.catalogue)
+    catalog = Catalog(args.catalog)
     options = SelectOptions("bach-eval", dedupe=False)
     with tqdm(desc="reading chorales", unit="source") as bar:
-        selection = select_works(None, catalogue, options, args.jobs, progress=bar.update)
+        selection = select_works(None, catalog, options, args.jobs, progress=bar.update)
 
     def load(ids: list[str]):
         if args.jobs > 1:
@@ -321,7 +328,7 @@ def _families(args) -> int:
         return [load_work(Source(i)) for i in ids]
 
     accepted = [f.id for f in selection.works]
-    tunes = select_families(catalogued_melodies(catalogue), accepted, None, load, args.min_family)
+    tunes = select_families(cataloged_melodies(catalog), accepted, None, load, args.min_family)
     print(format_table(tunes))
     print(
         f"{len(tunes.families)} tunes with at least {args.min_family} harmonisations, "
@@ -334,10 +341,10 @@ def _families(args) -> int:
 
 
 def _bach_melodies(args) -> int:
-    catalogue = Catalogue(args.catalogue)
+    catalog = Catalog(args.catalog)
     sources = list_sources("bach-eval")
-    catalogue.add(facts_of(s) for s in sources if catalogue.get(s.id) is None)
-    guard = BachGuard.from_facts(catalogue.get(s.id) for s in sources)
+    catalog.add(facts_of(s) for s in sources if catalog.get(s.id) is None)
+    guard = BachGuard.from_facts(catalog.get(s.id) for s in sources)
     data = {"reader": reader_version(), "melodies": guard.melodies}
     args.output.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
     print(f"{len(guard.melodies)} chorale melodies written to {args.output}")

@@ -1,4 +1,4 @@
-"""Model subcommands of `refrain`: embed, convert, interpolate, evaluate."""
+"""Training subcommands of `refrain`: evaluate, train, calibrate and the corpus's."""
 
 from __future__ import annotations
 
@@ -6,33 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from refrain.model.corpus import cli as corpus_cli
+from refrain.training.corpus import commands as corpus_commands
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed audio files into per-segment .npy arrays")
-    p.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder (mirrors the input layout)")
-    p.add_argument("--checkpoint", default=None, help="model (default: the shipped one)")
-    p.add_argument("--hop", type=float, default=5.0, help="seconds between segments")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--batch-size", type=int, default=32, help="segments per network call")
-    p.set_defaults(func=cmd_embed)
-
-    p = sub.add_parser("convert", help="convert an official CLEWS checkpoint to Refrain's format")
-    p.add_argument("checkpoint", help="official checkpoint (.ckpt with configuration.yaml beside)")
-    p.add_argument("out", help="output folder")
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser(
-        "interpolate", help="mix the weights of two models of one configuration into a third"
-    )
-    p.add_argument("a", help="Refrain model folder or official checkpoint (weight 0)")
-    p.add_argument("b", help="the other model (weight 1)")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--weight", type=float, default=0.5, help="share of b, in [0, 1]")
-    p.set_defaults(func=cmd_interpolate)
-
     p = sub.add_parser("evaluate", help="track- and segment-level retrieval metrics on a manifest")
     p.add_argument("--manifest", required=True, help="CSV with columns clique,path")
     p.add_argument("--checkpoint", default=None, help="model (default: the shipped one)")
@@ -77,19 +54,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--verify-weight",
         type=float,
         default=2.4,
-        help="weight of the alignment in the fusion (refrain.model.verify)",
+        help="weight of the alignment in the fusion (refrain.search.fusion)",
     )
     p.add_argument(
         "--verify-expand",
         type=float,
         default=0.5,
-        help="weight of the expansion with the first verified track (refrain.model.verify)",
+        help="weight of the expansion with the first verified track (refrain.search.fusion)",
     )
     p.add_argument(
         "--verify-sweep",
         action="store_true",
         help="also report every level re-ranked with each number of candidates up to "
-        "--verify and each weight of refrain.model.verify's sweep (to choose them on "
+        "--verify and each weight of refrain.search.fusion's sweep (to choose them on "
         "validation queries)",
     )
     p.add_argument(
@@ -105,7 +82,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     add_train(sub)
 
-    corpus_cli.add_commands(sub)
+    corpus_commands.add_commands(sub)
 
     p = sub.add_parser("calibrate", help="fit a model's score calibration on validation pairs")
     p.add_argument("model", help="Refrain model folder (its calibration is written into it)")
@@ -137,7 +114,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
-    from refrain.model.train import RunConfig, train
+    from refrain.training.train import RunConfig, train
 
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
     for item in args.set:
@@ -154,49 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import json
 
-    from refrain.model.calibrate import calibrate_model
+    from refrain.training.calibrate import calibrate_model
 
     cal = calibrate_model(args.model, args.manifest, args.split, args.target_precision, args.seed)
     print(json.dumps(cal.to_dict(), indent=1))
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from refrain.model import load_model
-    from refrain.model.audio import AUDIO_EXTENSIONS, find_audio
-
-    files = find_audio(args.inputs)
-    if not files:
-        raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {args.inputs}")
-    model = load_model(args.checkpoint, device=args.device)
-    out = Path(args.out)
-    zs = model.embed_many(
-        [f for f, _ in files],
-        hop=args.hop,
-        batch_size=args.batch_size,
-        progress=True,
-        errors="skip",
-    )
-    failed = 0
-    for (src, rel), z in zip(files, zs, strict=False):
-        if z is None:
-            print(f"skipped (cannot decode): {src}", file=sys.stderr)
-            failed += 1
-            continue
-        dst = (out / rel).with_suffix(".npy")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        np.save(dst, z)
-    print(f"wrote {len(files) - failed} embeddings to {out} ({failed} failed)")
-    return 1 if failed else 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from refrain.model.checkpoint import convert
-
-    out = convert(args.checkpoint, args.out)
-    print(f"wrote {out}")
     return 0
 
 
@@ -219,14 +157,6 @@ def _cost_line(cost: dict) -> str:
     )
 
 
-def cmd_interpolate(args: argparse.Namespace) -> int:
-    from refrain.model.checkpoint import interpolate
-
-    out = interpolate(args.a, args.b, args.weight, args.out)
-    print(f"wrote {out} ({args.weight:g} of {args.b}); refit its calibration: refrain calibrate")
-    return 0
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`refrain evaluate`: print the table and counts, write JSON if asked.
 
@@ -236,8 +166,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import time
 
     from refrain.model import load_model
-    from refrain.model.evaluate import EvalOptions, evaluate_detailed, read_manifest
-    from refrain.model.metrics import format_table
+    from refrain.training.evaluate import EvalOptions, evaluate_detailed, read_manifest
+    from refrain.training.retrieval_metrics import format_table
 
     start = time.perf_counter()
     items = read_manifest(args.manifest, split=args.split)
@@ -260,7 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     baseline = getattr(args, "baseline", None)
     if baseline is True or baseline == "2dftm":  # True: the former on/off flag
-        from refrain.model.baseline import ChromaBaseline
+        from refrain.training.baseline import ChromaBaseline
 
         model = ChromaBaseline()
     elif baseline in ("qmax", "qmax-upper"):

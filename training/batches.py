@@ -1,8 +1,8 @@
 """Training data: the tracks of version manifests, their cached CQTs, and batches of works
 x versions x random crops (with augmentations), random, of one manifest or mined.
 
-`refrain.model.train` runs the loop over these; a batch is what the contrastive loss of
-`refrain.model.losses` sees: `works_per_batch` works x `versions_per_work` recordings, each
+`refrain.training.train` runs the loop over these; a batch is what the contrastive loss of
+`refrain.training.losses` sees: `works_per_batch` works x `versions_per_work` recordings, each
 a random `crop_s` crop cut into 20 s segments.
 """
 
@@ -27,14 +27,14 @@ import torch
 from tqdm import tqdm
 
 from refrain.model.audio import AudioDecodeError, load_audio
-from refrain.model.augment import augment, stretch_rate, time_stretch
 from refrain.model.config import ModelConfig
-from refrain.model.mining import mined_works, nearest_works, work_distances
 from refrain.model.network import CLEWSNet
 from refrain.model.shingle import CroppedCQT, repeat_pad
+from refrain.training.augment import augment, stretch_rate, time_stretch
+from refrain.training.mining import mined_works, nearest_works, work_distances
 
 if TYPE_CHECKING:
-    from refrain.model.train import RunConfig
+    from refrain.training.train import RunConfig
 
 log = logging.getLogger("refrain.train")
 

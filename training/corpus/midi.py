@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from refrain.model.corpus.grooves import groove_notes
-from refrain.model.corpus.versions import DRUM_CHANNEL, VersionParams, performed_work
-from refrain.model.corpus.works import Work
+from refrain.training.corpus.grooves import groove_notes
+from refrain.training.corpus.versions import DRUM_CHANNEL, VersionParams, performed_work
+from refrain.training.corpus.works import Work
 
 if TYPE_CHECKING:
     import mido

@@ -6,7 +6,7 @@ recording, where a clique is a work. Each step samples `works_per_batch` works x
 CQT domain, from a cache computed once), cuts it into 20 s segments, embeds them and
 applies the configured loss. Validation computes track-level MAP every epoch.
 Checkpoints (`last/`, `best/` in Refrain's format, `train_state.pt`) allow resuming.
-The data side (manifests, the CQT cache, batches) is `refrain.model.batches`.
+The data side (manifests, the CQT cache, batches) is `refrain.training.batches`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from refrain.model.augment import AugmentConfig
-from refrain.model.batches import (
+from refrain.model.checkpoint import save_refrain
+from refrain.model.config import ModelConfig
+from refrain.model.network import CLEWSNet
+from refrain.training.augment import AugmentConfig
+from refrain.training.batches import (
     BatchSampler,
     CQTCache,
     Track,
@@ -33,10 +36,7 @@ from refrain.model.batches import (
     prefetched,
     read_tracks,
 )
-from refrain.model.checkpoint import save_refrain
-from refrain.model.config import ModelConfig
-from refrain.model.losses import LossConfig, contrastive_loss
-from refrain.model.network import CLEWSNet
+from refrain.training.losses import LossConfig, contrastive_loss
 
 log = logging.getLogger("refrain.train")
 
@@ -51,7 +51,7 @@ class DataConfig:
     # probability that a batch takes all its works from one manifest of the list (a work
     # belongs to the first manifest listing it): negatives of one style are the hard ones
     group_p: float = 0.0
-    # probability that a batch is mined (`model/mining.py`): an anchor work and works drawn
+    # probability that a batch is mined (`training/mining.py`): an anchor work and works drawn
     # from its `mine_pool` nearest by the current network, re-mined every `mine_every` epochs
     mine_p: float = 0.0
     mine_pool: int = 48
@@ -119,7 +119,7 @@ class RunConfig:
 
 
 def validate(net: CLEWSNet, tracks: list[Track], config: RunConfig, device: torch.device) -> dict:
-    from refrain.model.evaluate import Item, evaluate
+    from refrain.training.evaluate import Item, evaluate
 
     c = config.model
     seg_frames = cqt_frames(c, c.shingling.len)

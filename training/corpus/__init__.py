@@ -7,33 +7,33 @@ clique. The Bach chorales are reserved for evaluation and never enter the defaul
 
     refrain corpus render --out data/corpus --works 200 --versions 6 --seed 0 --jobs 2
     refrain corpus render --out data/bach --collection bach-eval --works 0 --versions 2
-    python -m refrain.model.corpus families         # the chorale tunes (bach-eval's cliques)
-    python -m refrain.model.corpus works            # how many usable works there are
+    python -m refrain.training.corpus families         # the chorale tunes (bach-eval's cliques)
+    python -m refrain.training.corpus works            # how many usable works there are
 
 Needs the `train` extra (music21, mido) and the fluidsynth program with soundfonts.
 """
 
-from refrain.model.corpus.catalogue import (
+from refrain.training.corpus.catalog import (
     BachGuard,
-    Catalogue,
+    Catalog,
     SelectOptions,
     select_works,
     split_of,
 )
-from refrain.model.corpus.cli import main
-from refrain.model.corpus.pipeline import (
+from refrain.training.corpus.commands import main
+from refrain.training.corpus.pipeline import (
     MANIFEST_COLUMNS,
     CorpusOptions,
     build_corpus,
     render_version,
 )
-from refrain.model.corpus.versions import VersionOptions, VersionParams, sample_version
-from refrain.model.corpus.works import Source, Work, list_sources, load_work
+from refrain.training.corpus.versions import VersionOptions, VersionParams, sample_version
+from refrain.training.corpus.works import Source, Work, list_sources, load_work
 
 __all__ = [
     "MANIFEST_COLUMNS",
     "BachGuard",
-    "Catalogue",
+    "Catalog",
     "CorpusOptions",
     "SelectOptions",
     "Source",

@@ -1,5 +1,0 @@
-import sys
-
-from refrain.model.corpus.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from refrain.training.corpus.commands import main
+
+sys.exit(main())
