@@ -50,6 +50,11 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
         "refrain/service/console/console.js",
     ):
         assert module in names, module
+    # every module of every package, none left out of the package list
+    for package in ALLOWED:
+        for path in (ROOT / package).rglob("*.py"):
+            module = f"refrain/{path.relative_to(ROOT)}"
+            assert module in names, module
 
 
 def test_the_public_names_import_lazily():
