@@ -4,11 +4,11 @@
 
 Starts `refrain serve` (the shipped model, open writes on loopback) on a free loopback port
 with a temporary data folder, adds five synthetic reference tracks (two versions of one
-tune, three other tunes), searches a 12 s clip of a third version of the tune (faster and
-two semitones up) from the console in headless chromium, and saves the page as a PNG once
-the answer, with its aligned ranges, tempo ratios and key shifts, is shown. Everything it
-started is stopped before it exits. Needs chromium and chromedriver (Debian: `chromium`,
-`chromium-driver`) and selenium (`pip install -e '.[dev]'`).
+tune, three other tunes in minor keys), searches a 20 s clip of a third version of the tune
+(faster and two semitones up) from the console in headless chromium, and saves the page as
+a PNG once the answer, with its aligned ranges, tempo ratios and key shifts, is shown.
+Everything it started is stopped before it exits. Needs chromium and chromedriver (Debian:
+`chromium`, `chromium-driver`) and selenium (`pip install -e '.[dev]'`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ SR = 44100
 WIDTH = 1280
 ROOT = Path(__file__).resolve().parents[1]
 MAJOR = (0, 2, 4, 5, 7, 9, 11)
+MINOR = (0, 2, 3, 5, 7, 8, 10)
 
 
 def tune(seed: int, bars: int = 24) -> list[tuple[int, int, float]]:
@@ -51,6 +52,7 @@ def render(
     key: int,
     harmonics: tuple[float, ...],
     seed: int,
+    scale: tuple[int, ...] = MAJOR,
 ) -> np.ndarray:
     """A version of a tune: its melody over a chord per bar, at a tempo, key and timbre."""
     rng = np.random.default_rng(seed)
@@ -70,14 +72,14 @@ def render(
         out[a : a + len(t)] += gain * wave * env
 
     for bar, degree in enumerate(chords):  # chord and bass, one per bar
-        root = 48 + key + MAJOR[degree]
+        root = 48 + key + scale[degree]
         for step in (0, 2, 4):
-            pitch = 48 + key + MAJOR[(degree + step) % 7] + 12 * ((degree + step) // 7)
+            pitch = 48 + key + scale[(degree + step) % 7] + 12 * ((degree + step) // 7)
             tone(pitch, bar * 4 * beat, 4 * beat, 0.05, 0.6)
         tone(root - 12, bar * 4 * beat, 4 * beat, 0.12, 0.8)
     at = 0.0
     for _bar, degree, beats in notes:  # the melody
-        tone(72 + key + MAJOR[degree % 7] + 12 * (degree // 7), at, beats * beat, 0.16, 2.0)
+        tone(72 + key + scale[degree % 7] + 12 * (degree // 7), at, beats * beat, 0.16, 2.0)
         at += beats * beat
     out += 0.002 * rng.standard_normal(len(out))
     return (0.8 * out / np.abs(out).max()).astype(np.float32)
@@ -102,7 +104,7 @@ def catalog(folder: Path) -> tuple[list[tuple[Path, dict[str, str]]], Path]:
         notes = tune(20 + n)
         refs.append(
             (
-                render(notes, 96 + 8 * n, n - 1, (1.0, 0.4, 0.25), seed=30 + n),
+                render(notes, 96 + 8 * n, n - 1, (1.0, 0.4, 0.25), seed=30 + n, scale=MINOR),
                 {"track_id": f"other-{n + 1}", "title": title, "artist": artist},
             )
         )
@@ -114,7 +116,7 @@ def catalog(folder: Path) -> tuple[list[tuple[Path, dict[str, str]]], Path]:
         files.append((path, meta))
     cover = render(melody, 108, 2, (1.0, 0.7, 0.1, 0.4), seed=12)  # faster, 2 semitones up
     clip = folder / "clip.wav"
-    sf.write(clip, cover[int(18 * SR) : int(30 * SR)], SR)
+    sf.write(clip, cover[int(18 * SR) : int(38 * SR)], SR)
     return files, clip
 
 
@@ -184,7 +186,15 @@ def screenshot(url: str, clip: Path, out: Path) -> None:
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.timeline text.match-label"))
         time.sleep(0.5)  # the last timeline's layout
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(WIDTH, min(int(height) + 20, 1600))
+        driver.execute_cdp_cmd(  # the whole answer in one picture, WIDTH pixels wide
+            "Emulation.setDeviceMetricsOverride",
+            {
+                "width": WIDTH,
+                "height": min(int(height), 2000),
+                "deviceScaleFactor": 1,
+                "mobile": False,
+            },
+        )
         time.sleep(0.3)
         out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(out))

@@ -1,7 +1,7 @@
-"""Every ```python block of the README runs as it is written.
+"""Every ```python block of the README, and of the API page of the docs, runs as it is written.
 
-Each block runs in its own interpreter, in a temporary folder holding the files the README
-names: `song.flac` (a synthetic song), `clip.wav` (20 s cut from it) and
+Each block runs in its own interpreter, in a temporary folder holding the files the pages
+name: `song.flac` (a synthetic song), `clip.wav` (20 s cut from it) and
 `dvi-clews/checkpoint_best.ckpt` (the official-format fixture checkpoint, standing in for a
 published one).
 """
@@ -21,22 +21,25 @@ from helpers import SR, synth_song
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = (README, ROOT / "docs" / "api.md")  # the pages whose ```python blocks must run
 OFFICIAL = Path(__file__).parent / "data" / "clews-official-A"
 
 BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
-def python_blocks() -> list[tuple[int, str]]:
-    """(line number, code) of every ```python block of the README."""
-    text = README.read_text(encoding="utf-8")
+def python_blocks(page: Path) -> list[tuple[int, str]]:
+    """(line number, code) of every ```python block of a page."""
+    text = page.read_text(encoding="utf-8")
     return [(text.count("\n", 0, m.start()) + 1, m.group(1)) for m in BLOCK.finditer(text)]
 
 
-BLOCKS = python_blocks()
+BLOCKS = [
+    (page.relative_to(ROOT).as_posix(), *block) for page in PAGES for block in python_blocks(page)
+]
 
 
 def test_readme_has_python_blocks():
-    assert len(BLOCKS) >= 2, "README.md lost its library examples"
+    assert len(python_blocks(README)) >= 2, "README.md lost its library examples"
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,10 @@ def audio_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"line{n}" for n, _ in BLOCKS])
-def test_readme_block_runs(line, code, audio_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("page", "line", "code"), BLOCKS, ids=[f"{page}:line{n}" for page, n, _ in BLOCKS]
+)
+def test_readme_block_runs(page, line, code, audio_dir, tmp_path):
     for name in ("song.flac", "clip.wav"):
         (tmp_path / name).symlink_to(audio_dir / name)
     checkpoint = tmp_path / "dvi-clews"
@@ -70,6 +75,6 @@ def test_readme_block_runs(line, code, audio_dir, tmp_path):
         check=False,
     )
     assert done.returncode == 0, (
-        f"README.md block at line {line} failed:\n{code}\n--- stdout\n{done.stdout}"
+        f"{page} block at line {line} failed:\n{code}\n--- stdout\n{done.stdout}"
         f"\n--- stderr\n{done.stderr}"
     )
