@@ -141,7 +141,7 @@ def _build(cls: type, d: Mapping[str, Any]) -> Any:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in d.items():
-        default = fields[name].default_factory  # type: ignore[misc]
+        default = fields[name].default_factory
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(default, value)
         elif isinstance(value, list):

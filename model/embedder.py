@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, overload
 
 import numpy as np
 import torch
@@ -145,6 +145,27 @@ class Embedder:
         z = self.embed_spectrograms(self.spectrogram(x, hop))
         return check_embeddings(z.cpu().numpy().astype(np.float32, copy=False))
 
+    @overload
+    def embed_many(
+        self,
+        items: Sequence[AudioInput] | Iterable[AudioInput],
+        hop: float = ...,
+        batch_size: int = ...,
+        max_duration_s: float | None = ...,
+        progress: bool = ...,
+        errors: Literal["raise"] = ...,
+    ) -> list[np.ndarray]: ...
+    @overload
+    def embed_many(
+        self,
+        items: Sequence[AudioInput] | Iterable[AudioInput],
+        hop: float = ...,
+        batch_size: int = ...,
+        max_duration_s: float | None = ...,
+        progress: bool = ...,
+        *,
+        errors: str,
+    ) -> list[np.ndarray | None]: ...
     def embed_many(
         self,
         items: Sequence[AudioInput] | Iterable[AudioInput],
@@ -153,7 +174,7 @@ class Embedder:
         max_duration_s: float | None = None,
         progress: bool = False,
         errors: str = "raise",
-    ) -> list[np.ndarray | None]:
+    ) -> list[np.ndarray] | list[np.ndarray | None]:
         """Embed many inputs, packing shingles of consecutive files into full network batches.
 
         Decoding of the next file overlaps with the network on the current batch. With

@@ -17,7 +17,7 @@ import torch
 
 from refrain.model.checkpoint import ModelIdentity
 from refrain.model.config import ModelConfig
-from refrain.model.embedder import AudioInput
+from refrain.model.embedder import AudioInput, load_waveform
 from refrain.model.network import CLEWSNet
 from refrain.model.shingle import ShingleCQT, cut_shingles
 
@@ -43,9 +43,7 @@ class ChromaBaseline:
         return self.config.sample_rate
 
     def waveform(self, audio: AudioInput) -> torch.Tensor:
-        from refrain.model.embedder import Embedder
-
-        return Embedder.waveform(self, audio)  # same decoding and checks as the network
+        return load_waveform(audio, self.sample_rate)  # same decoding and checks as the network
 
     def vectors(self, cqt: torch.Tensor) -> np.ndarray:
         """Pooled CQT segments (S, bins, frames) -> 2DFTM vectors (S, 12 * TIME_BINS)."""

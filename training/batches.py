@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class Track:
 
 
 def read_tracks(
-    manifest: str | Path | list[str | Path], valid_fraction: float = 0.1
+    manifest: str | Path | list[str] | list[str | Path], valid_fraction: float = 0.1
 ) -> list[Track]:
     """Rows of a `clique,path[,split]` manifest (or of several, in turn: the same clique in
     two manifests is one work); without a split column, works are split by a hash of the
@@ -179,7 +179,9 @@ class BatchSampler:
                 else [self.rng.choice(idx) for _ in range(n)]
             )
             for i in chosen:
-                crops.append(self.crop(self.tracks[i].cqt))
+                cqt = self.tracks[i].cqt
+                assert cqt is not None, "the sampler's tracks have their CQT loaded"
+                crops.append(self.crop(cqt))
                 labels.append(w)
                 ids.append(i)
         x = torch.stack(crops)  # (B, bins, S * seg_frames)
@@ -205,6 +207,8 @@ class BatchSampler:
 
 
 T = TypeVar("T")
+# what a background call of `make` gave: (True, its result) or (False, the exception it raised)
+_Made = tuple[Literal[True], T] | tuple[Literal[False], BaseException]
 
 
 def prefetched(make: Callable[[], T], n: int, depth: int) -> Iterator[T]:
@@ -217,10 +221,10 @@ def prefetched(make: Callable[[], T], n: int, depth: int) -> Iterator[T]:
         for _ in range(n):
             yield make()
         return
-    results: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=depth)
+    results: queue.Queue[_Made[T]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def put(item: tuple[bool, object]) -> bool:
+    def put(item: _Made[T]) -> bool:
         while not stop.is_set():
             try:
                 results.put(item, timeout=0.05)
@@ -241,10 +245,10 @@ def prefetched(make: Callable[[], T], n: int, depth: int) -> Iterator[T]:
     thread.start()
     try:
         for _ in range(n):
-            ok, item = results.get()
-            if not ok:
-                raise item  # type: ignore[misc]
-            yield item  # type: ignore[misc]
+            result = results.get()
+            if result[0] is False:
+                raise result[1]
+            yield result[1]
     finally:
         stop.set()
         thread.join()
@@ -276,6 +280,7 @@ def embed_cached(
     net.eval()
     out = []
     for t in tracks:
+        assert t.cqt is not None, "tracks are embedded once their CQT is loaded"
         segs = track_segments(t.cqt, seg_frames, hop_frames)
         z = torch.cat([net(segs[i : i + batch].to(device)) for i in range(0, len(segs), batch)])
         out.append(z.cpu().numpy())

@@ -20,10 +20,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from refrain.model.calibration import Calibration
+
+if TYPE_CHECKING:
+    from refrain.model.embedder import Embedder
+    from refrain.training.evaluate import Item
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,7 @@ def _operating_point(
     fp = np.cumsum(~y[order])
     precision = tp / np.maximum(tp + fp, 1)
     recall = tp / max(int(y.sum()), 1)
-    ok = np.nonzero(precision >= target_precision)[0] if target_precision else []
+    ok = np.nonzero(precision >= target_precision)[0] if target_precision else np.zeros(0, int)
     if len(ok):
         i = ok[-1]
     else:
@@ -158,9 +166,9 @@ def calibrate(
 
 
 def validation_pairs(
-    model,
-    items,
-    query_seconds=(5.0, 10.0, 20.0, 30.0),
+    model: Embedder,
+    items: Sequence[Item],
+    query_seconds: Sequence[float] = (5.0, 10.0, 20.0, 30.0),
     seed: int = 0,
     hop: float = 5.0,
     alignment: bool = False,
@@ -183,7 +191,10 @@ def validation_pairs(
 
     rng = np.random.default_rng(seed)
     sr = model.sample_rate
-    waves = [model.waveform(item.path).numpy() for item in items]
+    waves = []
+    for item in items:
+        assert item.path is not None, "validation tracks are files of a manifest"
+        waves.append(model.waveform(item.path).numpy())
     refs = model.embed_many(waves, hop=hop)
     width = max(len(r) for r in refs)
     c = torch.zeros(len(refs), width, refs[0].shape[1])
@@ -227,11 +238,13 @@ def validation_pairs(
 
 
 def calibrate_model(
-    model_dir, manifest, split: str = "valid", target_precision: float | None = None, seed: int = 0
+    model_dir: str | os.PathLike[str],
+    manifest: str | Path,
+    split: str = "valid",
+    target_precision: float | None = None,
+    seed: int = 0,
 ) -> Calibration:
     """Fit the calibration of a Refrain model folder on a manifest split; stored in place."""
-    from pathlib import Path
-
     from refrain.model import load_model
     from refrain.model.checkpoint import save_refrain
     from refrain.training.evaluate import read_manifest

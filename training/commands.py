@@ -166,7 +166,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import time
 
     from refrain.model import load_model
-    from refrain.training.evaluate import EvalOptions, evaluate_detailed, read_manifest
+    from refrain.training.evaluate import (
+        EvalOptions,
+        TrackEncoder,
+        evaluate_detailed,
+        read_manifest,
+    )
     from refrain.training.retrieval_metrics import format_table
 
     start = time.perf_counter()
@@ -189,6 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         verify_sweep=getattr(args, "verify_sweep", False),
     )
     baseline = getattr(args, "baseline", None)
+    model: TrackEncoder
     if baseline is True or baseline == "2dftm":  # True: the former on/off flag
         from refrain.training.baseline import ChromaBaseline
 

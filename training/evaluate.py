@@ -21,9 +21,7 @@ import csv
 import dataclasses
 import math
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -31,28 +29,31 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from refrain.model.audio import AudioDecodeError
-from refrain.model.reduce import Reduction, track_distance
+from refrain.model.reduce import Reduction
+from refrain.training.clips import distances, embed_all
 from refrain.training.retrieval_metrics import EvalResult, retrieval_metrics
 
 if TYPE_CHECKING:
-    from refrain.model.embedder import Embedder
+    from refrain.model.config import ModelConfig
+    from refrain.model.embedder import AudioInput
 
 __all__ = [
     "EvalOptions",
     "Evaluation",
     "Item",
     "PairwiseScorer",
+    "TrackEncoder",
     "evaluate",
     "evaluate_detailed",
     "read_manifest",
 ]
 
 MANIFEST_COLUMNS = ("clique", "path")
-_CHUNK_TRACKS = 8  # tracks whose whole audio and query clips go through one embed_many call
-_DECODE_AHEAD = 8  # tracks decoded ahead of the network
-_QUERY_BLOCK = 64  # query tracks scored per distance block
-_CAND_BLOCK = 512  # candidate tracks padded together per distance block
+
+
+# One evaluated level: (label, query item ids, query embeddings or features, reduction,
+# query offsets in seconds or None)
+Level = tuple[str, np.ndarray, list[np.ndarray], str, np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,29 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[Item]:
     if not items:
         raise ValueError(f"{path}: expected at least one track, got none")
     return items
+
+
+class TrackEncoder(Protocol):
+    """What an evaluation needs of a model: an `Embedder`, or a stand-in with its interface
+    (the chroma baseline, a `PairwiseScorer`) whose ``embed_many`` gives per-track features."""
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def identity(self) -> Any: ...  # with a ``to_dict``
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def waveform(self, audio: AudioInput) -> torch.Tensor: ...
+
+    def embed_many(
+        self, items: Sequence[AudioInput], hop: float = ..., batch_size: int = ...
+    ) -> Sequence[np.ndarray | None]: ...
 
 
 @runtime_checkable
@@ -268,14 +292,14 @@ def _options(options: EvalOptions | None, overrides: dict) -> EvalOptions:
 
 
 def evaluate(
-    model: Embedder | None,
+    model: TrackEncoder | None,
     items: Sequence[Item],
     options: EvalOptions | None = None,
     *,
     embeddings: Sequence[np.ndarray] | None = None,
     waveforms: Sequence[np.ndarray | torch.Tensor] | None = None,
     progress: bool = False,
-    **overrides,
+    **overrides: Any,
 ) -> dict[str, EvalResult]:
     """Track- and segment-level results, e.g. ``evaluate(model, items, query_seconds=(10,))``.
 
@@ -293,14 +317,14 @@ def evaluate(
 
 
 def evaluate_detailed(
-    model: Embedder | None,
+    model: TrackEncoder | None,
     items: Sequence[Item],
     options: EvalOptions | None = None,
     *,
     embeddings: Sequence[np.ndarray] | None = None,
     waveforms: Sequence[np.ndarray | torch.Tensor] | None = None,
     progress: bool = False,
-    **overrides,
+    **overrides: Any,
 ) -> Evaluation:
     """Run the protocol on `items` with an `Embedder` and return results and per-query data.
 
@@ -319,8 +343,10 @@ def evaluate_detailed(
     if need_audio and model is None:
         raise ValueError("a model is needed to embed tracks or segment queries")
     if need_audio:
+        assert model is not None  # checked above
         whole, queries, skipped = embed_all(model, items, opts, embeddings, waveforms, progress)
     else:
+        assert embeddings is not None  # given when no audio is needed
         whole, queries, skipped = [np.asarray(z, dtype=np.float32) for z in embeddings], {}, []
     kept = [i for i in range(len(items)) if whole[i] is not None]
     labels = np.unique([item.clique for item in items], return_inverse=True)[1]
@@ -331,12 +357,13 @@ def evaluate_detailed(
             f"tracks in {n_cliques} cliques"
         )
     ids = np.array(kept)
-    cands = [whole[i] for i in kept]
+    cands = [z for z in whole if z is not None]  # those of `kept`
     device = "cpu" if model is None else model.device
-    scorer = model.name if isinstance(model, PairwiseScorer) else None
+    pairwise_model = model if isinstance(model, PairwiseScorer) else None
+    scorer = None if pairwise_model is None else pairwise_model.name
 
     # (label, query item ids, query embeddings or features, reduction, offsets or None)
-    levels = [
+    levels: list[Level] = [
         (
             opts.track_label if scorer is None else f"track ({scorer})",
             ids,
@@ -346,29 +373,32 @@ def evaluate_detailed(
         )
     ]
     for tau in opts.query_seconds:
-        qids, offsets, qz = zip(*queries[tau], strict=False)
+        tau_ids, tau_offsets, tau_z = zip(*queries[tau], strict=False)
         levels.append(
             (
                 opts.segment_label(tau, scorer),
-                np.array(qids),
-                list(qz),
+                np.array(tau_ids),
+                list(tau_z),
                 opts.segment_reduction,
-                np.array(offsets),
+                np.array(tau_offsets),
             )
         )
     pairwise = verification = None
-    if scorer is None:
+    if pairwise_model is None:
         dists = [
-            _distances(qz, cands, reduction, device, progress, label)
+            distances(qz, cands, reduction, device, progress, label)
             for label, _, qz, reduction, _ in levels
         ]
     else:
-        dists, cost = model.distances([level[2] for level in levels], cands, progress=progress)
+        dists, cost = pairwise_model.distances(
+            [level[2] for level in levels], cands, progress=progress
+        )
         pairwise = {"scorer": scorer, **cost.to_dict()}
 
     if scorer is None and opts.verify:
         from refrain.training.verified import verified
 
+        assert model is not None  # verification reads its config
         fused, sweep, cost = verified(model, items, opts, waveforms, kept, levels, dists, progress)
         swept = [
             ((f"{level[0]} +verify {label}", *level[1:]), dist)
@@ -402,134 +432,3 @@ def evaluate_detailed(
         pairwise=pairwise,
         verification=verification,
     )
-
-
-# -- embedding -------------------------------------------------------------------------------
-
-
-def _query_draws(opts: EvalOptions, n: int) -> dict[float, np.ndarray]:
-    """Uniform draws in [0, 1) placing each query, (n, queries_per_track) per query length.
-
-    Each length has its own stream seeded by (seed, milliseconds), drawn over all items in
-    manifest order: a track's offsets depend neither on which other lengths are evaluated
-    nor on other tracks failing to decode.
-    """
-    return {
-        tau: np.random.default_rng([opts.seed, round(tau * 1000)]).random(
-            (n, opts.queries_per_track)
-        )
-        for tau in opts.query_seconds
-    }
-
-
-def _decoded(model, items, waveforms, max_samples) -> Iterator[tuple[int, torch.Tensor | str]]:
-    """(index, waveform or error message) for every item, in order, decoded ahead in threads."""
-
-    def load(i: int) -> torch.Tensor | str:
-        source = waveforms[i] if waveforms is not None else items[i].path
-        if source is None:
-            raise ValueError(f"item {i} ({items[i].clique}) has neither a path nor a waveform")
-        try:
-            x = model.waveform(source)
-        except (AudioDecodeError, OSError) as e:
-            return str(e) or type(e).__name__
-        return x[:max_samples] if max_samples is not None else x
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = deque()
-        for i in range(len(items)):
-            pending.append((i, pool.submit(load, i)))
-            if len(pending) > _DECODE_AHEAD:
-                j, future = pending.popleft()
-                yield j, future.result()
-        while pending:
-            j, future = pending.popleft()
-            yield j, future.result()
-
-
-def embed_all(model, items, opts, embeddings, waveforms, progress):
-    """Whole-track embeddings, segment queries {tau: [(item, offset_s, z)]} and failures."""
-    from tqdm import tqdm
-
-    sr = model.sample_rate
-    max_samples = None if opts.max_seconds is None else round(opts.max_seconds * sr)
-    draws = _query_draws(opts, len(items))
-    whole: list[np.ndarray | None] = [None] * len(items)
-    queries: dict[float, list] = {tau: [] for tau in opts.query_seconds}
-    skipped: list[tuple[int, str]] = []
-    bar = tqdm(total=len(items), desc="embed", unit="track", disable=not progress)
-
-    def flush(chunk: list[tuple[int, torch.Tensor]]) -> None:
-        inputs, slots = [], []  # slots: (tau or None for the whole track, item, offset_s)
-        for i, x in chunk:
-            if embeddings is None:
-                inputs.append(x)
-                slots.append((None, i, 0.0))
-            else:
-                whole[i] = np.asarray(embeddings[i], dtype=np.float32)
-            for tau in opts.query_seconds:
-                length = round(tau * sr)
-                for u in draws[tau][i]:
-                    offset = int(u * (len(x) - length + 1)) if len(x) > length else 0
-                    inputs.append(x[offset : offset + length])
-                    slots.append((tau, i, offset / sr))
-        zs = model.embed_many(inputs, hop=opts.hop, batch_size=opts.batch_size)
-        for (tau, i, offset_s), z in zip(slots, zs, strict=False):
-            if tau is None:
-                whole[i] = z
-            else:
-                queries[tau].append((i, offset_s, z))
-        bar.update(len(chunk))
-
-    chunk: list[tuple[int, torch.Tensor]] = []
-    for i, x in _decoded(model, items, waveforms, max_samples):
-        if isinstance(x, str):
-            skipped.append((i, x))
-            bar.update(1)
-            continue
-        chunk.append((i, x))
-        if len(chunk) == _CHUNK_TRACKS:
-            flush(chunk)
-            chunk = []
-    if chunk:
-        flush(chunk)
-    bar.close()
-    return whole, queries, skipped
-
-
-# -- scoring ---------------------------------------------------------------------------------
-
-
-def _padded(zs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of different segment counts -> (B, S, D) zero-padded and mask (True = pad)."""
-    longest = max(len(z) for z in zs)
-    dim = zs[0].shape[1]
-    out = torch.zeros(len(zs), longest, dim)
-    mask = torch.ones(len(zs), longest, dtype=torch.bool)
-    for b, z in enumerate(zs):
-        out[b, : len(z)] = torch.from_numpy(np.asarray(z, dtype=np.float32))
-        mask[b, : len(z)] = False
-    return out, mask
-
-
-def _distances(queries, cands, reduction: str, device, progress: bool, desc: str) -> np.ndarray:
-    """(Q, C) track distances, computed on `device` in padded blocks to bound memory."""
-    from tqdm import tqdm
-
-    if any(np.ndim(z) != 2 or len(z) == 0 for z in (*queries, *cands)):
-        raise ValueError("expected every embedding as an (S, D) array with S >= 1")
-    dims = {z.shape[1] for z in (*queries, *cands)}
-    if len(dims) > 1:
-        raise ValueError(f"expected embeddings of one dimension, got dimensions {sorted(dims)}")
-    out = np.empty((len(queries), len(cands)), dtype=np.float64)
-    cand_blocks = [
-        tuple(t.to(device) for t in _padded(cands[c : c + _CAND_BLOCK]))
-        for c in range(0, len(cands), _CAND_BLOCK)
-    ]
-    starts = range(0, len(queries), _QUERY_BLOCK)
-    bar = tqdm(starts, desc=f"score {desc}", unit="block", leave=False, disable=not progress)
-    for start in bar:
-        q, qmask = (t.to(device) for t in _padded(queries[start : start + _QUERY_BLOCK]))
-        row = [track_distance(q, c, reduction, qmask, cmask) for c, cmask in cand_blocks]
-        out[start : start + len(q)] = torch.cat(row, dim=1).cpu().numpy()
-    return out

@@ -11,8 +11,10 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "Estimate",
@@ -50,7 +52,7 @@ def _row_metrics(ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return ap, rank1, nar
 
 
-def _check_one(distances, relevant) -> tuple[np.ndarray, np.ndarray]:
+def _check_one(distances: ArrayLike, relevant: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     d = np.asarray(distances, dtype=np.float64)
     r = np.asarray(relevant)
     if d.ndim != 1 or r.shape != d.shape:
@@ -67,17 +69,17 @@ def _check_one(distances, relevant) -> tuple[np.ndarray, np.ndarray]:
     return d[None], r[None]
 
 
-def average_precision(distances, relevant) -> float:
+def average_precision(distances: ArrayLike, relevant: ArrayLike) -> float:
     """Average precision of the ranking by ascending distance (1 = every relevant item first)."""
     return float(_row_metrics(_ranked(*_check_one(distances, relevant)))[0][0])
 
 
-def rank_of_first_correct(distances, relevant) -> int:
+def rank_of_first_correct(distances: ArrayLike, relevant: ArrayLike) -> int:
     """1-based rank of the first relevant candidate."""
     return int(_row_metrics(_ranked(*_check_one(distances, relevant)))[1][0])
 
 
-def normalized_average_rank(distances, relevant) -> float:
+def normalized_average_rank(distances: ArrayLike, relevant: ArrayLike) -> float:
     """Normalised average rank in percent, 0 = perfect, 100 = every relevant item last.
 
     For each relevant item, the fraction of the irrelevant items ranked before it, averaged
@@ -87,7 +89,7 @@ def normalized_average_rank(distances, relevant) -> float:
     return float(_row_metrics(_ranked(*_check_one(distances, relevant)))[2][0])
 
 
-def top_k_hit(distances, relevant, k: int) -> bool:
+def top_k_hit(distances: ArrayLike, relevant: ArrayLike, k: int) -> bool:
     """Whether a relevant candidate is among the k closest."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -95,13 +97,13 @@ def top_k_hit(distances, relevant, k: int) -> bool:
 
 
 def retrieval_metrics(
-    dist_matrix,
-    query_labels,
-    cand_labels,
-    query_ids=None,
-    cand_ids=None,
+    dist_matrix: ArrayLike,
+    query_labels: ArrayLike,
+    cand_labels: ArrayLike,
+    query_ids: ArrayLike | None = None,
+    cand_ids: ArrayLike | None = None,
     ks: Sequence[int] = (1, 10),
-) -> dict:
+) -> dict[str, Any]:
     """Metrics of every query of a (Q, C) distance matrix; relevant = same label (work).
 
     When query_ids and cand_ids are given, a candidate with the query's own id is excluded
@@ -139,7 +141,8 @@ def retrieval_metrics(
 
     n_q, n_c = dist.shape
     rows = max(1, _MAX_BLOCK_ELEMENTS // max(1, n_c))
-    index, ap, rank1, nar = [], [], [], []
+    parts: list[np.ndarray] = []  # the evaluated queries' rows, block by block
+    ap, rank1, nar = [], [], []
     for start in range(0, n_q, rows):
         d = dist[start : start + rows]
         rel = qlab[start : start + rows, None] == clab[None, :]
@@ -151,14 +154,14 @@ def retrieval_metrics(
         if not keep.any():
             continue
         a, r1, n = _row_metrics(_ranked(d[keep], rel[keep]))
-        index.append(np.flatnonzero(keep) + start)
+        parts.append(np.flatnonzero(keep) + start)
         ap.append(a)
         rank1.append(r1)
         nar.append(n)
-    if not index:
+    if not parts:
         raise ValueError(f"none of the {n_q} queries has a relevant candidate")
-    index = np.concatenate(index)
-    per_query = {
+    index = np.concatenate(parts)
+    per_query: dict[str, np.ndarray] = {
         "index": index,
         "ap": np.concatenate(ap),
         "rank1": np.concatenate(rank1),
@@ -166,7 +169,7 @@ def retrieval_metrics(
     }
     for k in ks:
         per_query[f"top{k}"] = (per_query["rank1"] <= k).astype(np.float64)
-    out = {
+    out: dict[str, Any] = {
         "per_query": per_query,
         "MAP": float(per_query["ap"].mean()),
         "MR1": float(per_query["rank1"].mean()),
@@ -179,7 +182,7 @@ def retrieval_metrics(
     return out
 
 
-def mean_ci95(values) -> tuple[float, float, float]:
+def mean_ci95(values: ArrayLike) -> tuple[float, float, float]:
     """Mean and 95% confidence interval (mean, low, high) of a sample.
 
     Normal approximation: mean +- 1.96 * s / sqrt(n), with s the sample standard deviation
@@ -204,7 +207,7 @@ class Estimate:
     high: float
 
     @classmethod
-    def of(cls, values) -> Estimate:
+    def of(cls, values: ArrayLike) -> Estimate:
         return cls(*mean_ci95(values))
 
 
@@ -221,7 +224,7 @@ class EvalResult:
     n_skipped: int = 0  # queries without any relevant candidate
 
     @classmethod
-    def from_metrics(cls, metrics: dict) -> EvalResult:
+    def from_metrics(cls, metrics: dict[str, Any]) -> EvalResult:
         """Build from the output of ``retrieval_metrics`` (which must include k = 1 and 10)."""
         per_query = metrics["per_query"]
         missing = {"top1", "top10"} - per_query.keys()
@@ -237,17 +240,17 @@ class EvalResult:
             n_skipped=int(metrics["n_skipped"]),
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain dict; undefined interval bounds (NaN) become None."""
 
-        def clean(value):
+        def clean(value: Any) -> Any:
             if isinstance(value, dict):
                 return {key: clean(v) for key, v in value.items()}
             return None if isinstance(value, float) and math.isnan(value) else value
 
         return clean(asdict(self))
 
-    def to_json(self, **kwargs) -> str:
+    def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        def build(kind, values):
+        def build(kind: type[Any], values: Mapping[str, Any]) -> Any:
             names = {f.name for f in fields(kind)}
             unknown = set(values) - names
             if unknown:

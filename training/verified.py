@@ -7,11 +7,14 @@ the sweeps that choose the fusion's settings on validation works (`--verify-swee
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
 from refrain.search.fusion import Fusion
-from refrain.training.evaluate import embed_all
+from refrain.training.clips import embed_all
+from refrain.training.evaluate import EvalOptions, Item, Level, TrackEncoder
 from refrain.training.retrieval_metrics import retrieval_metrics
 
 WEIGHTS = (0.0, 0.4, 0.8, 1.2, 1.6, 2.0, 2.4, 3.2, 4.8, 6.4)  # searched by `fit_fusion`
@@ -42,7 +45,16 @@ def fit_fusion(
     return Fusion(candidates, best, 0.0), scores
 
 
-def verified(model, items, opts, waveforms, kept, levels, dists, progress):
+def verified(
+    model: TrackEncoder,
+    items: Sequence[Item],
+    opts: EvalOptions,
+    waveforms: Sequence[np.ndarray | torch.Tensor] | None,
+    kept: list[int],
+    levels: Sequence[Level],
+    dists: Sequence[np.ndarray],
+    progress: bool,
+) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
     """Each level's distances with its shortlists re-ranked by `refrain.search.fusion.Fusion`: the
     upper chroma (`model.sequence.UPPER`) of the same tracks and clips (same draws), Qmax of
     the shortlisted pairs only;
@@ -57,8 +69,14 @@ def verified(model, items, opts, waveforms, kept, levels, dists, progress):
     fusion = Fusion(opts.verify, opts.verify_weight, opts.verify_expand)
     qmax_scorer = QmaxScorer(UPPER, config=model.config)  # the chroma verification aligns
     whole, queries, _ = embed_all(qmax_scorer, items, opts, None, waveforms, progress)
-    # quantised like the sequences the service stores (`model.sequence`)
-    stored = [decode(encode(z)) for z in whole]
+
+    def quantised(z: np.ndarray | None) -> np.ndarray:
+        """Chroma quantised like the sequences the service stores (`model.sequence`)."""
+        assert z is not None, "chroma of a decoded track or clip"
+        return decode(encode(z))
+
+    # by item; the tracks that could not be decoded are left out, as from `kept`
+    stored = {i: quantised(z) for i, z in enumerate(whole) if z is not None}
     cands = [stored[i] for i in kept]
     between = dists[0]  # the whole-track level: every kept track against every other, in order
     grid = {
@@ -78,9 +96,7 @@ def verified(model, items, opts, waveforms, kept, levels, dists, progress):
         levels, dists, (None, *opts.query_seconds), strict=True
     ):
         chroma = (
-            [stored[i] for i in qids]
-            if tau is None
-            else [decode(encode(z)) for _, _, z in queries[tau]]
+            [stored[i] for i in qids] if tau is None else [quantised(z) for _, _, z in queries[tau]]
         )
         masked = np.where(qids[:, None] == np.array(kept)[None, :], np.inf, dist)
         shortlist = fusion.shortlist(masked)

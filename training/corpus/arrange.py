@@ -20,6 +20,7 @@ The result is an ordinary `Work`, rendered by the rest of the corpus pipeline li
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -42,6 +43,8 @@ RHYTHMS = ("beat", "half", "bar")
 # Textures that carry their own bass line.
 _OWN_BASS = frozenset({"oompah", "hymn", "walking", "alberti"})
 Note = tuple[float, float, int, int]  # onset, duration (quarters), MIDI pitch, velocity
+# positions within a full bar (quarters) and where a change of meter puts them
+BarMap = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @dataclass(frozen=True)
@@ -339,7 +342,7 @@ def _vary_tune(
     return out
 
 
-def _vary_rhythm(notes: list[Note], beat: float, p: float, rng) -> list[Note]:
+def _vary_rhythm(notes: list[Note], beat: float, p: float, rng: np.random.Generator) -> list[Note]:
     """Dotted pairs (two equal notes become long-short) and anticipations (a note on the beat
     starts half a beat early, taking time from the note before)."""
     if p <= 0:
@@ -382,7 +385,7 @@ def _scale_between(a: int, b: int, scale: tuple[int, ...]) -> int | None:
     return inner[len(inner) // 2] if inner else None
 
 
-def _phrase(work: Work, rng) -> tuple[float, float]:
+def _phrase(work: Work, rng: np.random.Generator) -> tuple[float, float]:
     """A span of 2 to 4 measures, not the first."""
     n = len(work.measures) - 1
     length = int(rng.integers(2, 5))
@@ -390,7 +393,9 @@ def _phrase(work: Work, rng) -> tuple[float, float]:
     return work.measures[first], work.measures[min(n, first + length)]
 
 
-def _handoff(melody: list[Note], work: Work, rng) -> tuple[list[Note], list[Note]]:
+def _handoff(
+    melody: list[Note], work: Work, rng: np.random.Generator
+) -> tuple[list[Note], list[Note]]:
     """The tune split in two: one phrase goes to another instrument."""
     if len(work.measures) < 8:
         return melody, []
@@ -415,7 +420,7 @@ def _swing(notes: list[Note], ratio: float) -> list[Note]:
     return out
 
 
-def _meter_warp(work: Work):
+def _meter_warp(work: Work) -> tuple[BarMap, tuple[int, int]] | None:
     """A change of meter as a map of positions within each full bar: 3/4 becomes 4/4 (the
     first beat held twice as long), 4/4 becomes 3/4 (the first half bar in one beat), 6/8
     becomes 4/4 (straight eighths). None for other meters."""
@@ -428,7 +433,9 @@ def _meter_warp(work: Work):
     return None
 
 
-def _warp_positions(positions, measures, bar_map) -> list[float]:
+def _warp_positions(
+    positions: Sequence[float], measures: Sequence[float], bar_map: BarMap
+) -> list[float]:
     """Positions in quarters mapped bar by bar; bars of another length (pick-ups) are scaled."""
     src, dst = bar_map
     starts = np.asarray(measures[:-1])
@@ -448,7 +455,7 @@ def _warp_positions(positions, measures, bar_map) -> list[float]:
     return out
 
 
-def _warp_notes(notes: list[Note], measures, bar_map) -> list[Note]:
+def _warp_notes(notes: list[Note], measures: Sequence[float], bar_map: BarMap) -> list[Note]:
     ends = _warp_positions([o + d for o, d, _, _ in notes], measures, bar_map)
     starts = _warp_positions([o for o, _, _, _ in notes], measures, bar_map)
     return [

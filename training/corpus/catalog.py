@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -117,8 +117,8 @@ class Catalog:
                     f.seek(-1, 2)
                     if f.read(1) != b"\n":
                         f.write(b"\n")
-            with self.path.open("a") as f:
-                f.writelines(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in facts)
+            with self.path.open("a") as text:
+                text.writelines(json.dumps(asdict(x), ensure_ascii=False) + "\n" for x in facts)
 
 
 class BachGuard:
@@ -235,7 +235,9 @@ def select_works(
     return selection
 
 
-def _rejection(facts: Facts, options: SelectOptions, guard, seen: dict) -> str:
+def _rejection(
+    facts: Facts, options: SelectOptions, guard: BachGuard | None, seen: dict[tuple, str]
+) -> str:
     if is_reserved(facts.id) and options.collection != "bach-eval":
         return "reserved for evaluation"
     if facts.error:
@@ -250,7 +252,7 @@ def _rejection(facts: Facts, options: SelectOptions, guard, seen: dict) -> str:
         return f"melody of Bach chorale {chorale}"
     if not options.dedupe:
         return ""
-    keys = [("melody", facts.intervals[:MELODY_KEY_LEN])]
+    keys: list[tuple[object, ...]] = [("melody", facts.intervals[:MELODY_KEY_LEN])]
     if facts.title:
         keys.append(("title", normalise_title(facts.title), facts.intervals[:INCIPIT_LEN]))
     for key in keys:
@@ -261,7 +263,9 @@ def _rejection(facts: Facts, options: SelectOptions, guard, seen: dict) -> str:
     return ""
 
 
-def _facts_in_order(sources: list[Source], catalog: Catalog, jobs: int) -> Iterator[Facts]:
+def _facts_in_order(
+    sources: list[Source], catalog: Catalog, jobs: int
+) -> Generator[Facts, None, None]:
     """Facts of `sources` in order; the uncataloged ones are parsed ahead by `jobs` processes
     (closing the iterator stops them)."""
     missing = [s for s in sources if catalog.get(s.id) is None]

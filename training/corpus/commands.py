@@ -7,7 +7,9 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from tqdm import tqdm
 
@@ -24,6 +26,11 @@ from refrain.training.corpus.render import RenderError
 from refrain.training.corpus.versions import VersionOptions
 from refrain.training.corpus.works import list_sources
 
+if TYPE_CHECKING:
+    from refrain.training.corpus.works import Work
+
+N = TypeVar("N", int, float)
+
 COLLECTIONS = ("default", "bach-eval")
 TUNE_HOMOPHONY = 0.65  # --tunes: most other parts start their notes with the top line's
 
@@ -35,11 +42,11 @@ def _fractions(text: str) -> tuple[float, float, float]:
         values = ()
     if len(values) != 3 or min(values) < 0 or sum(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected three fractions like 0.8,0.1,0.1, got {text!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
-def _positive(kind, zero: bool = False):
-    def parse(text: str):
+def _positive(kind: Callable[[str], N], zero: bool = False) -> Callable[[str], N]:
+    def parse(text: str) -> N:
         value = kind(text)
         if value < 0 or (value == 0 and not zero):
             least = "zero or more" if zero else "a positive number"
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
-def _render(args) -> int:
+def _render(args: argparse.Namespace) -> int:
     options = CorpusOptions(
         out=args.out,
         works=args.works or None,
@@ -274,7 +281,7 @@ def _render(args) -> int:
     return 1 if summary.failed else 0
 
 
-def _works(args) -> int:
+def _works(args: argparse.Namespace) -> int:
     catalog = Catalog(args.catalog)
     options = SelectOptions(args.collection, args.min_seconds, min_parts=args.min_parts)
     with tqdm(desc="reading works", unit="source", disable=args.list) as bar:
@@ -291,7 +298,7 @@ def _works(args) -> int:
     return 0
 
 
-def _harmony(args) -> int:
+def _harmony(args: argparse.Namespace) -> int:
     from refrain.training.corpus.report import harmony_report
 
     try:
@@ -305,7 +312,7 @@ def _harmony(args) -> int:
     return 0
 
 
-def _families(args) -> int:
+def _families(args: argparse.Namespace) -> int:
     from multiprocessing import Pool
 
     from refrain.training.corpus.families import (
@@ -321,7 +328,7 @@ def _families(args) -> int:
     with tqdm(desc="reading chorales", unit="source") as bar:
         selection = select_works(None, catalog, options, args.jobs, progress=bar.update)
 
-    def load(ids: list[str]):
+    def load(ids: list[str]) -> list[Work]:
         if args.jobs > 1:
             with Pool(args.jobs) as pool:
                 return pool.map(load_work, [Source(i) for i in ids])
@@ -340,11 +347,16 @@ def _families(args) -> int:
     return 0
 
 
-def _bach_melodies(args) -> int:
+def _bach_melodies(args: argparse.Namespace) -> int:
     catalog = Catalog(args.catalog)
     sources = list_sources("bach-eval")
     catalog.add(facts_of(s) for s in sources if catalog.get(s.id) is None)
-    guard = BachGuard.from_facts(catalog.get(s.id) for s in sources)
+    cataloged = []
+    for s in sources:
+        facts = catalog.get(s.id)
+        assert facts is not None  # added just above
+        cataloged.append(facts)
+    guard = BachGuard.from_facts(cataloged)
     data = {"reader": reader_version(), "melodies": guard.melodies}
     args.output.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
     print(f"{len(guard.melodies)} chorale melodies written to {args.output}")

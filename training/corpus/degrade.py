@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import av
 import numpy as np
 from scipy import signal
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96)  # kbps drawn for low-bitrate versions
@@ -26,7 +29,7 @@ class _Step:
     kind: ClassVar[str]
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
+        return {"kind": self.kind, **asdict(cast("DataclassInstance", self))}  # each a dataclass
 
 
 @dataclass(frozen=True)
@@ -184,8 +187,8 @@ def biquad(band: Band, sr: int) -> tuple[np.ndarray, np.ndarray]:
         ]
     else:
         raise ValueError(f"expected band kind lowshelf, highshelf or peaking, got {band.kind!r}")
-    b, a = np.array(b), np.array(a)
-    return b / a[0], a / a[0]
+    num, den = np.array(b), np.array(a)
+    return num / den[0], den / den[0]
 
 
 def equalize(x: np.ndarray, sr: int, bands: tuple[Band, ...]) -> np.ndarray:

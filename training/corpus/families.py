@@ -58,13 +58,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from refrain.training.corpus.works import Part, Work, list_sources, normalise_title, stable_fraction
+
+if TYPE_CHECKING:
+    from refrain.training.corpus.catalog import Catalog
 
 TUNE_THRESHOLD = 0.60
 TITLED_THRESHOLD = 0.40  # for two files that music21's chorale lists give the same title
@@ -92,7 +96,7 @@ def _merged(pitches: Iterable[int]) -> list[int]:
     return out
 
 
-def _align(a: Sequence[int], rows: np.ndarray) -> np.ndarray:
+def _align(a: Sequence[int] | np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Best local alignment score of `a` against each row of `rows` (padded with _PAD)."""
     m, width = rows.shape
     valid = rows != _PAD
@@ -138,7 +142,7 @@ def _offsets(melodies: Sequence[np.ndarray], i: int, targets: np.ndarray) -> lis
     return [np.mod(melodies[i][-1] - finals, 12), np.argmax(rolled @ own, axis=1)]
 
 
-def tune_similarity(melodies: Sequence[Sequence[int]]) -> np.ndarray:
+def tune_similarity(melodies: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
     """Symmetric matrix of tune similarities (see the module docstring) of `melodies`, each
     a list of pitches with repeated notes merged (any transposition)."""
     mels = [np.asarray(m, dtype=np.int64) for m in melodies]
@@ -306,7 +310,7 @@ class TuneSelection:
 
 
 def chorale_families(
-    melodies: dict[str, Sequence[int]], titles: Callable[[str], str] | None = chorale_title
+    melodies: Mapping[str, Sequence[int]], titles: Callable[[str], str] | None = chorale_title
 ) -> list[list[str]]:
     """Tunes of the chorale files `melodies` (id -> intervals of the soprano, repeated notes
     merged), singletons included, each a sorted list of ids; `titles` names a file (None: no
@@ -318,7 +322,7 @@ def chorale_families(
     return group(ids, sim, titles=[titles(i) for i in ids] if titles else None)
 
 
-def cataloged_melodies(catalog) -> dict[str, tuple[int, ...]]:
+def cataloged_melodies(catalog: Catalog) -> dict[str, tuple[int, ...]]:
     """Soprano intervals of every readable chorale file that `catalog` (a
     `catalog.Catalog`) holds facts about."""
     found = {}
@@ -330,7 +334,7 @@ def cataloged_melodies(catalog) -> dict[str, tuple[int, ...]]:
 
 
 def select_families(
-    readable: dict[str, Sequence[int]],
+    readable: Mapping[str, Sequence[int]],
     accepted: Sequence[str],
     n: int | None,
     load: Callable[[list[str]], list[Work]],

@@ -12,9 +12,14 @@ borrowed chords vary between versions, and the tune stays consonant with its har
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from refrain.training.corpus.arrange import Note
 
 # Krumhansl-Kessler key profiles.
 _MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -95,7 +100,7 @@ class Chord:
         return tuple((self.root + i) % 12 for i in self.intervals)
 
 
-def estimate_key(notes) -> Key:
+def estimate_key(notes: Sequence[Note]) -> Key:
     """The key whose profile best correlates with the tune's duration-weighted pitch classes;
     the last note breaks near ties (tunes end on their tonic)."""
     weights = np.zeros(12)
@@ -117,7 +122,7 @@ def scale_of(key: Key) -> tuple[int, ...]:
     return tuple((key.tonic + s) % 12 for s in steps)
 
 
-def mode_change(notes, key: Key):
+def mode_change(notes: Sequence[Note], key: Key) -> tuple[list[Note], Key]:
     """The tune in the parallel mode: scale degrees 3, 6 and 7 lowered (major to minor) or
     raised (minor to major), and the key it is then in."""
     degrees = (4, 9, 11) if key.mode == "major" else (3, 8, 10)
@@ -135,7 +140,7 @@ def vocabulary(key: Key) -> list[tuple[int, str, float]]:
     return [((key.tonic + r) % 12, q, w) for r, q, w in _VOCABULARY[key.mode]]
 
 
-def span_weights(notes, spans) -> np.ndarray:
+def span_weights(notes: Sequence[Note], spans: Sequence[tuple[float, float]]) -> np.ndarray:
     """(len(spans), 12) sounding time of each pitch class of the tune in each span, notes at
     a span's start weighted by `_STRONG`."""
     w = np.zeros((len(spans), 12))
@@ -152,7 +157,7 @@ def span_weights(notes, spans) -> np.ndarray:
     return w
 
 
-def _transition(vocab, key: Key) -> np.ndarray:
+def _transition(vocab: Sequence[tuple[int, str, float]], key: Key) -> np.ndarray:
     """Log preference of moving from chord a to chord b (root motion)."""
     n = len(vocab)
     t = np.zeros((n, n))
@@ -173,8 +178,8 @@ def _transition(vocab, key: Key) -> np.ndarray:
 
 
 def harmonise(
-    notes,
-    spans,
+    notes: Sequence[Note],
+    spans: Sequence[tuple[float, float]],
     key: Key,
     rng: np.random.Generator,
     temperature: float = 1.0,

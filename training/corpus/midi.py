@@ -112,12 +112,12 @@ def version_events(work: Work, params: VersionParams, max_seconds: float) -> lis
 
     starts = timeline.seconds(np.array([r[0] for r in raw]))
     ends = timeline.seconds(np.array([r[1] for r in raw]))
-    shift = rng.normal(0.0, params.jitter_ms / 1000.0, len(raw))
+    jitter = rng.normal(0.0, params.jitter_ms / 1000.0, len(raw))
     velocities = np.array([r[4] for r in raw]) + rng.normal(0.0, params.velocity_jitter, len(raw))
     events = []
     for k, (_, _, channel, pitch, _) in enumerate(raw):
-        start = max(0.0, starts[k] + shift[k])
-        end = max(ends[k] + shift[k], start + _MIN_NOTE_S)
+        start = max(0.0, starts[k] + jitter[k])
+        end = max(ends[k] + jitter[k], start + _MIN_NOTE_S)
         if start >= max_seconds - _MIN_NOTE_S:
             continue
         velocity = int(np.clip(round(velocities[k]), 1, 127))
@@ -127,6 +127,8 @@ def version_events(work: Work, params: VersionParams, max_seconds: float) -> lis
 
 def _drum_notes(work: Work, params: VersionParams, timeline: Timeline) -> list[tuple]:
     """A kick/snare/time-keeping pattern on every measure of the version."""
+    drums = params.drums
+    assert drums is not None, "drum notes are made for versions with drums"
     numerator, denominator = work.meter
     beat = 4.0 / denominator
     compound = denominator == 8 and numerator % 3 == 0 and numerator > 3
@@ -140,7 +142,7 @@ def _drum_notes(work: Work, params: VersionParams, timeline: Timeline) -> list[t
         pulses, tick, kick, snare, fill = numerator, beat, {0, 2}, {1, 3}, beat / 2
     else:
         pulses, tick, kick, snare, fill = numerator, beat, {0}, set(), beat
-    gain = 100.0 * params.drums.gain
+    gain = 100.0 * drums.gain
     notes = []
     m = work.measures
     for v0, w0, w1 in timeline.spans:
@@ -156,9 +158,7 @@ def _drum_notes(work: Work, params: VersionParams, timeline: Timeline) -> list[t
                     notes.append((v0 + t - w0, v0 + t - w0 + 0.25, DRUM_CHANNEL, 38, gain * 0.9))
             t = a
             while t < bar_end - 1e-6:
-                notes.append(
-                    (v0 + t - w0, v0 + t - w0 + 0.1, DRUM_CHANNEL, params.drums.hat, gain * 0.6)
-                )
+                notes.append((v0 + t - w0, v0 + t - w0 + 0.1, DRUM_CHANNEL, drums.hat, gain * 0.6))
                 t += fill
     return notes
 

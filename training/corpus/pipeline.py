@@ -26,15 +26,23 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from refrain.training.corpus.catalog import Catalog, SelectOptions, select_works, split_of
+from refrain.training.corpus.catalog import (
+    Catalog,
+    Selection,
+    SelectOptions,
+    select_works,
+    split_of,
+)
 from refrain.training.corpus.degrade import apply_chain, describe, mp3_decode
 from refrain.training.corpus.families import cataloged_melodies, select_families, write_table
 from refrain.training.corpus.midi import Timeline, version_midi
@@ -46,6 +54,9 @@ from refrain.training.corpus.versions import (
     sample_version,
 )
 from refrain.training.corpus.works import Source, Work, WorkError, clique_id, load_work
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 MANIFEST_COLUMNS = (
     "clique",
@@ -161,6 +172,7 @@ def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
             if error:
                 summary.failed.append(error)
             else:
+                assert record is not None  # a task without an error has its record
                 done.append(record)
                 summary.rendered += 1
     bar.close()
@@ -182,13 +194,13 @@ def _split(work_id: str, options: CorpusOptions) -> str:
 class _Inline:
     """A stand-in for a pool of one process."""
 
-    def __enter__(self):
+    def __enter__(self) -> _Inline:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         return False
 
-    def imap_unordered(self, fn, items):
+    def imap_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         return map(fn, items)
 
 
@@ -372,7 +384,9 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _write_summary(out: Path, options: CorpusOptions, soundfonts, selection, summary) -> None:
+def _write_summary(
+    out: Path, options: CorpusOptions, soundfonts: list[str], selection: Selection, summary: Summary
+) -> None:
     reasons: dict[str, int] = {}
     for reason in selection.rejected.values():
         key = reason.split(" of ")[0] if reason.startswith(("duplicate", "melody")) else reason

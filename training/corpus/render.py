@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def fluidsynth_path() -> str:
     return path
 
 
-def find_soundfonts(paths: list[str | os.PathLike] | None = None) -> list[Path]:
+def find_soundfonts(paths: Sequence[str | os.PathLike] | None = None) -> list[Path]:
     """Soundfont files in `paths` (files or folders; the usual system folders when None),
     each file once however many links point at it, sorted by name."""
     candidates: list[Path] = []

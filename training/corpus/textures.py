@@ -106,7 +106,9 @@ def accompaniment(
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def _block(slots, beat, top, vel, rng) -> list[Note]:
+def _block(
+    slots: list[Slot], beat: float, top: int, vel: int, rng: np.random.Generator
+) -> list[Note]:
     held = rng.random() < 0.3
     out = []
     for s in slots:
@@ -119,7 +121,9 @@ def _block(slots, beat, top, vel, rng) -> list[Note]:
     return out
 
 
-def _arpeggio(slots, beat, top, vel, rng) -> list[Note]:
+def _arpeggio(
+    slots: list[Slot], beat: float, top: int, vel: int, rng: np.random.Generator
+) -> list[Note]:
     step = subdivision(beat)
     updown = rng.random() < 0.5
     out = []
@@ -135,7 +139,7 @@ def _arpeggio(slots, beat, top, vel, rng) -> list[Note]:
     return out
 
 
-def _alberti(slots, beat, top, vel) -> list[Note]:
+def _alberti(slots: list[Slot], beat: float, top: int, vel: int) -> list[Note]:
     step = subdivision(beat)
     out = []
     for s in slots:
@@ -150,7 +154,9 @@ def _alberti(slots, beat, top, vel) -> list[Note]:
     return out
 
 
-def _oompah(slots, work, beat, top, vel) -> list[tuple[str, list[Note]]]:
+def _oompah(
+    slots: list[Slot], work: Work, beat: float, top: int, vel: int
+) -> list[tuple[str, list[Note]]]:
     bass, chords = [], []
     bar_starts = {round(m, 6) for m in work.measures}
     alternate = 0
@@ -168,7 +174,9 @@ def _oompah(slots, work, beat, top, vel) -> list[tuple[str, list[Note]]]:
     return [("bass", bass), ("accompaniment", chords)]
 
 
-def _strum(slots, beat, top, vel, rng) -> list[Note]:
+def _strum(
+    slots: list[Slot], beat: float, top: int, vel: int, rng: np.random.Generator
+) -> list[Note]:
     ups = rng.random() < 0.6
     out = []
     for s in slots:
@@ -188,7 +196,7 @@ def _strum(slots, beat, top, vel, rng) -> list[Note]:
     return out
 
 
-def _hymn(slots, melody, vel) -> list[tuple[str, list[Note]]]:
+def _hymn(slots: list[Slot], melody: list[Note], vel: int) -> list[tuple[str, list[Note]]]:
     """Four-part homophony with the tune as soprano: alto and tenor take the highest chord
     tones at least a third apart below it, the bass the chord's bass note."""
     alto, tenor, bass = [], [], []
@@ -209,7 +217,7 @@ def _hymn(slots, melody, vel) -> list[tuple[str, list[Note]]]:
     return [("alto", alto), ("tenor", tenor), ("bass", bass)]
 
 
-def walking_bass(slots: list[Slot], beat: float, rng) -> list[Note]:
+def walking_bass(slots: list[Slot], beat: float, rng: np.random.Generator) -> list[Note]:
     """Quarter-note bass: the chord's bass on its first beat, chord tones and steps after,
     and a half step into the next chord's bass on the last beat."""
     out = []
@@ -229,7 +237,9 @@ def walking_bass(slots: list[Slot], beat: float, rng) -> list[Note]:
     return out
 
 
-def bass_line(style: str, slots: list[Slot], work: Work, beat: float, rng) -> list[Note]:
+def bass_line(
+    style: str, slots: list[Slot], work: Work, beat: float, rng: np.random.Generator
+) -> list[Note]:
     if style == "walking":
         return walking_bass(slots, beat, rng)
     out = []
@@ -244,7 +254,9 @@ def bass_line(style: str, slots: list[Slot], work: Work, beat: float, rng) -> li
     return out
 
 
-def counter_melody(slots: list[Slot], melody: list[Note], beat: float, top: int, rng) -> list[Note]:
+def counter_melody(
+    slots: list[Slot], melody: list[Note], beat: float, top: int, rng: np.random.Generator
+) -> list[Note]:
     """A slower second line of chord tones, moving against the tune's direction."""
     out = []
     previous = top - 2

@@ -38,7 +38,7 @@ FAMILIES: dict[str, tuple[int, ...]] = {
     "synth lead": (80, 81),
     "synth pad": (88, 89, 90, 91, 94, 95),
 }
-BASS_FAMILY = ("bass", (32, 33, 35, 38))
+BASS_FAMILY: tuple[str, tuple[int, ...]] = ("bass", (32, 33, 35, 38))
 # Families by role in an arranged version (part names of `model.corpus.arrange`).
 ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
     "melody": (

@@ -18,11 +18,17 @@ import itertools
 import re
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from music21 import stream
 
 # Collections that are no music to learn from: notation demos and exercises (one of them a
 # reharmonised Bach chorale).
@@ -235,13 +241,13 @@ def _abc_tunes(path: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: float):
+def _time_limit(seconds: float) -> Iterator[None]:
     """Raise TimeoutError in the block after `seconds` (main thread only: elsewhere, no limit)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def expire(signum, frame):
+    def expire(signum: int, frame: FrameType | None) -> NoReturn:
         raise TimeoutError(f"took more than {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
@@ -275,7 +281,7 @@ def load_work(source: Source, time_limit_s: float = 180.0) -> Work:
         raise WorkError(f"failed to read {source.id}: {type(e).__name__}: {e}") from e
 
 
-def _reduce(score, source: Source) -> Work:
+def _reduce(score: stream.Score | stream.Part, source: Source) -> Work:
     from music21 import meter, stream, tempo
 
     # music21's repeat expansion takes minutes on whole multi-movement scores, which are
@@ -308,9 +314,11 @@ def _reduce(score, source: Source) -> Work:
         m for m in score.recurse().getElementsByClass(tempo.MetronomeMark) if m.getQuarterBPM()
     ]
     if marks:
-        tmap = []
+        tmap: list[tuple[float, float]] = []
         for start, _, mark in score.metronomeMarkBoundaries():
-            bpm = float(mark.getQuarterBPM() or marks[0].getQuarterBPM())
+            quarter_bpm = mark.getQuarterBPM() or marks[0].getQuarterBPM()
+            assert quarter_bpm is not None  # `marks` holds marks with a tempo
+            bpm = float(quarter_bpm)
             if tmap and tmap[-1][1] == bpm:
                 continue
             tmap.append((float(start), min(max(bpm, 20.0), 400.0)))
@@ -328,7 +336,7 @@ def _reduce(score, source: Source) -> Work:
     return Work(source.id, str(title), str(composer), reduced, measures, tmap, ts, bool(marks))
 
 
-def _part_notes(part) -> list[tuple[float, float, int, int]]:
+def _part_notes(part: stream.Stream) -> list[tuple[float, float, int, int]]:
     """A part's notes with tied notes merged (music21's stripTies is quadratic in the length
     of a score: minutes on a string quartet)."""
     from music21 import chord, harmony, note
