@@ -60,7 +60,7 @@ class Record:
     seq: int
     op: Op
     track_id: str
-    meta: dict[str, Any]  # TrackRecord.to_json() for ADD/REPLACE, {"track_id"} for DELETE
+    meta: dict[str, Any]  # TrackRecord.to_stored() for ADD/REPLACE, {"track_id"} for DELETE
     first_segment_id: int = 0
     starts: np.ndarray | None = None  # (n,) float64 seconds
     vectors: np.ndarray | None = None  # (n, zdim) in the index's vector dtype

@@ -32,9 +32,10 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -67,6 +68,8 @@ from .types import (
 from .validate import check_segments, check_track
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 FORMAT_NAME = "refrain-milvus-index"
 FORMAT_VERSION = 1
@@ -170,7 +173,7 @@ def _read_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def _client(path: Path, opts: MilvusOptions):
+def _client(path: Path, opts: MilvusOptions) -> Any:  # a pymilvus MilvusClient
     try:
         from pymilvus import MilvusClient
     except ImportError as e:
@@ -290,7 +293,7 @@ class MilvusSegmentIndex(StoreBase):
         )
         return int(rows[0]["count(*)"])
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
         except Exception as e:

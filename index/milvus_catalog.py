@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import bisect
 import sqlite3
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .catalog import _INSERT, Catalog, _row
+
+T = TypeVar("T")
 
 _EXTRA_SCHEMA = """
 CREATE TABLE IF NOT EXISTS starts (track_id TEXT PRIMARY KEY, starts BLOB NOT NULL) WITHOUT ROWID;
@@ -50,7 +52,7 @@ class MilvusCatalog(Catalog):
         with self._mutex:
             return self._state(key)
 
-    def _transaction(self, work) -> Any:
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         with self._mutex:
             db = self._db
             db.execute("BEGIN IMMEDIATE")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import enum
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
@@ -94,15 +94,10 @@ class TrackRecord:
     # the track and read back with `sequences()`; the catalog's reads leave it out (None)
     sequence: bytes | None = field(default=None, repr=False, compare=False)
 
-    def to_json(self) -> dict[str, Any]:
-        """The public record (no sequence)."""
-        out = asdict(self)
-        del out["sequence"]
-        return out
-
     def to_stored(self) -> dict[str, Any]:
-        """The record as the journal and snapshots keep it: the sequence in base64."""
-        out = self.to_json()
+        """The record as the journal and snapshots keep it: its fields in order, the sequence
+        last, in base64, and only when there is one."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sequence"}
         if self.sequence is not None:
             out["sequence"] = base64.b64encode(self.sequence).decode("ascii")
         return out

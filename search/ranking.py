@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,7 +121,7 @@ class QuerySegments:
             [float(reduce(dist[i * n : (i + 1) * n], reduction)) for i in range(len(self.shifts))]
         )
 
-    def pick_shift(self, distances) -> tuple[int, float]:
+    def pick_shift(self, distances: Sequence[float] | np.ndarray) -> tuple[int, float]:
         """(index, distance) of the smallest of one reduced distance per shift; ties go to the
         smaller shift."""
         best = min(
@@ -199,9 +200,9 @@ def rank_tracks(
     index: SegmentStore,
     query: QuerySegments,
     options: SearchOptions,
-    score=uncalibrated_score,
+    score: Callable[[float], float] = uncalibrated_score,
     timings: dict[str, float] | None = None,
-    fused_score=None,
+    fused_score: Callable[[float, float, float], float] | None = None,
 ) -> list[TrackHit]:
     """Search `index` with an embedded query; the `top_k` closest tracks, closest first.
 

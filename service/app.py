@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from refrain import __version__
 from refrain.service import http_errors, pages
 from refrain.service.auth import EarlyAuth
 from refrain.service.metrics import Metrics
@@ -164,7 +165,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
     app = FastAPI(
         title="Refrain",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
         description="Find musical versions of audio clips in a reference catalog.",
         docs_url=None,

@@ -1,7 +1,8 @@
 """A catalog on disk, as `refrain ingest` and `refrain index build` read it: a folder of audio
-files (recursively; track id and title from the path) or a manifest CSV with the columns
-path,track_id,title,artist,work_id (only path is required; paths relative to the CSV).
-Entries are validated (track ids, duplicates) before anything is sent or embedded.
+files (recursively; track id and title from the path) or a manifest (`manifests`: CSV with
+the columns filename,track_id,title,artist,work_id, `path` accepted for `filename`, or the
+same as JSON) whose file names are paths relative to the manifest. Entries are validated
+(track ids, duplicates) before anything is sent or embedded.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from refrain.model.audio import AUDIO_EXTENSIONS, find_audio
-from refrain.service.sources import default_track_id, valid_track_id
-
-CATALOG_FIELDS = ("path", "track_id", "title", "artist", "work_id")
+from refrain.service.errors import InvalidInput
+from refrain.service.manifests import MANIFEST_FIELDS, parse_manifest
+from refrain.service.track_ids import default_track_id, invalid_track_ids, valid_track_id
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Entry:
 
 
 def read_catalog(source: Path) -> list[Entry]:
-    """A folder (audio files, recursively) or a manifest CSV -> entries, validated."""
+    """A folder (audio files, recursively) or a manifest -> entries, validated."""
     if source.is_dir():
         entries = [
             Entry(f, rel.as_posix(), default_track_id(rel.as_posix()), rel.stem)
@@ -51,44 +52,33 @@ def read_catalog(source: Path) -> list[Entry]:
 
 
 def _read_manifest(manifest: Path) -> list[Entry]:
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in reader.fieldnames or []]
-        if "path" not in fields or set(fields) - set(CATALOG_FIELDS):
-            raise ValueError(
-                f"{manifest}: expected a CSV header of {','.join(CATALOG_FIELDS)} "
-                f"(only path is required), got {','.join(fields)}"
+    try:
+        rows = parse_manifest(manifest.read_bytes(), str(manifest))
+    except InvalidInput as e:
+        raise ValueError(e.message) from None
+    entries = []
+    for n, (filename, row) in enumerate(rows.items(), 1):
+        rel = filename.replace("\\", "/")
+        path = manifest.parent / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{manifest} row {n}: no such file {path}")
+        entries.append(
+            Entry(
+                path,
+                rel,
+                row.get("track_id") or default_track_id(rel),
+                row.get("title") or Path(rel).stem,
+                row.get("artist", ""),
+                row.get("work_id", ""),
             )
-        reader.fieldnames = fields
-        entries = []
-        for n, row in enumerate(reader, 2):
-            row = {k: (v or "").strip() for k, v in row.items() if k is not None}
-            if not row.get("path"):
-                raise ValueError(f"{manifest} line {n}: no path")
-            rel = row["path"].replace("\\", "/")
-            path = manifest.parent / rel
-            if not path.is_file():
-                raise FileNotFoundError(f"{manifest} line {n}: no such file {path}")
-            entries.append(
-                Entry(
-                    path,
-                    rel,
-                    row.get("track_id") or default_track_id(rel),
-                    row.get("title") or Path(rel).stem,
-                    row.get("artist", ""),
-                    row.get("work_id", ""),
-                )
-            )
+        )
     return entries
 
 
 def _check_entries(entries: list[Entry], source: Path) -> None:
     bad = [e.track_id for e in entries if not valid_track_id(e.track_id)]
     if bad:
-        raise ValueError(
-            f"{source}: invalid track ids {bad[:10]} (letters, digits, spaces, "
-            "._-:@+()' and '/' between parts, at most 200 characters)"
-        )
+        raise ValueError(f"{source}: {invalid_track_ids(bad).message}")
     seen: dict[str, str] = {}
     for key, what in ((lambda e: e.track_id, "track id"), (lambda e: e.name, "file")):
         seen.clear()
@@ -125,7 +115,7 @@ def batch_key(batch: list[Entry]) -> str:
 def manifest_csv(batch: list[Entry]) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("filename", "track_id", "title", "artist", "work_id"))
+    w.writerow(MANIFEST_FIELDS)
     for e in batch:
         w.writerow((e.name, e.track_id, e.title, e.artist, e.work_id))
     return buf.getvalue().encode()

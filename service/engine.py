@@ -1,7 +1,8 @@
 """The application core: references in, clips searched, one ingestion item at a time.
 
-`Engine` speaks no HTTP. It takes bytes and typed requests, returns typed results, and raises
-the domain errors of `exceptions` (too short, conflict, not found, insufficient storage...).
+`Engine` speaks no HTTP. It takes bytes and typed requests, returns typed results (`schemas`
+encodes them as the API answers them), and raises the domain errors of `errors` (too short,
+conflict, not found, insufficient storage...).
 The routes, the ingestion jobs and `refrain index build` all call it, so the rules for adding
 a reference (idempotent on track id and content, the audio checks, the stored record) are
 written once, here.
@@ -19,8 +20,8 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -101,16 +102,9 @@ class SearchRequest:
 
 @dataclass(frozen=True)
 class SearchResult:
-    hits: list[TrackHit]
-    query_duration_s: float
-    timings_s: dict[str, float]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "results": [hit_json(h) for h in self.hits],
-            "query_duration_s": round(self.query_duration_s, 3),
-            "timings_ms": {k: round(v * 1000, 2) for k, v in self.timings_s.items()},
-        }
+    hits: list[TrackHit]  # best first
+    query_duration_s: float  # of the decoded clip
+    timings_s: dict[str, float]  # seconds per stage, in the order the stages ran
 
 
 @dataclass
@@ -384,23 +378,3 @@ def omp_threads(n: int) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-def hit_json(hit: TrackHit) -> dict[str, Any]:
-    t = hit.track
-    return {
-        "track_id": t.track_id,
-        "title": t.title,
-        "artist": t.artist,
-        "work_id": t.work_id,
-        "score": round(hit.score, 6),
-        "distance": hit.distance,
-        "matches": [{**_NO_MATCH_FIELDS, **asdict(m)} for m in hit.matches],
-        "transposition": hit.transposition,
-        "alignment": hit.alignment,
-    }
-
-
-# A segment match has a distance, an aligned one a tempo ratio, key shift and score: each
-# reports the other's fields as null, so that every match has one shape.
-_NO_MATCH_FIELDS = {"distance": None, "tempo_ratio": None, "key_shift": None, "score": None}

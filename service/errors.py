@@ -2,9 +2,9 @@
 
 The core (`engine`, ingestion jobs, sources, archives, storage) raises these. Each carries a
 stable machine-readable `code` (`audio_too_short`, `track_exists`, ...) and a message; its
-class says what kind of failure it is. The HTTP layer (`errors`) maps each kind to one status
-in one table; the command line prints code and message; ingestion jobs retry the transient
-kinds and record the others against the item.
+class says what kind of failure it is. The HTTP layer (`http_errors`) maps each kind to one
+status in one table; the command line prints code and message; ingestion jobs retry the
+transient kinds and record the others against the item.
 
 `as_domain_error` folds the library's own exceptions (audio decoding, the index, the
 inference workers) into the same kinds, so every caller sees one vocabulary.
@@ -97,6 +97,15 @@ class Misconfigured(RefrainError):
 
 class Internal(RefrainError):
     """A failure nobody anticipated; logged with its traceback."""
+
+
+MAX_LISTED = 20  # names quoted in one error message
+
+
+def listed(names: list[str]) -> str:
+    """Names for an error message: each quoted, at most `MAX_LISTED`, then how many more."""
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(repr(n) for n in names[:MAX_LISTED]) + more
 
 
 def not_ready(why: str) -> Unavailable:

@@ -28,8 +28,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "source",
         metavar="DIR|MANIFEST",
-        help="folder of audio files, or CSV with columns path,track_id,title,"
-        "artist,work_id (paths relative to the CSV)",
+        help="folder of audio files, or manifest CSV with columns filename,track_id,title,"
+        "artist,work_id (filename: a path relative to the CSV; path is accepted for it)",
     )
     p.add_argument("--url", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None, help="API key (default: $REFRAIN_API_KEY)")

@@ -1,16 +1,38 @@
-"""The API's response bodies as Pydantic models: OpenAPI describes what the service answers.
+"""The wire format: the API's response bodies as Pydantic models, which OpenAPI documents,
+and the one encoding of the core's typed results into them.
 
-The routes build plain dicts from the core's results (`Engine`, the job store); these models
-document them, and FastAPI validates the routes' return values against them. Every failure
-answers `ErrorBody` with the status `errors.STATUS` gives its kind; `responses(...)` lists
-those statuses for a route.
+The engine and the store answer in dataclasses (`SearchResult`, `TrackHit`, `TrackRecord`,
+`IndexStats`); `search_response`, `track`, `added_track`, `track_page` and `stats` turn them
+into these models, and the routes answer what those return (the console reads the same
+JSON). So the rules of the format are written here alone:
+
+- a track is its stored record less what the service keeps to itself (the chroma sequence);
+- a hit's score has 6 decimals, the clip's duration is in seconds to the millisecond and
+  the timings are in milliseconds to 2 decimals;
+- every match has one shape: a segment match reports the alignment's fields (tempo ratio,
+  key shift, score) as null, an aligned match its segment distance.
+
+The job routes answer the job store's records, which FastAPI validates against these models.
+Every failure answers `ErrorBody` with the status `http_errors.STATUS` gives its kind;
+`responses(...)` lists those statuses for a route.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from refrain.index import AddResult, IndexStats, TrackRecord
+    from refrain.model.align import Alignment
+    from refrain.search.ranking import SegmentMatch, TrackHit
+    from refrain.service.engine import SearchResult
+
+SCORE_DECIMALS = 6
+DURATION_DECIMALS = 3  # of a second
+TIMING_DECIMALS = 2  # of a millisecond
 
 
 class ErrorDetail(BaseModel):
@@ -200,3 +222,56 @@ class Stats(BaseModel):
     index: IndexSummary
     model: dict[str, Any]
     queue_depth: int
+
+
+# -- encoding: the core's results -> the models above --------------------------------------------
+
+
+def track(record: TrackRecord) -> Track:
+    """A stored track: the record's fields that `Track` documents."""
+    return Track(**_fields(record, Track))
+
+
+def added_track(result: AddResult, record: TrackRecord) -> AddedTrack:
+    """A track as POST /v1/tracks answers it: the stored track and what the write did."""
+    return AddedTrack(**_fields(record, Track), result=result.value)
+
+
+def track_page(records: list[TrackRecord], next_cursor: str | None) -> TrackPage:
+    return TrackPage(tracks=[track(r) for r in records], next_cursor=next_cursor)
+
+
+def match(m: SegmentMatch | Alignment) -> Match:
+    """A matching time range; the fields of the other kind of match are null."""
+    return Match(**{name: getattr(m, name, None) for name in Match.model_fields})
+
+
+def hit(h: TrackHit) -> Hit:
+    t = h.track
+    return Hit(
+        track_id=t.track_id,
+        title=t.title,
+        artist=t.artist,
+        work_id=t.work_id,
+        score=round(h.score, SCORE_DECIMALS),
+        distance=h.distance,
+        matches=[match(m) for m in h.matches],
+        transposition=h.transposition,
+        alignment=h.alignment,
+    )
+
+
+def search_response(result: SearchResult) -> SearchResponse:
+    return SearchResponse(
+        results=[hit(h) for h in result.hits],
+        query_duration_s=round(result.query_duration_s, DURATION_DECIMALS),
+        timings_ms={k: round(v * 1000, TIMING_DECIMALS) for k, v in result.timings_s.items()},
+    )
+
+
+def stats(index: IndexStats, model: dict[str, Any], queue_depth: int) -> Stats:
+    return Stats(index=IndexSummary(**asdict(index)), model=model, queue_depth=queue_depth)
+
+
+def _fields(record: Any, model: type[BaseModel]) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in model.model_fields}

@@ -1,8 +1,7 @@
-"""Where a bulk ingestion job's files come from, and what each becomes: manifests and items.
+"""Where a bulk ingestion job's files come from, and the items they become.
 
 A job is a list of `Item`s, built from uploaded files, the audio members of an archive, or
-the audio files of a folder under the import root. An optional manifest (CSV with the header
-`filename,track_id,title,artist,work_id`, or a JSON list of objects with those keys) gives a
+the audio files of a folder under the import root. An optional manifest (`manifests`) gives a
 file its metadata; a file it does not name gets defaults from its name. Every problem with
 the request is found here, before a job exists: manifest rows naming absent files, duplicate
 file names or track ids, invalid track ids, no audio at all.
@@ -10,28 +9,21 @@ file names or track ids, invalid track ids, no audio at all.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from refrain.model.audio import AUDIO_EXTENSIONS
-from refrain.service.archive import MANIFEST_NAMES, MAX_MANIFEST_BYTES
-from refrain.service.errors import Forbidden, InvalidInput, RefrainError, TooLarge
+from refrain.service.archive import MANIFEST_NAMES
+from refrain.service.errors import Forbidden, InvalidInput, TooLarge, listed
+from refrain.service.manifests import Manifest, read_manifest_file
+from refrain.service.track_ids import default_track_id, invalid_track_ids, valid_track_id
 
-TRACK_ID = re.compile(r"^[\w.\-:@+()' ]{1,200}$")  # one '/'-separated part of an id
-
-MANIFEST_FIELDS = ("filename", "track_id", "title", "artist", "work_id")
 # Longest metadata values, in characters: a title is returned with every search hit and
 # listing, so an unbounded one (a 900 kB title) would weigh on every answer.
 MAX_METADATA_CHARS = {"title": 500, "artist": 500, "work_id": 200}
-MAX_LISTED = 20  # names quoted in one error message
-_UNSAFE_ID_CHARS = re.compile(r"[^\w.\-:@+()' ]")
 
 
 @dataclass(frozen=True)
@@ -43,74 +35,6 @@ class Item:
     title: str = ""
     artist: str = ""
     work_id: str | None = None
-
-
-def _listed(names: list[str]) -> str:
-    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
-    return ", ".join(repr(n) for n in names[:MAX_LISTED]) + more
-
-
-def _invalid_manifest(message: str) -> RefrainError:
-    return InvalidInput("invalid_manifest", message)
-
-
-def parse_manifest(data: bytes, name: str = "manifest") -> dict[str, dict[str, str]]:
-    """Manifest bytes (CSV or JSON) -> {filename: {field: value}} with empty values dropped."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise _invalid_manifest(f"{name} is not UTF-8 text") from None
-    is_json = name.lower().endswith(".json") or text.lstrip().startswith("[")
-    rows = _json_rows(text, name) if is_json else _csv_rows(text, name)
-    out: dict[str, dict[str, str]] = {}
-    duplicates = []
-    for n, row in enumerate(rows, 1):
-        unknown = sorted(set(row) - set(MANIFEST_FIELDS))
-        if unknown:
-            raise _invalid_manifest(
-                f"{name} row {n} has unknown fields {unknown}; expected {','.join(MANIFEST_FIELDS)}"
-            )
-        values = {k: str(v).strip() for k, v in row.items() if v is not None and str(v).strip()}
-        filename = values.get("filename")
-        if not filename:
-            raise _invalid_manifest(f"{name} row {n} has no filename")
-        if filename in out:
-            duplicates.append(filename)
-        out[filename] = values
-    if duplicates:
-        raise _invalid_manifest(f"{name} names these files more than once: {_listed(duplicates)}")
-    return out
-
-
-def _csv_rows(text: str, name: str) -> list[dict]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "filename" not in [f.strip() for f in reader.fieldnames]:
-        raise _invalid_manifest(
-            f"{name} must be CSV with the header {','.join(MANIFEST_FIELDS)} "
-            "(only filename is required) or a JSON list of objects with those keys"
-        )
-    reader.fieldnames = [f.strip() for f in reader.fieldnames]
-    try:
-        rows = list(reader)
-    except csv.Error as e:
-        raise _invalid_manifest(f"{name} is not valid CSV: {e}") from None
-    for n, row in enumerate(rows, 1):
-        if None in row:
-            raise _invalid_manifest(f"{name} row {n} has more values than the header has columns")
-    return rows
-
-
-def _json_rows(text: str, name: str) -> list[dict]:
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _invalid_manifest(f"{name} is not valid JSON: {e}") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise _invalid_manifest(f"{name} must be a JSON list of objects")
-    for n, row in enumerate(rows, 1):
-        if any(not isinstance(v, (str, int, float, type(None))) for v in row.values()):
-            raise _invalid_manifest(f"{name} row {n}: values must be strings or null")
-    return rows
 
 
 def metadata_problem(fields: dict[str, str | None]) -> str | None:
@@ -130,29 +54,9 @@ def check_metadata(fields: dict[str, str | None]) -> None:
         raise InvalidInput("invalid_metadata", problem)
 
 
-def valid_track_id(track_id: str) -> bool:
-    """The rule of POST /v1/tracks, applied to each '/'-separated part of the id."""
-    return len(track_id) <= 200 and all(
-        TRACK_ID.match(part) and part.strip() == part and part not in (".", "..")
-        for part in track_id.split("/")
-    )
-
-
-def default_track_id(relative: str) -> str:
-    """A file's path without extension, made a valid track id ('/' kept)."""
-    stem = str(PurePosixPath(relative).with_suffix("")) if relative.strip("/.") else "_"
-    parts = [_UNSAFE_ID_CHARS.sub("_", p).strip() or "_" for p in stem.split("/") if p]
-    return "/".join(parts)[:200].rstrip("/ ") or "_"
-
-
-def basename_id(filename: str) -> str:
-    """Default id of an uploaded file: its name without folders and extension."""
-    return default_track_id(PurePosixPath(filename.replace("\\", "/")).name)
-
-
 def build_items(
     found: list[tuple[str, Path]],
-    manifest: dict[str, dict[str, str]] | None,
+    manifest: Manifest | None,
     owned: bool,
     default_id: Callable[[str], str] = default_track_id,
 ) -> list[Item]:
@@ -164,13 +68,13 @@ def build_items(
     names = [f for f, _ in found]
     dup_names = sorted(n for n, c in Counter(names).items() if c > 1)
     if dup_names:
-        raise InvalidInput("duplicate_filename", f"files named twice: {_listed(dup_names)}")
+        raise InvalidInput("duplicate_filename", f"files named twice: {listed(dup_names)}")
     manifest = manifest or {}
     missing = sorted(set(manifest) - set(names))
     if missing:
         raise InvalidInput(
             "manifest_files_missing",
-            f"the manifest names files that were not sent: {_listed(missing)}",
+            f"the manifest names files that were not sent: {listed(missing)}",
         )
     items = []
     bad_ids = []
@@ -187,15 +91,11 @@ def build_items(
             Item(filename, path, owned, track_id, title, row.get("artist", ""), row.get("work_id"))
         )
     if bad_ids:
-        raise InvalidInput(
-            "invalid_track_id",
-            "track ids must be 1-200 characters of letters, digits, spaces and ._-:@+()' "
-            f"(and '/' between parts), got {_listed(bad_ids)}",
-        )
+        raise invalid_track_ids(bad_ids)
     dup_ids = sorted(t for t, c in Counter(i.track_id for i in items).items() if c > 1)
     if dup_ids:
         raise InvalidInput(
-            "duplicate_track_id", f"track ids used by more than one file: {_listed(dup_ids)}"
+            "duplicate_track_id", f"track ids used by more than one file: {listed(dup_ids)}"
         )
     return items
 
@@ -216,14 +116,6 @@ def resolve_under(root: Path | None, path: str, what: str = "path") -> Path:
     if not target.is_relative_to(base):
         raise Forbidden("path_forbidden", f"{what} {path!r} is outside the import root")
     return target
-
-
-def read_manifest_file(file: Path) -> bytes:
-    if file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise TooLarge(
-            "manifest_too_large", f"{file.name} is larger than {MAX_MANIFEST_BYTES} bytes"
-        )
-    return file.read_bytes()
 
 
 def scan_folder(

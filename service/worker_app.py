@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from refrain import __version__
 from refrain.model.embedder import Embedder, load_model
 from refrain.service import http_errors
 from refrain.service.app import BodyLimitMiddleware, MetricsMiddleware
@@ -116,7 +117,7 @@ def create_worker_app(settings: Settings | None = None, load_in_background: bool
 
     app = FastAPI(
         title="Refrain inference worker",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
         description="Internal: audio samples in, CLEWS segment embeddings out.",
     )

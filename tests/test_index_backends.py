@@ -410,7 +410,7 @@ def test_chroma_sequences_are_stored_replaced_and_deleted_with_their_tracks(tmp_
         ix.add_track(TrackRecord("plain", content_sha256="p"), v, s)  # an older writer's track
         assert ix.sequences([*seqs, "plain", "nope"]) == seqs
         record = ix.get_track("s1")
-        assert record.sequence is None and "sequence" not in record.to_json()
+        assert record.sequence is None and "sequence" not in record.to_stored()
     with open_backend(backend, tmp_path / "idx") as ix:  # replayed or read back
         assert ix.sequences(list(seqs)) == seqs
         ix.snapshot()

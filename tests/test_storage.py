@@ -17,6 +17,7 @@ from refrain.service import storage
 from refrain.service.archive import ArchiveLimits, extract_archive
 from refrain.service.errors import InsufficientStorage, RefrainError
 from refrain.service.settings import Settings
+from refrain.service.sources import Item
 
 from conftest import CKPT_A, DATA, LiveServer
 
@@ -169,3 +170,42 @@ def test_space_guard_counts_the_write_and_the_reserve(tmp_path):
     f = io.BytesIO(b"x" * 1000)
     f.seek(10)
     assert storage.stream_size(f) == 1000 and f.tell() == 10
+
+
+def test_a_track_write_meets_one_guard_the_engines(tmp_path, disk):
+    """POST /v1/tracks and the ingestion jobs meet the same guard, the engine's: it counts the
+    track's index write (known once the audio is decoded), not the upload, and refuses (507)
+    before anything is written."""
+    server = LiveServer(
+        Settings(
+            data_dir=tmp_path / "data", model=str(CKPT_A), api_keys="k1", min_free_bytes=MIN_FREE
+        )
+    )
+    a = wav(6, 0)
+    try:
+        engine = server.app.state.runtime.engine
+        seconds = len(engine.decode(a, 60.0)) / engine.model.sample_rate
+        n = storage.segment_count(
+            seconds, engine.model.config.shingling.len, engine.settings.reference_hop_s
+        )
+        needed = storage.index_write_bytes(n, engine.model.zdim, seconds)
+        assert needed < len(a)  # the upload would not fit where the index write does
+        with server.client(headers=KEY) as c:
+            disk.free = MIN_FREE + needed - 1
+            r = c.post("/v1/tracks", files={"audio": ("t.wav", a)}, data={"track_id": "t"})
+            assert r.status_code == 507, r.text
+            err = r.json()["error"]
+            assert err["code"] == "insufficient_storage"
+            assert err["message"].startswith(f"the index write of {n} segments needs {needed} ")
+            assert "REFRAIN_MIN_FREE_BYTES" in err["message"]
+            assert c.get("/v1/tracks/t").status_code == 404
+            (tmp_path / "t.wav").write_bytes(a)
+            with pytest.raises(InsufficientStorage, match=f"index write of {n} segments"):
+                engine.ingest_item(Item("t.wav", tmp_path / "t.wav", False, "t"), replace=False)
+            assert len(engine.store) == 0
+
+            disk.free = MIN_FREE + needed  # exactly enough for the index write
+            r = c.post("/v1/tracks", files={"audio": ("t.wav", a)}, data={"track_id": "t"})
+            assert r.status_code == 201, r.text
+    finally:
+        server.stop()

@@ -25,22 +25,16 @@ from refrain.service.errors import InvalidInput, NotFound, TooLarge, Unsupported
 from refrain.service.forms import StrictFormRoute
 from refrain.service.jobs import JobManager
 from refrain.service.jobstore import JobState
+from refrain.service.manifests import Manifest, parse_manifest, read_manifest_file
 from refrain.service.schemas import Job, JobCreated, JobPage, responses
 from refrain.service.settings import Settings
-from refrain.service.sources import (
-    basename_id,
-    build_items,
-    parse_manifest,
-    read_manifest_file,
-    resolve_under,
-    scan_folder,
-)
+from refrain.service.sources import build_items, resolve_under, scan_folder
 from refrain.service.storage import SpaceGuard, stream_size
+from refrain.service.track_ids import basename_id
 
 router = APIRouter(route_class=StrictFormRoute)
 
 FORM_FIELDS = ("files", "archive", "manifest", "replace")
-Manifest = dict[str, dict[str, str]]
 
 
 class PathIngest(BaseModel):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from refrain.service import schemas
 from refrain.service.auth import require_metrics, require_read
 from refrain.service.deps import EngineDep, MetricsDep, RuntimeDep
 from refrain.service.forms import StrictFormRoute
@@ -65,6 +64,6 @@ async def metrics(runtime: RuntimeDep, registry: MetricsDep) -> Response:
     response_model=Stats,
     responses=responses(401, 403, 503),
 )
-async def stats(runtime: RuntimeDep, engine: EngineDep) -> dict:
+async def stats(runtime: RuntimeDep, engine: EngineDep) -> Stats:
     st = await run_in_threadpool(engine.store.stats)
-    return {"index": asdict(st), "model": runtime.identity(), "queue_depth": runtime.queue_depth}
+    return schemas.stats(st, runtime.identity(), runtime.queue_depth)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
+from refrain.service import schemas
 from refrain.service.auth import require_read
 from refrain.service.deps import EngineDep
 from refrain.service.engine import MAX_TOP_K, SearchRequest
@@ -40,8 +41,8 @@ async def search(
         "tracks by aligning the clip with them, and report aligned ranges, tempo ratio and "
         "key; false: segment distance only",
     ),
-) -> dict:
+) -> SearchResponse:
     request = SearchRequest(b"", top_k, reduction or None, hop, transpositions, verify)
     request.check()  # before reading the upload
     result = await run_in_threadpool(engine.search, replace(request, audio=await audio.read()))
-    return result.to_json()
+    return schemas.search_response(result)

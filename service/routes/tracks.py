@@ -9,27 +9,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from refrain.index import AddResult
+from refrain.service import schemas
 from refrain.service.auth import require_read, require_write
-from refrain.service.deps import EngineDep, SettingsDep
+from refrain.service.deps import EngineDep
 from refrain.service.engine import TrackMeta
-from refrain.service.errors import InvalidInput
 from refrain.service.forms import StrictFormRoute
 from refrain.service.schemas import AddedTrack, Deleted, Track, TrackPage, responses
-from refrain.service.sources import check_metadata, valid_track_id
-from refrain.service.storage import SpaceGuard, stream_size
+from refrain.service.sources import check_metadata
+from refrain.service.track_ids import check_track_id
 
 router = APIRouter(route_class=StrictFormRoute)
-
-
-def check_track_id(track_id: str) -> str:
-    if not valid_track_id(track_id):
-        raise InvalidInput(
-            "invalid_track_id",
-            "track_id must be 1-200 characters of letters, digits, spaces and ._-:@+()' in "
-            "'/'-separated parts without leading or trailing spaces and other than '.' or '..', "
-            f"got {track_id[:50]!r}",
-        )
-    return track_id
 
 
 @router.post(
@@ -48,7 +37,6 @@ def check_track_id(track_id: str) -> str:
 )
 async def add_track(
     engine: EngineDep,
-    settings: SettingsDep,
     audio: UploadFile = File(..., description="the reference recording"),
     track_id: str | None = Form(None, description="unique id; generated when absent"),
     title: str = Form(""),
@@ -62,13 +50,11 @@ async def add_track(
     check_metadata(
         {"track_id": meta.track_id, "title": title, "artist": artist, "work_id": work_id}
     )
-    # the index stores far less than the audio; its size is the bound the guard can know
-    space = SpaceGuard(settings.data_dir, settings.min_free_bytes)
-    await run_in_threadpool(space.require, stream_size(audio.file), "the track")
     data = await audio.read()
+    # the engine refuses (507) a write that would leave the data volume short of its reserve
     result, track = await run_in_threadpool(engine.add_reference, data, meta, replace)
     status = 200 if result is AddResult.UNCHANGED else 201
-    return JSONResponse({**track.to_json(), "result": result.value}, status_code=status)
+    return JSONResponse(schemas.added_track(result, track).model_dump(), status_code=status)
 
 
 @router.get(
@@ -78,9 +64,8 @@ async def add_track(
     response_model=Track,
     responses=responses(401, 403, 404, 422, 503),
 )
-async def get_track(engine: EngineDep, track_id: str) -> dict:
-    track = await run_in_threadpool(engine.get_track, track_id)
-    return track.to_json()
+async def get_track(engine: EngineDep, track_id: str) -> Track:
+    return schemas.track(await run_in_threadpool(engine.get_track, track_id))
 
 
 @router.delete(
@@ -106,6 +91,6 @@ async def list_tracks(
     engine: EngineDep,
     limit: int = Query(100, ge=1, le=1000),
     cursor: str | None = Query(None),
-) -> dict:
+) -> TrackPage:
     tracks, next_cursor = await run_in_threadpool(engine.list_tracks, limit, cursor)
-    return {"tracks": [t.to_json() for t in tracks], "next_cursor": next_cursor}
+    return schemas.track_page(tracks, next_cursor)
