@@ -6,7 +6,7 @@
         ix.add_track(TrackRecord("t1"), vectors, starts_s)
         distances, segment_ids = ix.search(queries, k=100)
 
-It is a `SegmentStore`, as `SegmentIndex` is, so the reducer (`index.search`) and the service use
+It is a `SegmentStore`, as `SegmentIndex` is, so the ranking (`refrain.search`) and the service use
 either. Where things live:
 
 - the Milvus collection (default `refrain_segments`): one row per segment, `segment_id` (int64
@@ -33,7 +33,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,13 +52,24 @@ from .files import (
     write_json_atomic,
 )
 from .milvus_catalog import MilvusCatalog, Range, Spans
+from .milvus_client import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IDENTITY_PROPERTY,
+    BackendUnavailableError,
+    MilvusOptions,
+    connect,
+    default_build,
+    default_search,
+    hit_id,
+    read_info,
+)
 from .rwlock import RWLock
 from .segment_store import Item, StoreBase, write_decision
 from .types import (
     AddResult,
     CorruptIndexError,
     IdentityMismatchError,
-    IndexNotFoundError,
     IndexOptions,
     IndexStats,
     SegmentIndexError,
@@ -69,38 +79,12 @@ from .validate import check_segments, check_track
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BackendUnavailableError", "MilvusOptions", "MilvusSegmentIndex", "open_milvus_index"]
+
 T = TypeVar("T")
 
-FORMAT_NAME = "refrain-milvus-index"
-FORMAT_VERSION = 1
-LITE_FILE = "milvus.db"
-IDENTITY_PROPERTY = "refrain.identity"
 INSERT_BATCH = 1000  # rows per Milvus insert call
 SEARCH_BATCH = 1024  # query vectors per Milvus search call
-
-
-class BackendUnavailableError(SegmentIndexError):
-    """Milvus could not be reached or refused an operation; retry later."""
-
-
-@dataclass(frozen=True)
-class MilvusOptions:
-    """Where the Milvus collection is and how it is indexed."""
-
-    # Milvus server, e.g. "http://milvus:19530"; None: Milvus Lite inside the index directory
-    uri: str | None = None
-    # "user:password" or an API token; "" for none
-    token: str = ""
-    # Milvus database; "" = the default database
-    db_name: str = ""
-    # collection holding the segments
-    collection: str = "refrain_segments"
-    # Milvus index type fixed at creation: FLAT (exact), IVF_FLAT, HNSW, ...
-    index_type: str = "FLAT"
-    # build parameters; {} = M 32 / efConstruction 200 for HNSW, nlist 1024 for IVF
-    index_params: dict[str, Any] = field(default_factory=dict)
-    # search parameters; {} = ef max(k, 128) for HNSW, nprobe 16 for IVF
-    search_params: dict[str, Any] = field(default_factory=dict)
 
 
 def open_milvus_index(
@@ -128,7 +112,7 @@ def open_milvus_index(
     lock = WriterLock(path)
     try:
         if (path / INDEX_FILE).exists():
-            info = _read_info(path)
+            info = read_info(path)
             check_identity(path, info["identity"], identity)
             if info["collection"] != milvus.collection:
                 raise ValueError(
@@ -160,35 +144,6 @@ def open_milvus_index(
         raise
 
 
-def _read_info(path: Path) -> dict[str, Any]:
-    try:
-        info = json.loads((path / INDEX_FILE).read_text())
-    except ValueError as e:
-        raise IndexNotFoundError(f"{path / INDEX_FILE} is not valid JSON: {e}") from e
-    if info.get("format") != FORMAT_NAME or info.get("version") != FORMAT_VERSION:
-        raise IndexNotFoundError(
-            f"{path} is not a Refrain Milvus index (format "
-            f"{info.get('format')!r} version {info.get('version')!r})"
-        )
-    return info
-
-
-def _client(path: Path, opts: MilvusOptions) -> Any:  # a pymilvus MilvusClient
-    try:
-        from pymilvus import MilvusClient
-    except ImportError as e:
-        raise ImportError("the Milvus backend needs pymilvus: pip install 'refrain[milvus]'") from e
-    kwargs: dict[str, Any] = {"uri": opts.uri or str(path / LITE_FILE)}
-    if opts.token:
-        kwargs["token"] = opts.token
-    if opts.db_name:
-        kwargs["db_name"] = opts.db_name
-    try:
-        return MilvusClient(**kwargs)
-    except Exception as e:
-        raise BackendUnavailableError(f"cannot connect to Milvus at {kwargs['uri']}: {e}") from e
-
-
 class MilvusSegmentIndex(StoreBase):
     """Reference segments in Milvus with their tracks in SQLite. Use `open_milvus_index`."""
 
@@ -213,7 +168,7 @@ class MilvusSegmentIndex(StoreBase):
         self._closed = False
         self._catalog = MilvusCatalog(path / CATALOG_FILE)
         try:
-            self._client = _client(path, milvus)
+            self._client = connect(path, milvus)
             try:
                 self._open_collection()
                 self._spans = Spans()
@@ -279,7 +234,7 @@ class MilvusSegmentIndex(StoreBase):
             field_name="vector",
             index_type=self.factory,
             metric_type="L2",
-            params=self.milvus.index_params or _default_build(self.factory),
+            params=self.milvus.index_params or default_build(self.factory),
         )
         c.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
         c.alter_collection_properties(
@@ -417,7 +372,7 @@ class MilvusSegmentIndex(StoreBase):
             limit = min(k + max(self._hidden, 0), 16384)
             params = {
                 "metric_type": "L2",
-                "params": self.milvus.search_params or _default_search(self.factory, limit),
+                "params": self.milvus.search_params or default_search(self.factory, limit),
             }
             for a in range(0, len(q), SEARCH_BATCH):
                 batch = q[a : a + SEARCH_BATCH]
@@ -434,7 +389,7 @@ class MilvusSegmentIndex(StoreBase):
                 for row, hits in enumerate(result, start=a):
                     col = 0
                     for hit in hits:
-                        sid = _hit_id(hit)
+                        sid = hit_id(hit)
                         # skip uncommitted or removed writes
                         if col < k and self._spans.is_live(sid):
                             ids[row, col], distances[row, col] = sid, hit["distance"]
@@ -559,26 +514,3 @@ class MilvusSegmentIndex(StoreBase):
             f"index_type={self.factory!r}, tracks={len(self._spans)}, "
             f"segments={self._spans.n_segments})"
         )
-
-
-def _default_build(index_type: str) -> dict[str, Any]:
-    kind = index_type.upper()
-    if kind.startswith("HNSW"):
-        return {"M": 32, "efConstruction": 200}
-    if kind.startswith("IVF"):
-        return {"nlist": 1024}
-    return {}
-
-
-def _default_search(index_type: str, k: int) -> dict[str, Any]:
-    kind = index_type.upper()
-    if kind.startswith("HNSW"):
-        return {"ef": max(k, 128)}
-    if kind.startswith("IVF"):
-        return {"nprobe": 16}
-    return {}
-
-
-def _hit_id(hit: Any) -> int:
-    entity = hit.get("entity") or {}
-    return int(entity["segment_id"] if "segment_id" in entity else hit["id"])

@@ -21,10 +21,11 @@ averaged over the track level and the 5/10/20/30 s clips: 0.56 and 0.55, against
 m = 1 and 0.43 for m = 9, whose 4 s of context fill most of a 5 s clip); m = 5 is kept, as
 kappa = 0.1, which beat 0.05 and 0.15.
 
-Unlike `model.baseline.ChromaBaseline` there is no embedding: `QmaxScorer.embed_many` returns
-chroma sequences and `QmaxScorer.distances` scores every pair, which `model.evaluate` uses in
-place of its segment reductions. librosa's alignment kernel (numba) keeps the GIL, so pairs
-are spread over processes; each track's chroma is computed once.
+Unlike `training.baseline.ChromaBaseline` there is no embedding: `QmaxScorer.embed_many`
+returns chroma sequences and `QmaxScorer.distances` scores every pair, which
+`refrain.training.evaluate` uses in place of its segment reductions. librosa's alignment
+kernel (numba) keeps the GIL, so pairs are spread over processes; each track's chroma is
+computed once.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each 20 s segment becomes a chroma matrix (12 pitch classes x frames, folded fro
 same CQT the network sees); the magnitude of its 2-D Fourier transform is invariant to
 transposition (a circular shift of the pitch axis) and to time shifts. Segments are cut
 like the network's, so the same reductions and evaluation protocol apply. It stands in
-for an `Embedder` in `model.evaluate.evaluate`.
+for an `Embedder` in `refrain.training.evaluate.evaluate`.
 """
 
 from __future__ import annotations

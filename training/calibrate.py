@@ -176,7 +176,7 @@ def validation_pairs(
 ) -> tuple[np.ndarray, ...]:
     """Distances and labels of clip-vs-track pairs, measured the way the service searches:
     a clip of tau seconds (seeded offset) against every other whole track, reduced with
-    `min` (the reduction for clips under 40 s). Items are `model.evaluate.Item`s.
+    `min` (the reduction for clips under 40 s). Items are `refrain.training.evaluate.Item`s.
 
     With `alignment`, also the two alignment features of the pairs the service would align
     (the clip's `candidates` nearest tracks, `Fusion`'s default when None), from the chroma

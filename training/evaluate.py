@@ -169,12 +169,12 @@ class EvalOptions:
     seed: int = 0  # seed of the segment query offsets
     max_seconds: float | None = 600.0  # tracks are cut to their start (the reference's maxlen)
     batch_size: int = 32  # segments per network call
-    # alignment verification (`model.verify`): also report every level with the model's
+    # alignment verification (`refrain.search.fusion`): also report every level with the model's
     # `verify` nearest tracks re-ranked by Qmax fused with the distance (0: off)
     verify: int = 0
     verify_weight: float = 2.4  # refrain.search.fusion.Fusion's
     verify_expand: float = 0.5  # expansion with the first candidate (Fusion's)
-    # also report every level re-ranked with each (candidates, weight) of `model.verify`'s
+    # also report every level re-ranked with each (candidates, weight) of `refrain.search.fusion`'s
     # sweep, candidates up to `verify` (the data to choose them on validation queries)
     verify_sweep: bool = False
 

@@ -4,7 +4,7 @@ on the ride cymbal and a triplet shuffle, in the meter the arrangement plays.
 A groove is a one-bar pattern of (position in beats, GM percussion key, level) hits, repeated
 on every bar of the work's measure grid (bars of another length, such as pick-ups, take the
 hits that fit). Swung grooves place their off-beats at two thirds of the beat, where
-`model.corpus.arrange` moves the tune's off-beat eighths.
+`training.corpus.arrange` moves the tune's off-beat eighths.
 """
 
 from __future__ import annotations

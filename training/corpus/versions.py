@@ -39,7 +39,7 @@ FAMILIES: dict[str, tuple[int, ...]] = {
     "synth pad": (88, 89, 90, 91, 94, 95),
 }
 BASS_FAMILY: tuple[str, tuple[int, ...]] = ("bass", (32, 33, 35, 38))
-# Families by role in an arranged version (part names of `model.corpus.arrange`).
+# Families by role in an arranged version (part names of `training.corpus.arrange`).
 ROLE_FAMILIES: dict[str, tuple[str, ...]] = {
     "melody": (
         "voice",
