@@ -27,7 +27,10 @@ stored with a seeded chroma sequence as long as its audio (2 frames a second, a 
 over pitch classes, standing for both its full and its upper chroma: 10.4 KB), and a query
 carries 30 s of its source's sequence with noise,
 so the VERIFY best candidates are aligned and the returned ones located as in the service.
-"verify ms" is that stage's median (not in "reduce ms").
+"verify ms" is that stage's median (not in "reduce ms"). A setting ending in ":before"
+(512:100:100:before) is served by the previous alignment (`search_measure.previous_alignment`,
+pair by pair), to time both in one run; every verified row's recall is taken against the
+previous alignment's verified ranking, which the current one must keep.
 
 Recall@10 compares the served top 10 with the exhaustive top 10 over every stored track (the
 same nsqeuc distances and reduction as `exhaustive_rank`, vectorised over the generated
@@ -80,6 +83,9 @@ from search_data import (
     ground_truth,
     verify_ground_truth,
 )
+from search_data import (
+    QUERY_SEGMENTS as QUERY_SEGMENTS,  # the clip's segments, read by tests/test_bench.py
+)
 from search_measure import (
     Built,
     Measured,
@@ -112,6 +118,9 @@ HEADER = [
 ]
 
 
+BEFORE: set[int] = set()  # ids of the reducer settings served by the previous alignment
+
+
 def print_row(cells: list[str]) -> None:
     print("| " + " | ".join(cells) + " |", flush=True)
 
@@ -124,7 +133,9 @@ def row(
         ds.kind,
         str(ds.n_tracks),
         setting,
-        f"{opts.k}:{opts.candidates}" + (f":{opts.verify}" if opts.verify else ""),
+        f"{opts.k}:{opts.candidates}"
+        + (f":{opts.verify}" if opts.verify else "")
+        + (":before" if id(opts) in BEFORE else ""),
         f"{built.build_s:.1f}",
         f"{ds.n_tracks / built.ingest_s:.0f}",
         f"{built.rss_bytes / GIB:.2f}",
@@ -259,6 +270,7 @@ def run_dataset(
                             opts,
                             segment_s,
                             args.max_query_seconds,
+                            before=id(opts) in BEFORE,
                         )
                         rows.append(row(ds, factory, p, opts, built, m))
                         print_row(rows[-1])
@@ -269,19 +281,24 @@ def run_dataset(
 
 
 def parse_reducer(text: str) -> SearchOptions:
-    """ "K:CANDIDATES[:VERIFY]" -> the service's SearchOptions for a 30 s clip (reduction
-    min), with alignment verification of VERIFY candidates."""
+    """ "K:CANDIDATES[:VERIFY[:before]]" -> the service's SearchOptions for a 30 s clip
+    (reduction min), with alignment verification of VERIFY candidates; with ":before", by
+    the previous alignment (`search_measure.previous_alignment`, listed in `BEFORE`)."""
+    before = text.endswith(":before")
     try:
-        k, candidates, *verify = (int(x) for x in text.split(":"))
+        k, candidates, *verify = (int(x) for x in text.removesuffix(":before").split(":"))
         if len(verify) > 1:
             raise ValueError
     except ValueError:
         raise SystemExit(
             f"--reducer expects K:CANDIDATES[:VERIFY] such as 64:100 or 512:100:50, got {text!r}"
         ) from None
-    return SearchOptions(
+    opts = SearchOptions(
         top_k=TOP, k=k, candidates=max(candidates, TOP, *verify), verify=verify[0] if verify else 0
     )
+    if before:
+        BEFORE.add(id(opts))
+    return opts
 
 
 def _is_tmpfs(path: Path) -> bool:

@@ -99,12 +99,29 @@ def write_decision(
     if track.content_sha256 and existing.content_sha256 == track.content_sha256:
         return AddResult.UNCHANGED
     if not replace:
-        raise TrackExistsError(
-            f"track {track.track_id!r} is already stored with content_sha256 "
-            f"{existing.content_sha256!r}, got {track.content_sha256!r}; "
-            "pass replace=True to replace it"
-        )
+        raise TrackExistsError(_exists_message(track, existing.content_sha256))
     return AddResult.REPLACED
+
+
+def _exists_message(track: TrackRecord, stored: str | None) -> str:
+    """Why `track` may not overwrite the stored track of its id, naming what differs: the audio
+    (both content hashes known), or that without a hash the store cannot tell."""
+    given = track.content_sha256
+    if stored and given:
+        what = f"with other audio (content_sha256 {_short(stored)} stored, {_short(given)} given)"
+    else:
+        unhashed = "the stored one has no" if given else "the new one has no"
+        if not (stored or given):
+            unhashed = "neither has a"
+        what = (
+            f"({unhashed} content_sha256, so whether the audio is the same is unknown; set "
+            "TrackRecord.content_sha256 to make adding the same audio again a no-op)"
+        )
+    return f"track {track.track_id!r} is already stored {what}; pass replace=True to replace it"
+
+
+def _short(digest: str) -> str:
+    return digest if len(digest) <= 12 else digest[:12] + "..."
 
 
 def check_limit(limit: object) -> int:

@@ -16,6 +16,8 @@ Source of truth: the latest snapshot plus the journal. Everything else is derive
   the truncation applies nothing twice.
 - The catalog is rebuilt from the snapshot's track list and the journal when it is missing,
   unreadable, behind the snapshot, ahead of the journal or disagrees with the vector store.
+  A catalog write that fails after its journal record is durable leaves the catalog behind,
+  refusing reads, until it catches up from the journal by itself (`index.catalog_upkeep`).
 - Snapshots happen on `snapshot()`, after `snapshot_every_records` records or
   `snapshot_every_bytes` journal bytes, and once an untrained IVF/PQ index has enough vectors.
 
@@ -27,21 +29,18 @@ training), excluding them only while memory is being changed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import logging
-import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from .backends import make_factory_index
-from .catalog import Catalog, is_damage
+from .catalog_upkeep import CatalogUpkeep
 from .files import (
     INDEX_FILE,
     SNAPSHOT_DIR,
@@ -55,13 +54,12 @@ from .files import (
     validate_identity,
 )
 from .journal import Op, Record
-from .recovery import apply_record, rebuild_catalog, recover
+from .recovery import apply_record, recover
 from .rwlock import RWLock
-from .segment_store import StoreBase, write_decision
+from .segment_store import write_decision
 from .snapshot import collect_garbage, load_chunk, write_snapshot
 from .types import (
     AddResult,
-    CatalogUnavailableError,
     IndexClosedError,
     IndexOptions,
     IndexStats,
@@ -75,8 +73,6 @@ from .vectors import Slot
 log = logging.getLogger(__name__)
 
 VECTOR_DTYPES = ("float32", "float16")
-
-T = TypeVar("T")
 
 
 def open_index(
@@ -125,7 +121,7 @@ def open_index(
         raise
 
 
-class SegmentIndex(StoreBase):
+class SegmentIndex(CatalogUpkeep):
     """Reference segments with their tracks; see the module docstring. Use `open_index`."""
 
     def __init__(
@@ -147,8 +143,7 @@ class SegmentIndex(StoreBase):
         self._ann = state.ann
         self._manifest = state.manifest
         self._journal = state.journal
-        self._catalog = state.catalog
-        self._catalog_behind: str | None = None  # why the catalog lags the journal, if it does
+        self._keep_catalog(state.catalog)
         self._seq = state.seq
 
     # -- writes ---------------------------------------------------------------------------
@@ -189,64 +184,8 @@ class SegmentIndex(StoreBase):
                     f"the write of {[r.track_id for r in records][:5]} is durable in the "
                     f"journal but applying it failed ({e}); reopen the index to complete it"
                 ) from e
-            try:
-                self._catalog.apply_many(records)
-            except sqlite3.Error as e:  # derived data: caught up from the journal later
-                self._catalog_behind = f"{type(e).__name__}: {e}"
-                log.error("%s: catalog write failed, it is behind the journal: %s", self.path, e)
-        # the write is durable and in memory: acknowledged even if the catalog lags
-        with contextlib.suppress(CatalogUnavailableError):
-            self._catch_up_catalog()
-
-    # -- the catalog: derived, repaired from the snapshot and journal -----------------------
-
-    def _catch_up_catalog(self) -> None:
-        """Apply to the catalog the journal records it missed after a failed write; rebuild
-        it when it is damaged. Caller holds `self._writer`."""
-        if self._catalog_behind is None:
-            return
-        try:
-            records = [r for r in self._journal.records() if r.seq > self._manifest.seq]
-            with self._rw.write():
-                self._catalog.apply_many(records)  # skips those it has
-        except sqlite3.DatabaseError as e:
-            if not is_damage(e):
-                raise CatalogUnavailableError(
-                    f"{self._catalog.path} is behind the journal ({self._catalog_behind}) and "
-                    f"still cannot be written ({e}); it catches up once it can"
-                ) from e
-            self._rebuild_catalog(f"damaged: {e}")
-        self._catalog_behind = None
-
-    def _rebuild_catalog(self, why: str) -> None:
-        """Recreate the catalog from the snapshot's track list and the journal, the source of
-        truth. Caller holds `self._writer`."""
-        records = [r for r in self._journal.records() if r.seq > self._manifest.seq]
-        with self._rw.write():
-            self._catalog.close()
-            self._catalog = Catalog.reset(self._catalog.path)
-            rebuild_catalog(self.path, self._catalog, self._manifest, records, why)
-        self._catalog_behind = None
-
-    def _read_catalog(self, read: Callable[[Catalog], T]) -> T:
-        """`read(catalog)` under the read lock, after catching the catalog up if a write left
-        it behind; a read that meets page damage rebuilds the catalog and reads again."""
-        if self._catalog_behind is not None:
-            with self._writer:
-                self._check_open()
-                self._catch_up_catalog()
-        try:
-            with self._reading():
-                return read(self._catalog)
-        except sqlite3.DatabaseError as e:
-            if not is_damage(e):
-                raise
-            log.error("%s: %s is damaged (%s); rebuilding it", self.path, self._catalog.path, e)
-            with self._writer:
-                self._check_open()
-                self._rebuild_catalog(f"a read met damage: {e}")
-        with self._reading():
-            return read(self._catalog)
+            self._apply_to_catalog(records)
+        self._catch_up_after_write()  # acknowledged even if the catalog still lags
 
     @property
     def failure(self) -> str | None:
@@ -256,9 +195,7 @@ class SegmentIndex(StoreBase):
             return "closed"
         if self._failed:
             return f"writes refused until reopened: {self._failed}"
-        if self._catalog_behind:
-            return f"{self._catalog.path} is behind the journal ({self._catalog_behind})"
-        return None
+        return self._catalog_failure()
 
     def _write_tracks(
         self,
@@ -341,14 +278,7 @@ class SegmentIndex(StoreBase):
             ann = ann.rebuild(
                 store.batches, lambda n: store.sample(n, self.options.train_seed), store.n_segments
             )
-        self._catch_up_catalog()  # a snapshot lists the catalog's rows: they must be whole
-        try:
-            rows = list(self._catalog.dump())
-        except sqlite3.DatabaseError as e:
-            if not is_damage(e):
-                raise
-            self._rebuild_catalog(f"a snapshot met damage: {e}")
-            rows = list(self._catalog.dump())
+        rows = self._catalog_rows()
         manifest, moved = write_snapshot(
             self._snapdir, self._manifest, self._seq, store, rows, ann, compact
         )
@@ -452,6 +382,7 @@ class SegmentIndex(StoreBase):
 
     def close(self) -> None:
         """Release the index (every acknowledged write is already durable)."""
+        self._stop_catching_up()
         with self._writer, self._rw.write():
             if self._closed:
                 return

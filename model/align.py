@@ -9,7 +9,11 @@ row by row over the query's frames with the references' plots side by side in on
 every cell of a row depends only on the two rows above it. Two zero rows on top and two
 zero columns before each reference stand in for the kernel's first-row and first-column
 cases, and keep paths from crossing from one reference into the next. A 30 s query (60
-frames) against 50 references of 4 minutes is 60 numpy passes over 24,000 cells.
+frames) against 50 references of 4 minutes is 60 numpy passes over 24,000 cells. The plots
+are made a stage at a time over all references (`refrain.model.shortlist`: one call per
+stage, not one per pair), and a long shortlist is split into ranges of references aligned
+on separate threads (`shortlist.threads`), each range's plots and recursion in its own
+columns; the values are the pair-by-pair path's, cell for cell.
 
 `locate` then reads the best paths of one reference back out of its score matrix (up to
 `max_matches`, each found after masking the cells of the ones before), fits the path's
@@ -29,10 +33,10 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 
+from . import shortlist
 from .qmax import (
     QmaxParams,
     _unit,
-    cross_recurrence,
     delay_embed,
     mutual_neighbours,
     one_blas_thread,
@@ -95,9 +99,14 @@ def _fill(
 
     Each row's decayed scores (score less the cell's penalty) are kept beside it, computed
     once per cell rather than once per successor, and the separator columns are zeroed by
-    index: 7 passes over a row instead of 11, the same float32 operations in the same order.
+    index. A linked cell's extension is taken as (best + 1) times the link (0 or 1) and then
+    the larger of it and the decays: a decay is below its cell's score, so where the plot
+    links the extension wins, and elsewhere the product is the floor of 0. No pass is
+    masked (a masked ufunc runs several times slower); the values are those of the
+    recursion as specified (tests/test_verify_speed.py).
     """
     pen = np.where(rec, np.float32(gap_onset), np.float32(gap_extend))
+    link = rec.astype(np.float32)
     dec = np.empty(rec.shape, np.float32)
     np.subtract(score[:2], pen[:2], out=dec[:2])
     cut = np.flatnonzero(sep[2:]) + 2  # separator columns after the first two: zero in every row
@@ -106,10 +115,11 @@ def _fill(
         row = score[i, 2:]
         np.maximum(score[i - 1, 1:-1], score[i - 1, :-2], out=best)
         np.maximum(best, score[i - 2, 1:-1], out=best)
+        np.add(best, 1, out=best)
+        np.multiply(best, link[i, 2:], out=best)
         np.maximum(dec[i - 1, 1:-1], dec[i - 1, :-2], out=row)
         np.maximum(row, dec[i - 2, 1:-1], out=row)
-        np.maximum(row, 0, out=row)
-        np.add(best, 1, out=row, where=rec[i, 2:])
+        np.maximum(row, best, out=row)
         score[i, cut] = 0
         np.subtract(score[i], pen[i], out=dec[i])
     return score
@@ -144,24 +154,36 @@ def plots(
         empty = np.zeros((len(query) + 2, 0))
         starts, widths, shifts = (np.zeros(0, np.int64) for _ in range(3))
         return Plots(empty, empty.astype(bool), starts, widths, shifts, p, query)
-    if shifts is None:
-        profiles = _rolled_profiles(query)
-        shifts = np.array([np.argmax(_key_fit(query, r, profiles)) for r in refs], np.int64)
-    rolled = {
-        int(k): _unit(delay_embed(np.roll(query, k, axis=1), p.m, p.tau)) for k in np.unique(shifts)
-    }
     widths = np.array([len(r) for r in refs], dtype=np.int64)
     starts = 2 + np.concatenate([[0], np.cumsum(widths + 2)[:-1]])
     total = int(starts[-1] + widths[-1])
     rec = np.zeros((len(query) + 2, total), dtype=bool)
+    score = np.zeros(rec.shape, np.float32)
+    out_shifts = np.zeros(len(refs), np.int64)
     sep = np.ones(total, dtype=bool)
-    ref_states: dict[int, np.ndarray] = {}
-    for c, r in enumerate(refs):
-        states = ref_states.setdefault(id(r), _unit(delay_embed(r, p.m, p.tau)))
-        a = starts[c]
-        rec[2:, a : a + len(r)] = cross_recurrence(rolled[int(shifts[c])], states, p.kappa)
-        sep[a : a + len(r)] = False
-    score = _fill(rec, np.zeros(rec.shape, np.float32), sep, p.gap_onset, p.gap_extend)
+    for a, w in zip(starts.tolist(), widths.tolist(), strict=True):
+        sep[a : a + w] = False
+
+    def chunk(lo: int, hi: int) -> None:
+        """Candidates lo..hi-1: their keys, plots and scores, in their own columns."""
+        stacked, w = shortlist.padded(refs[lo:hi])
+        keys = shortlist.best_keys(query, stacked, w) if shifts is None else shifts[lo:hi]
+        out_shifts[lo:hi] = keys
+        rolled = {
+            int(k): _unit(delay_embed(np.roll(query, k, axis=1), p.m, p.tau))
+            for k in np.unique(keys)
+        }
+        states = shortlist.delay_states(stacked, p.m, p.tau)
+        plot = shortlist.neighbour_plots(rolled, states, w, out_shifts[lo:hi], p.kappa)
+        for c in range(lo, hi):
+            a = int(starts[c])
+            rec[2:, a : a + int(widths[c])] = plot[c - lo, :, : widths[c]]
+        # the chunk's columns and the two separator columns before them (zero)
+        a, b = int(starts[lo]) - 2, int(starts[hi - 1] + widths[hi - 1])
+        _fill(rec[:, a:b], score[:, a:b], sep[a:b], p.gap_onset, p.gap_extend)
+
+    shortlist.run_chunks(chunk, widths, len(query))
+    shifts = out_shifts
     return Plots(score, rec, starts, widths, shifts, p, query)
 
 
@@ -183,14 +205,8 @@ def _key_fit(query: np.ndarray, ref: np.ndarray, rolled: np.ndarray | None = Non
     cum = np.concatenate([np.zeros((1, BINS), np.float32), np.cumsum(ref, 0)])
     windows = _unit(cum[n:] - cum[:-n])  # (m - n + 1, 12)
     if rolled is None:
-        rolled = _rolled_profiles(query)
+        rolled = shortlist.rolled_profiles(query)
     return (windows @ rolled.T).max(0)
-
-
-def _rolled_profiles(query: np.ndarray) -> np.ndarray:
-    """(12, 12): the query's global chroma profile rolled by 0..11."""
-    profile = _unit(query.mean(0))
-    return np.stack([np.roll(profile, k) for k in range(BINS)])
 
 
 def _backtrack(score: np.ndarray, rec: np.ndarray, end: tuple[int, int]) -> list[tuple[int, int]]:
@@ -339,7 +355,7 @@ def _key_plots(
     rolled = np.stack(
         [_unit(delay_embed(np.roll(query, k, axis=1), p.m, p.tau)) for k in range(BINS)]
     )
-    profiles = _rolled_profiles(query)
+    profiles = shortlist.rolled_profiles(query)
     shifts = np.stack([_key_fit(query, r, profiles).argsort()[::-1][:keys] for r in refs])
     widths = np.repeat([len(r) for r in refs], keys).astype(np.int64)
     starts = 2 + np.concatenate([[0], np.cumsum(widths + 2)[:-1]])

@@ -22,6 +22,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from refrain.model.truncation import missing_audio
+
 SAMPLE_RATE = 16000
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
@@ -66,7 +68,7 @@ class AudioTooLongError(AudioDecodeError):
 
 
 class TruncatedAudioError(AudioDecodeError):
-    """The stream ends well before the length its header declares (a cut-off upload)."""
+    """The stream ends well before the audio its container declares (a cut-off upload)."""
 
 
 def load_audio(
@@ -83,8 +85,9 @@ def load_audio(
     input. A path that cannot be opened raises the usual `OSError`.
 
     A damaged stream keeps what decoded before the damage; with `complete` (references, which
-    must be whole), a stream ending more than 2 % (and 0.5 s) short of the length its header
-    declares raises `TruncatedAudioError` instead.
+    must be whole), a stream ending more than 2 % (and 0.5 s) short of the audio its container
+    declares (`refrain.model.truncation`: a header's length, a WAV or AIFF data chunk's size,
+    an Ogg stream's end page) raises `TruncatedAudioError` instead.
     """
     if sample_rate <= 0:
         raise ValueError(f"expected a positive sample rate, got {sample_rate}")
@@ -92,13 +95,8 @@ def load_audio(
         raise ValueError(f"expected a positive max_duration_s or None, got {max_duration_s}")
     with _open_input(source) as file:
         x, sr, declared_s = _decode(file, max_duration_s)
-    if complete and declared_s is not None and sr > 0:
-        got = x.size / sr
-        if got < declared_s - max(0.5, 0.02 * declared_s):
-            raise TruncatedAudioError(
-                f"the audio ends after {got:.2f} s of the {declared_s:.2f} s its header declares "
-                "(a truncated file?)"
-            )
+        if complete and sr > 0 and (missing := missing_audio(file, x.size / sr, declared_s)):
+            raise TruncatedAudioError(missing)
     if x.size == 0:
         raise AudioDecodeError("expected at least one audio sample, got a zero-length stream")
     check_samples(x)

@@ -6,13 +6,14 @@
 3. Exact re-ranking: the full query x reference segment distance matrix of each
    candidate, from the exact stored vectors, reduced with the segment distance
    reduction (`bpwr-10` for clips of 40 s or more, `min` below, as in CLEWS).
-4. Verification (`verify`, when the query carries its chroma sequence): the first
+4. Verification (`verify`, on by default, when the query carries its chroma sequence): the first
    `verify` candidates re-ranked by fusing the segment distance with a Qmax alignment of
    the chroma sequences, which also says where each returned track matches, at what tempo
    ratio and in what key (`refrain.search.verification`); then expanded with the first of them:
    each candidate's distance to that track's own stored segments counts too.
 5. Localisation of tracks not aligned: the best segment pairs (best pairs without
-   replacement) give the matching time ranges, query seconds <-> reference seconds.
+   replacement) give the matching time ranges, query seconds <-> reference seconds. Only
+   the first `LOCATED` returned tracks are located; a longer list carries distances only.
 
 A query may come embedded at several transpositions (its CQT rolled by a few semitones
 each way): every transposition's segments look for candidates, and a track's distance is
@@ -33,11 +34,13 @@ import torch
 from refrain.index import SegmentStore, TrackRecord
 from refrain.model.align import Alignment
 from refrain.model.calibration import uncalibrated_score
-from refrain.model.reduce import Reduction, best_pairs_batch, nsqeuc, reduce
+from refrain.model.reduce import Reduction, ReductionKind, best_pairs_batch, nsqeuc, reduce
 from refrain.search.fusion import Fusion
 from refrain.search.verification import Verification
 
 LONG_CLIP_S = 40.0  # clips at least this long are ranked with bpwr-10, shorter with min
+MAX_KNN = 16384  # the most neighbours per query segment `candidate_tracks` grows to
+LOCATED = 100  # returned tracks given matching time ranges; further ones: distances only
 
 
 def default_reduction(query_duration_s: float) -> Reduction:
@@ -51,7 +54,10 @@ class SearchOptions:
     candidates: int = 100  # tracks re-ranked exactly
     reduction: str | None = None  # None: chosen by query duration
     max_matches: int = 3  # time-range pairs reported per track
-    verify: int = 0  # candidates aligned (alignment verification); 0: none
+    # candidates aligned (alignment verification), the service's default: it runs when the query
+    # carries its chroma (`QuerySegments.chroma`) and the candidates' sequences are stored
+    # (`TrackRecord.sequence`); 0: none
+    verify: int = Fusion.candidates
     verify_weight: float = Fusion.weight  # of the alignment against the segment distance
     verify_expand: float = Fusion.expand  # of the expansion with the first verified track
 
@@ -154,15 +160,57 @@ def _matching_run(row: torch.Tensor, j: int) -> tuple[int, int]:
     return j0, j1
 
 
-def candidate_tracks(index: SegmentStore, vectors: np.ndarray, k: int, n: int) -> list[str]:
-    """Tracks owning the nearest neighbours of the query segments, closest first."""
-    k = max(1, min(k, max(index.n_segments, 1)))
-    distances, ids = index.search(vectors, k)
-    track_ids, _ = index.segment_info(ids)
-    order = np.argsort(distances.ravel(), kind="stable")
-    closest_first = dict.fromkeys(track_ids.ravel()[order])  # first sight = best distance
-    closest_first.pop(None, None)  # padding, or deleted since the search
-    return list(closest_first)[:n]
+def candidate_tracks(
+    index: SegmentStore,
+    vectors: np.ndarray,
+    k: int,
+    n: int,
+    reduction: Reduction | None = None,
+    n_shifts: int = 1,
+) -> list[str]:
+    """The `n` tracks whose segments lie nearest the query's, closest first, placed by the
+    reduction estimated from the `k` nearest neighbours of each query row
+    (`neighbour_estimates`): with `min`, the closest neighbour (exact with an exact index);
+    with `bpwr-10`, the mean of the 10 best rows, so that a track matching the whole query
+    comes before one matching a single segment closely. While the neighbours hold fewer than
+    `n` tracks, `k` doubles (up to the index or `MAX_KNN`): a long list, or a one-segment
+    clip, ranks every track it can."""
+    total = max(index.n_segments, 1)
+    k = max(1, min(k, total))
+    pairs = 1 if reduction is None or reduction.kind is ReductionKind.MIN else reduction.k or 10
+    while True:
+        distances, ids = index.search(vectors, k)
+        track_ids, _ = index.segment_info(ids)
+        names, estimates = neighbour_estimates(distances, track_ids, n_shifts, pairs)
+        if len(names) >= n or k >= min(total, MAX_KNN):
+            break
+        k = min(2 * k, total, MAX_KNN)
+    order = np.lexsort((names, estimates))
+    return [str(names[i]) for i in order[:n]]
+
+
+def neighbour_estimates(
+    distances: np.ndarray, track_ids: np.ndarray, n_shifts: int, pairs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(track ids, estimated distances) of the tracks among the neighbours: per query row, the
+    track's closest neighbour (a row where it has none counts the row's farthest neighbour, a
+    lower bound), then the mean of its `pairs` best rows, the smallest over the shifts."""
+    d = np.asarray(distances, dtype=np.float64)
+    flat_ids, flat_d, rows = track_ids.ravel(), d.ravel(), len(d)
+    live = np.fromiter((t is not None for t in flat_ids), bool, len(flat_ids))
+    live &= np.isfinite(flat_d)
+    names, codes = np.unique(flat_ids[live].astype(str), return_inverse=True)
+    if not len(names):
+        return names, np.empty(0)
+    farthest = np.where(np.isfinite(d), d, -np.inf).max(axis=1)
+    farthest = np.where(np.isfinite(farthest), farthest, np.inf)
+    best = np.repeat(farthest[:, None], len(names), axis=1)  # (rows, tracks)
+    row_of = np.repeat(np.arange(rows), d.shape[1])[live]
+    np.minimum.at(best, (row_of, codes), flat_d[live])
+    per_shift = best.reshape(n_shifts, rows // n_shifts, len(names))
+    p = max(1, min(pairs, per_shift.shape[1]))
+    estimates = np.sort(per_shift, axis=1)[:, :p].mean(axis=1).min(axis=0)
+    return names, estimates
 
 
 def _reduce_by_track(
@@ -227,7 +275,9 @@ def rank_tracks(
     q = torch.from_numpy(np.ascontiguousarray(query.vectors, dtype=np.float32))
     hits = []
     t0 = time.perf_counter()
-    candidates = candidate_tracks(index, query.vectors, options.k, options.candidates)
+    candidates = candidate_tracks(
+        index, query.vectors, options.k, options.candidates, reduction, len(query.shifts)
+    )
     t1 = time.perf_counter()
     timings["search"] = t1 - t0
     n = len(query.starts_s)
@@ -274,12 +324,13 @@ def rank_tracks(
     if verification is not None:
         t2 = time.perf_counter()
         located = verification.locate(
-            [(r[1].track_id, r[1].duration_s) for r in returned],
+            [(r[1].track_id, r[1].duration_s) for r in returned[:LOCATED]],
             options.max_matches,
             query.duration_s,
         )
         timings["verify"] += time.perf_counter() - t2
-    pairs = best_pairs_batch([r[3] for r in returned], options.max_matches)
+    pairs = best_pairs_batch([r[3] for r in returned[:LOCATED]], options.max_matches)
+    pairs += [[] for _ in returned[LOCATED:]]
     for (d, track, b, dist, ref_starts), track_pairs in zip(returned, pairs, strict=True):
         aligned = located.get(track.track_id)
         if aligned is not None and verification is not None:

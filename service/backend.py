@@ -26,7 +26,10 @@ def open_store(
     """Open (or create) the store in `settings.index_dir` for vectors of model `identity`.
     `factory` overrides `settings.index_factory` for a new FAISS index."""
     options = IndexOptions(
-        vector_dtype=settings.vector_dtype, search_params=settings.index_search_params or None
+        vector_dtype=settings.vector_dtype,
+        search_params=settings.index_search_params or None,
+        snapshot_every_records=settings.snapshot_every_records,
+        snapshot_every_bytes=settings.snapshot_every_bytes,
     )
     if settings.index_backend == "milvus":
         from refrain.index.milvus import MilvusOptions, open_milvus_index

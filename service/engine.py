@@ -39,8 +39,11 @@ from refrain.service.settings import Settings
 from refrain.service.sources import Item
 from refrain.service.storage import SpaceGuard, index_write_bytes, segment_count
 
-MAX_TOP_K = 100
+MAX_TOP_K = 1000  # the default of REFRAIN_MAX_TOP_K
 MIN_REFERENCE_S = 0.5
+# Clips shorter than this find little (the model card: 5 s is the shortest clip evaluated,
+# and 10 s or more match much better); they are searched, with a warning.
+RELIABLE_QUERY_S = 5.0
 
 
 class SegmentEmbedder(Protocol):
@@ -79,10 +82,10 @@ class SearchRequest:
     transpositions: int | None = None  # None: the configured default
     verify: bool = True  # alignment verification, where the settings enable it
 
-    def check(self) -> None:
-        if not 1 <= self.top_k <= MAX_TOP_K:
+    def check(self, max_top_k: int = MAX_TOP_K) -> None:
+        if not 1 <= self.top_k <= max_top_k:
             raise InvalidInput(
-                "invalid_parameter", f"top_k must be in 1..{MAX_TOP_K}, got {self.top_k}"
+                "invalid_parameter", f"top_k must be in 1..{max_top_k}, got {self.top_k}"
             )
         if self.reduction:
             try:
@@ -101,10 +104,34 @@ class SearchRequest:
 
 
 @dataclass(frozen=True)
+class ClipWarning:
+    """Something about a clip that makes its answer less reliable; the search still runs."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class SearchResult:
     hits: list[TrackHit]  # best first
     query_duration_s: float  # of the decoded clip
     timings_s: dict[str, float]  # seconds per stage, in the order the stages ran
+    warnings: tuple[ClipWarning, ...] = ()
+
+
+def clip_warnings(duration_s: float) -> tuple[ClipWarning, ...]:
+    """What to tell the caller about a clip of `duration_s` that was searched. A clip is
+    matched whole: one longer than REFRAIN_MAX_QUERY_S is refused (audio_too_long), never
+    cut, so length only matters at the short end."""
+    if duration_s < RELIABLE_QUERY_S:
+        return (
+            ClipWarning(
+                "short_clip",
+                f"the clip is {duration_s:.1f} s long; clips under {RELIABLE_QUERY_S:g} s "
+                "find few versions (10 s or more match best): send a longer clip if you can",
+            ),
+        )
+    return ()
 
 
 @dataclass
@@ -301,8 +328,8 @@ class Engine:
 
     def search(self, request: SearchRequest) -> SearchResult:
         """Rank the references for one query clip."""
-        request.check()
         s = self.settings
+        request.check(s.max_top_k)
         timings: dict[str, float] = {}
         t = time.perf_counter()
         wave = self.decode(request.audio, s.max_query_s, s.min_query_s)
@@ -346,7 +373,7 @@ class Engine:
         self.metrics.reduce_latency.observe(timings["reduce"])
         if "verify" in timings:
             self.metrics.verify_latency.observe(timings["verify"] + timings.get("chroma", 0.0))
-        return SearchResult(hits, duration, timings)
+        return SearchResult(hits, duration, timings, clip_warnings(duration))
 
 
 @contextmanager

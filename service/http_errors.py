@@ -1,17 +1,21 @@
 """Every failure becomes a JSON error `{"error": {"code", "message"}}` with a 4xx/5xx status.
 
 Domain errors (`exceptions`) get their status from `STATUS`, the only table of them; `ApiError`
-is for the HTTP layer's own refusals (authentication, the shape of a request).
+is for the HTTP layer's own refusals (authentication, the shape of a request). A 405 lists in
+`Allow` every method the path takes, over all the routes that share it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from refrain.index import SegmentIndexError
 from refrain.model.audio import AudioDecodeError
@@ -37,21 +41,21 @@ STATUS: dict[type[ex.RefrainError], int] = {
 }
 
 
-class ApiError(Exception):
-    """An error of the HTTP layer itself (authentication, the request's shape)."""
+class ApiError(StarletteHTTPException):
+    """An error of the HTTP layer itself (authentication, the request's shape). An HTTP
+    exception, so that FastAPI lets it through when it is raised while a body is parsed."""
 
     def __init__(
         self, status: int, code: str, message: str, headers: dict[str, str] | None = None
     ) -> None:
-        super().__init__(message)
+        super().__init__(status, message, headers)
         self.status = status
         self.code = code
         self.message = message
-        self.headers = headers
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
@@ -76,6 +80,20 @@ def classify(exc: BaseException) -> ApiError:
     return ApiError(status_of(err), err.code, err.message, headers)
 
 
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of `app` answers at the request's path. A router answers 405
+    with the methods of the first route whose path matches, and `/v1/tracks` has two."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    methods: set[str] = set()
+    for route in iter_route_contexts(app.routes):
+        regex = getattr(route, "path_regex", None)
+        if route.methods and regex is not None and regex.match(path):
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     def count(request: Request, code: str) -> None:
         metrics = getattr(request.app.state, "metrics", None)
@@ -93,10 +111,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
+        codes = {
+            400: "malformed_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            422: "invalid_request",
+        }
         code = codes.get(exc.status_code, "http_error")
         count(request, code)
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and (methods := allowed_methods(request.app, request.scope)):
+            headers["Allow"] = ", ".join(methods)
+        return error_response(exc.status_code, code, str(exc.detail), headers or None)
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         err = classify(exc)

@@ -1,8 +1,14 @@
-"""The HTTP side of `refrain ingest`: retries, job submission and polling, resumption state."""
+"""The HTTP side of `refrain ingest`: retries, job submission and polling, resumption state.
+
+The state is the user's, not the catalog's: `default_state_path` gives each catalog its own
+file under the XDG state folder, and `adopt_legacy_state` moves the file that older versions
+left inside the catalog folder there, so that an ingest they interrupted still resumes.
+"""
 
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json
 import os
 import time
@@ -20,6 +26,9 @@ IN_FLIGHT = 2  # jobs submitted and not finished: upload the next batch while on
 MAX_BACKOFF_S = 60.0
 
 RETRY_STATUS = (429, 503)
+
+# where older versions kept the state: in the catalog folder, beside the files it describes
+LEGACY_STATE_FILE = ".refrain-ingest-state.json"
 
 
 @dataclass
@@ -202,9 +211,42 @@ class Uploader:
         raise AssertionError("unreachable")
 
     def _save(self) -> None:
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.state_path)
+        _write_state(self.state_path, self.state)
+
+
+def default_state_path(source: Path) -> Path:
+    """The state file of the catalog `source` (a folder or a manifest): one per catalog, named
+    after it and a hash of its absolute path, in $XDG_STATE_HOME/refrain/ingest
+    (~/.local/state/refrain/ingest when the variable is unset or not an absolute path)."""
+    home = os.environ.get("XDG_STATE_HOME", "")
+    root = Path(home) if os.path.isabs(home) else Path.home() / ".local" / "state"
+    resolved = source.resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    return root / "refrain" / "ingest" / f"{resolved.stem or 'catalog'}-{digest}.json"
+
+
+def adopt_legacy_state(source: Path, state_path: Path) -> bool:
+    """Move the state file an older version left in the catalog folder of `source` to
+    `state_path` (merged into the state there, whose records win); True if there was one."""
+    legacy = (source if source.is_dir() else source.parent) / LEGACY_STATE_FILE
+    if not legacy.is_file() or legacy.resolve() == state_path.resolve():
+        return False
+    old, state = _load_state(legacy), _load_state(state_path)
+    for url, server in old.get("servers", {}).items():
+        servers = state.setdefault("servers", {})
+        batches = servers.setdefault(url, {}).setdefault("batches", {})
+        for key, record in server.get("batches", {}).items():
+            batches.setdefault(key, record)
+    _write_state(state_path, state)
+    legacy.unlink()
+    return True
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
 
 
 def _load_state(path: Path) -> dict[str, Any]:

@@ -7,7 +7,11 @@ Connection errors and 503 are retried with exponential backoff (Retry-After is r
 state file records each batch's job, so a second run re-polls unfinished jobs and skips
 batches whose jobs finished; a batch is keyed by its files' names, sizes, modification times
 and metadata, so a changed file is sent again. A batch retried after a lost response may
-become a second job: harmless, its items are then 'skipped' (ingestion is idempotent).
+become a second job: harmless, its items are then 'skipped' (ingestion is idempotent). The
+state file is the user's, never the catalog's: one per catalog under the XDG state folder
+(`ingest_client.default_state_path`).
+
+Everything heavier than argparse is imported inside the commands, so that `-h` answers at once.
 """
 
 from __future__ import annotations
@@ -17,10 +21,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-from refrain.service.catalog_files import batches, read_catalog
-
-STATE_FILE = ".refrain-ingest-state.json"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +39,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--state",
         default=None,
-        help=f"resumption state file (default: {STATE_FILE} beside the catalog)",
+        help="resumption state file (default: one per catalog in $XDG_STATE_HOME/refrain/ingest, "
+        "~/.local/state/refrain/ingest when unset; a state file an older version left in the "
+        "catalog folder is moved there)",
     )
     p.add_argument("--poll", type=float, default=1.0, help="seconds between job polls")
     p.add_argument(
@@ -83,15 +85,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from refrain.service.ingest_client import Uploader
+    from refrain.service.catalog_files import batches, read_catalog
+    from refrain.service.ingest_client import Uploader, adopt_legacy_state, default_state_path
 
     source = Path(args.source)
     entries = read_catalog(source)
-    state_path = (
-        Path(args.state)
-        if args.state
-        else ((source if source.is_dir() else source.parent) / STATE_FILE)
-    )
+    state_path = Path(args.state) if args.state else default_state_path(source)
+    if adopt_legacy_state(source, state_path):
+        print(f"ingest: resumption state moved to {state_path}", file=sys.stderr)
     key = args.api_key or os.environ.get("REFRAIN_API_KEY") or None
     work = batches(entries, max(1, args.batch), args.batch_mb * 1e6)
     with Uploader(
@@ -106,6 +107,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from refrain.service.catalog_files import read_catalog
     from refrain.service.index_build import BuildOptions, build_index
 
     entries = read_catalog(Path(args.source))

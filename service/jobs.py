@@ -20,6 +20,10 @@ items fail with it). `GET /v1/jobs` lists jobs newest first, by state if asked.
 Transient failures (overload, not ready, a backend or the workers down) are retried; an item
 in progress at `stop()` is finished or abandoned, and then redone after the restart.
 
+Damage. A job database that cannot be read at start-up is set aside with the folders of its
+jobs and a new one started (`jobs_folder`); damage met while running takes ingestion down
+(`failure`: 503 `jobs_unavailable`, `/readyz` degraded) until a restart sets it aside.
+
 Retention. Finished jobs (done or failed) are deleted, rows and any files left, once they
 ended more than `job_retention_hours` ago: at start-up and then every hour. A purged job is
 unknown (404), as if it never existed; queued and running jobs are never purged.
@@ -49,7 +53,8 @@ from refrain.index import (
 )
 from refrain.index.files import fsync_dir
 from refrain.service.errors import Unavailable, as_domain_error
-from refrain.service.jobstore import JOB_ID, ItemState, JobState, JobStore
+from refrain.service.jobs_folder import DATABASE, open_job_store, sweep
+from refrain.service.jobstore import ItemState, JobState, JobStore
 from refrain.service.metrics import Metrics
 from refrain.service.settings import Settings
 from refrain.service.sources import Item
@@ -106,12 +111,10 @@ class JobManager:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the job database, clean up leftovers, resume unfinished jobs."""
-        if not self.dir.is_dir():
-            self.dir.mkdir(parents=True)
-            fsync_dir(self.dir.parent)
-        self.store = JobStore(self.dir / "jobs.sqlite")
-        self._sweep()
+        """Open the job database (setting a damaged one aside), clean up leftovers, resume
+        unfinished jobs."""
+        self.store = open_job_store(self.dir)
+        sweep(self.dir, self.store)
         self.purge()
         self._stop.clear()
         targets = [(self._run, f"refrain-ingest-{n}") for n in range(self.n_workers)]
@@ -135,15 +138,14 @@ class JobManager:
         if self.store is not None:
             self.store.close()
 
-    def _sweep(self) -> None:
-        """Remove what a crash may have left: folders of jobs never committed or already
-        final, and stored files of final items."""
-        active, files = self._store().leftovers()
-        for d in self.dir.iterdir():
-            if d.is_dir() and JOB_ID.match(d.name) and d.name not in active:
-                shutil.rmtree(d, ignore_errors=True)
-        for f in files:
-            f.unlink(missing_ok=True)
+    @property
+    def database(self) -> Path:
+        return self.dir / DATABASE
+
+    @property
+    def failure(self) -> str | None:
+        """Why the open job database cannot serve (damage met while running); None: it can."""
+        return self.store.damage if self.store is not None else None
 
     def purge(self, now: float | None = None) -> int:
         """Delete the jobs that finished more than the retention period before `now` (default:
@@ -242,6 +244,9 @@ class JobManager:
         while not self._stop.is_set():
             if not self.ready():  # resumed jobs wait for the model and index
                 self._stop.wait(0.1)
+                continue
+            if self.failure is not None:  # reported by /readyz and every jobs request
+                self._stop.wait(IDLE_WAIT_S)
                 continue
             with self._wake:
                 generation = self._generation

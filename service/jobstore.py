@@ -4,6 +4,11 @@ One connection, shared by the HTTP threads and the ingestion workers under a loc
 write is one transaction, durable when it returns. Items are addressed by (job id, position);
 a stored file's path is kept relative to the jobs folder, a user's file (ingested by path)
 absolute.
+
+A file that is not a readable database (cut short, damaged pages, not SQLite at all) is
+refused at open with `DamagedJobDatabase` (SQLite's `quick_check` reads every page), and
+`jobs_folder` sets it aside; damage first met while open is kept in `damage`, and every call
+answers 503 `jobs_unavailable` naming the file until a restart sets it aside.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from refrain.index.catalog import is_damage
 from refrain.service.errors import Unavailable
 from refrain.service.sources import Item
 
@@ -72,13 +78,30 @@ class ItemState(enum.StrEnum):
     SKIPPED = "skipped"
 
 
+class DamagedJobDatabase(Exception):
+    """The job database cannot be read: cut short, damaged pages, or not a database."""
+
+
 class JobStore:
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.base = path.parent  # owned item paths are relative to it
+        self.damage: str | None = None  # why the open database stopped answering, if it did
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as e:
+            db.close()
+            if is_damage(e):
+                raise DamagedJobDatabase(f"{path} cannot be read: {e}") from e
+            raise
+        problems = [str(r[0]) for r in rows]
+        if problems != ["ok"]:
+            db.close()
+            raise DamagedJobDatabase(f"{path} is damaged: {'; '.join(problems[:3])}")
         self._db: sqlite3.Connection | None = db
         self._lock = threading.Lock()
 
@@ -93,7 +116,18 @@ class JobStore:
         with self._lock:
             if self._db is None:
                 raise Unavailable("not_ready", "the job store is closed")
-            yield self._db
+            if self.damage is not None:
+                raise Unavailable("jobs_unavailable", self.damage, retry_after_s=None)
+            try:
+                yield self._db
+            except sqlite3.DatabaseError as e:
+                if not is_damage(e):
+                    raise
+                self.damage = (
+                    f"the job database {self.path} is damaged ({e}); restart the service to "
+                    "set it aside and start a new one, or restore it from a backup"
+                )
+                raise Unavailable("jobs_unavailable", self.damage, retry_after_s=None) from e
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -67,21 +67,28 @@ class Runtime:
             raise
 
     def _start_jobs(self) -> None:
-        """Resume ingestion; a job database that cannot be opened takes ingestion down (503
-        naming the file), not search and the catalog."""
+        """Resume ingestion; a job database that cannot be opened (a damaged one is set aside
+        and replaced first) takes ingestion down (503 naming the file, /readyz degraded), not
+        search and the catalog."""
         try:
             self.jobs.start()
         except Exception as e:  # noqa: BLE001 - reported by every ingestion request
-            where = self.settings.jobs_dir / "jobs.sqlite"
+            where = self.jobs.database
             self.jobs_error = f"the job database {where} cannot be opened ({e}); move it away "
             self.jobs_error += "to start with no jobs, or restore it from a backup"
             log.error("ingestion is down: %s", self.jobs_error)
 
+    def jobs_failure(self) -> str | None:
+        """Why ingestion cannot serve (None: it can): its database could not be opened at
+        start-up, or met damage since."""
+        return self.jobs_error or self.jobs.failure
+
     def jobs_ready(self) -> JobManager:
         """The job manager, once the engine is up and the job database open."""
         self.core()
-        if self.jobs_error is not None:
-            raise Unavailable("jobs_unavailable", self.jobs_error, retry_after_s=None)
+        failure = self.jobs_failure()
+        if failure is not None:
+            raise Unavailable("jobs_unavailable", failure, retry_after_s=None)
         return self.jobs
 
     def _identity(self, model: Embedder) -> dict[str, Any]:
@@ -134,8 +141,18 @@ class Runtime:
         return self.core().ingest_item(item, replace)
 
     def index_failure(self) -> str | None:
-        """Why the open store cannot serve every request (None: it can); see /readyz."""
+        """Why the open store cannot serve every request (None: it can)."""
         return self._store.failure if self._store is not None else None
+
+    def failure(self) -> str | None:
+        """Why the loaded service cannot serve every request, naming each part that cannot
+        (None: all can); /readyz answers 503 `degraded` with it."""
+        parts = [
+            f"{name}: {why}"
+            for name, why in (("index", self.index_failure()), ("ingestion", self.jobs_failure()))
+            if why
+        ]
+        return "; ".join(parts) or None
 
     def identity(self) -> dict[str, Any]:
         """The model identity (with the reference hop) the store's vectors come from."""

@@ -45,14 +45,15 @@ class ErrorBody(BaseModel):
 
 
 _WHY = {
-    400: "the request is malformed",
+    400: "the multipart body cannot be parsed (malformed_multipart)",
     401: "an API key is required",
     403: "the API key is not valid, or the path may not be read",
     404: "no such track or job",
     409: "a track with this id exists with other content",
-    413: "the upload, archive, manifest or a file is over a limit",
+    413: "the upload, archive, manifest, a file or a form field is over a limit",
     415: "the audio or the request body is of an unsupported type",
-    422: "invalid parameters, or audio that cannot be used (bad, too short, silent)",
+    422: "invalid or unknown parameters or fields, or audio that cannot be used "
+    "(bad, too short, silent)",
     502: "a remote inference worker refused the request",
     503: "not ready, overloaded, or a backend is down; retry after Retry-After seconds",
     507: "the data volume has too little free space for the write",
@@ -127,10 +128,20 @@ class Hit(BaseModel):
     )
 
 
+class WarningDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. short_clip")
+    message: str = Field(description="what about the clip makes the answer less reliable")
+
+
 class SearchResponse(BaseModel):
     results: list[Hit]
     query_duration_s: float
     timings_ms: dict[str, float]
+    warnings: list[WarningDetail] = Field(
+        default_factory=list,
+        description="what makes this answer less reliable (short_clip: a clip shorter than "
+        "the model finds versions in reliably); empty when there is nothing to say",
+    )
 
 
 class JobCreated(BaseModel):
@@ -266,6 +277,7 @@ def search_response(result: SearchResult) -> SearchResponse:
         results=[hit(h) for h in result.hits],
         query_duration_s=round(result.query_duration_s, DURATION_DECIMALS),
         timings_ms={k: round(v * 1000, TIMING_DECIMALS) for k, v in result.timings_s.items()},
+        warnings=[WarningDetail(code=w.code, message=w.message) for w in result.warnings],
     )
 
 

@@ -7,6 +7,11 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# the accepted range of each automatic snapshot interval: below it the index would snapshot
+# on (nearly) every write, above it a restart could replay for hours
+SNAPSHOT_RECORDS = (1, 10_000_000)
+SNAPSHOT_BYTES = (1 << 20, 1 << 40)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFRAIN_", extra="ignore")
@@ -21,6 +26,17 @@ class Settings(BaseSettings):
         "efSearch=512; empty = nprobe=16 for IVF, efSearch=128 for HNSW",
     )
     vector_dtype: str = Field("float32", description="exact segment copy: float32 or float16")
+    # the defaults are `IndexOptions`'s; a restart replays the journal the last snapshot left
+    snapshot_every_records: int = Field(
+        10_000,
+        description="snapshot the index once its journal holds this many writes "
+        f"({SNAPSHOT_RECORDS[0]}..{SNAPSHOT_RECORDS[1]:_}; a restart replays at most this many)",
+    )
+    snapshot_every_bytes: int = Field(
+        512 << 20,
+        description="... or this many bytes (1 MiB..1 TiB; a restart reads at most this much "
+        "journal)",
+    )
     reference_hop_s: float = Field(5.0, gt=0, le=20, description="segment hop of references")
     query_hop_s: float = Field(5.0, gt=0, le=20, description="default segment hop of queries")
 
@@ -114,6 +130,28 @@ class Settings(BaseSettings):
             raise ValueError(f"log_requests must be '' or 'json', got {v!r}")
         return v
 
+    @field_validator("snapshot_every_records")
+    @classmethod
+    def _snapshot_records(cls, v: int) -> int:
+        low, high = SNAPSHOT_RECORDS
+        if not low <= v <= high:
+            raise ValueError(
+                f"snapshot_every_records must be between {low} and {high:_} journal records, "
+                f"got {v}"
+            )
+        return v
+
+    @field_validator("snapshot_every_bytes")
+    @classmethod
+    def _snapshot_bytes(cls, v: int) -> int:
+        low, high = SNAPSHOT_BYTES
+        if not low <= v <= high:
+            raise ValueError(
+                f"snapshot_every_bytes must be between {low} (1 MiB) and {high} (1 TiB) bytes "
+                f"of journal, got {v}"
+            )
+        return v
+
     @field_validator("index_backend")
     @classmethod
     def _backend(cls, v: str) -> str:
@@ -149,3 +187,12 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    # -- search answers ----------------------------------------------------------------------
+    max_top_k: int = Field(
+        1000,
+        ge=1,
+        le=10000,
+        description="largest top_k a search may ask for; verification still aligns only "
+        "REFRAIN_VERIFY_CANDIDATES tracks and the rest are located from their segments",
+    )

@@ -133,6 +133,7 @@ def _clip_specs() -> dict[str, tuple[str, int, Callable[[Path, np.ndarray, int],
         "wav_float": ("a.wav", 44100, sf_writer("WAV", "FLOAT")),
         "wav_pcm16": ("b.wav", 44100, sf_writer("WAV", "PCM_16")),
         "flac": ("a.flac", 44100, sf_writer("FLAC", "PCM_16")),
+        "aiff": ("a.aiff", 44100, sf_writer("AIFF", "PCM_16")),
         "ogg_vorbis": ("a.ogg", 44100, sf_writer("OGG", "VORBIS")),
         "mp3_libsndfile": ("a.mp3", 44100, sf_writer("MP3", "MPEG_LAYER_III")),
         "opus_libsndfile": ("b.opus", 48000, sf_writer("OGG", "OPUS")),
@@ -143,7 +144,7 @@ def _clip_specs() -> dict[str, tuple[str, int, Callable[[Path, np.ndarray, int],
     }
 
 
-LOSSLESS = {"wav_float", "wav_pcm16", "flac"}
+LOSSLESS = {"wav_float", "wav_pcm16", "flac", "aiff"}
 
 
 @pytest.fixture(scope="module")

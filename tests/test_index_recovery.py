@@ -4,6 +4,8 @@ a damaged catalog, a failed journal append, journal loss and damaged snapshot ch
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -135,6 +137,74 @@ def test_a_catalog_write_that_fails_is_caught_up_from_the_journal(tmp_path, monk
         assert ix.failure is None
         ix.add_track(TrackRecord("t3", content_sha256="3"), *vectors_of(3))
     assert_tracks(path, [0, 1, 2, 3])
+
+
+def test_a_catalog_left_behind_catches_up_by_itself(tmp_path, monkeypatch):
+    """No read or write after the disk has room again: a background retry clears the
+    failure, and the catalog holds the write."""
+    path = tmp_path / "idx"
+    build(path, n=2)
+    with open_index(path, IDENTITY) as ix:
+        real = Catalog.apply_many
+        full = {"on": True}
+
+        def apply_many(self, records):
+            if full["on"]:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(self, records)
+
+        monkeypatch.setattr(Catalog, "apply_many", apply_many)
+        ix.add_track(TrackRecord("t2", content_sha256="2"), *vectors_of(2))
+        time.sleep(1.0)  # retries meanwhile meet the full disk
+        assert "behind the journal" in ix.failure and "catches up by itself" in ix.failure
+        full["on"] = False
+        deadline = time.monotonic() + 15
+        while ix.failure is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ix.failure is None
+        assert ix.get_track("t2").content_sha256 == "2"
+    assert_tracks(path, [0, 1, 2])
+
+
+def test_a_write_while_the_catalog_lags_does_not_skip_the_records_it_missed(tmp_path, monkeypatch):
+    """The write after a failed catalog write, with no read between: the catalog applies the
+    missed record (a replace: same track count, so no reopen would notice) before the new one."""
+    path = tmp_path / "idx"
+    build(path, n=2)
+    with open_index(path, IDENTITY) as ix:
+        real = Catalog.apply_many
+        full = {"on": True}
+
+        def apply_many(self, records):
+            if full["on"]:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(self, records)
+
+        monkeypatch.setattr(Catalog, "apply_many", apply_many)
+        ix.replace_track(TrackRecord("t1", title="new", content_sha256="new"), *vectors_of(7))
+        full["on"] = False
+        ix.add_track(TrackRecord("t2", content_sha256="2"), *vectors_of(2))
+        assert ix.failure is None
+        assert ix.get_track("t1").title == "new"
+    with open_index(path, IDENTITY) as ix:
+        assert ix.get_track("t1").title == "new" and ix.get_track("t2") is not None
+
+
+def test_closing_stops_the_catch_up_retries(tmp_path, monkeypatch):
+    path = tmp_path / "idx"
+    build(path, n=2)
+    ix = open_index(path, IDENTITY)
+
+    def apply_many(self, records):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Catalog, "apply_many", apply_many)
+    ix.add_track(TrackRecord("t2", content_sha256="2"), *vectors_of(2))
+    assert ix.failure is not None
+    ix.close()
+    assert not [t for t in threading.enumerate() if t.name == "refrain-catalog-catch-up"]
+    monkeypatch.undo()
+    assert_tracks(path, [0, 1, 2])  # the next open catches the catalog up
 
 
 @pytest.mark.parametrize("loss", ["deleted", "emptied"])

@@ -20,6 +20,7 @@ import soundfile as sf
 
 from refrain.service import ingest_commands
 from refrain.service.archive import ArchiveLimits, extract_archive
+from refrain.service.catalog_files import read_catalog
 from refrain.service.errors import RefrainError, TooLarge
 from refrain.service.settings import Settings
 
@@ -441,7 +442,10 @@ def test_index_build_then_service_opens_it(tmp_path, root):
     assert len(decode(stored["b1"])) == pytest.approx(6.0 * SEQUENCE_RATE, abs=1)
 
 
-def test_ingest_commands_uploads_and_resumes(server, client, tmp_path, capsys):
+def test_ingest_commands_uploads_and_resumes(server, client, tmp_path, capsys, monkeypatch):
+    from refrain.service.ingest_client import LEGACY_STATE_FILE, default_state_path
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     cat = tmp_path / "catalog"
     for name in ("c1.wav", "c2.ogg", "nested/c3.flac"):
         clip(cat / name)
@@ -450,6 +454,7 @@ def test_ingest_commands_uploads_and_resumes(server, client, tmp_path, capsys):
         "c1.wav,cli-1,One,Band,W7\nc2.ogg,cli-2,,,\n"
         "nested/c3.flac,,,,\n"
     )
+    catalog_files = sorted(cat.rglob("*"))
     before = n_tracks(client)
     argv = (
         "ingest",
@@ -468,16 +473,30 @@ def test_ingest_commands_uploads_and_resumes(server, client, tmp_path, capsys):
     assert "added 3" in out
     assert n_tracks(client) == before + 3
     assert client.get("/v1/tracks/cli-1").json()["work_id"] == "W7"
-    state = json.loads((cat / ingest_commands.STATE_FILE).read_text())
+    # the resumption state is the user's: nothing is left in the catalog folder
+    assert sorted(cat.rglob("*")) == catalog_files
+    state_file = default_state_path(cat / "list.csv")
+    assert state_file.parent == tmp_path / "state" / "refrain" / "ingest"
+    state = json.loads(state_file.read_text())
     assert len(state["servers"][server.url]["batches"]) == 2
 
     assert cli(*argv) == 0  # everything finished: nothing is sent again
     assert "3 files were ingested by an earlier run" in capsys.readouterr().out
     assert n_tracks(client) == before + 3
 
+    # a state file an older version left in the catalog folder is read, then moved
+    state_file.rename(cat / LEGACY_STATE_FILE)
+    assert cli(*argv) == 0
+    captured = capsys.readouterr()
+    assert "3 files were ingested by an earlier run" in captured.out
+    assert f"resumption state moved to {state_file}" in captured.err
+    assert sorted(cat.rglob("*")) == catalog_files and state_file.is_file()
+    assert n_tracks(client) == before + 3
+
 
 def test_ingest_commands_without_key_fails_cleanly(server, tmp_path, monkeypatch):
     monkeypatch.delenv("REFRAIN_API_KEY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     clip(tmp_path / "k" / "k1.wav")
     with pytest.raises(PermissionError, match="API key"):
         cli("ingest", str(tmp_path / "k"), "--url", server.url, "--retries", "0")
@@ -487,7 +506,7 @@ def test_ingest_commands_retries_connection_errors_and_503(tmp_path, monkeypatch
     from refrain.service import ingest_client
 
     clip(tmp_path / "r" / "r1.wav")
-    entries = ingest_commands.read_catalog(tmp_path / "r")
+    entries = read_catalog(tmp_path / "r")
     calls, waits = [], []
     replies = iter(
         [

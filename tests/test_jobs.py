@@ -1,5 +1,6 @@
 """Retention of bulk ingestion jobs: finished jobs past `job_retention_hours` are purged, rows
-and files, at start-up, periodically and on demand; queued and running jobs never are."""
+and files, at start-up, periodically and on demand; queued and running jobs never are. A job
+database damaged while running takes ingestion down until a restart sets it aside."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 from refrain.service import jobs as jobs_module
+from refrain.service.errors import Unavailable
 from refrain.service.jobs import JobManager
 from refrain.service.jobstore import ItemState
 from refrain.service.metrics import Metrics
@@ -224,5 +227,33 @@ def test_jobs_are_listed_newest_first_by_page_and_state(tmp_path):
         assert [j["job_id"] for j in queued] == [ids[4], ids[3], ids[2], ids[0]]
         assert queued[0]["progress"] == 0.0 and queued[0]["counts"]["pending"] == 1
         assert m.page(cursor="0" * 32) == ([], None)
+    finally:
+        m.stop()
+
+
+def test_damage_met_while_running_takes_ingestion_down_until_a_restart_sets_it_aside(tmp_path):
+    data = tmp_path / "data"
+    m = manager(data)
+    try:
+        ids = [add_job(m, 5) for _ in range(40)]
+        assert m.page(limit=500)[0] and m.failure is None
+        m.store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in jobs.sqlite
+        m.store._db.execute("PRAGMA shrink_memory")  # and none in SQLite's cache
+        with (data / "jobs" / "jobs.sqlite").open("r+b") as f:
+            f.truncate(14_336)
+        for _ in range(2):  # the damage is met once, then every call reports it
+            with pytest.raises(Unavailable, match=r"jobs\.sqlite is damaged") as raised:
+                m.page(limit=500)
+            assert raised.value.code == "jobs_unavailable"
+        assert "restart the service to set it aside" in m.failure
+    finally:
+        m.stop()
+    m = manager(data)  # the restart: set aside with the jobs' folders, a new database
+    try:
+        assert m.failure is None and m.page() == ([], None) and m.get(ids[0]) is None
+        (aside,) = (data / "jobs").glob("corrupt-*")
+        assert (aside / "jobs.sqlite").stat().st_size == 14_336
+        assert sorted(p.name for p in aside.iterdir() if p.is_dir()) == sorted(ids)
+        assert add_job(m, 1) in [j["job_id"] for j in m.page()[0]]
     finally:
         m.stop()

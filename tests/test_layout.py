@@ -147,7 +147,8 @@ ALLOWED = {
     "index": {"index"},
     "search": {"search", "index", "model"},
     "service": {"service", "search", "index", "model"},
-    "training": {"training", "search", "index", "model"},
+    # the served evaluation (training/served.py) ranks through the service's own engine
+    "training": {"training", "service", "search", "index", "model"},
 }
 COMMAND_LINE = {"service/cli.py"}  # the `refrain` entry point registers every package's commands
 

@@ -30,7 +30,7 @@ _CAND_BLOCK = 512  # candidate tracks padded together per distance block
 # -- embedding -------------------------------------------------------------------------------
 
 
-def _query_draws(opts: EvalOptions, n: int) -> dict[float, np.ndarray]:
+def query_draws(opts: EvalOptions, n: int) -> dict[float, np.ndarray]:
     """Uniform draws in [0, 1) placing each query, (n, queries_per_track) per query length.
 
     Each length has its own stream seeded by (seed, milliseconds), drawn over all items in
@@ -43,6 +43,12 @@ def _query_draws(opts: EvalOptions, n: int) -> dict[float, np.ndarray]:
         )
         for tau in opts.query_seconds
     }
+
+
+def clip_start(u: float, n_samples: int, length: int) -> int:
+    """The first sample of a clip of `length` samples placed by the draw `u` in [0, 1) in a
+    track of `n_samples` (0 when the track is no longer than the clip)."""
+    return int(u * (n_samples - length + 1)) if n_samples > length else 0
 
 
 def _decoded(
@@ -92,7 +98,7 @@ def embed_all(
 
     sr = model.sample_rate
     max_samples = None if opts.max_seconds is None else round(opts.max_seconds * sr)
-    draws = _query_draws(opts, len(items))
+    draws = query_draws(opts, len(items))
     whole: list[np.ndarray | None] = [None] * len(items)
     queries: dict[float, list[tuple[int, float, np.ndarray | None]]] = {
         tau: [] for tau in opts.query_seconds
@@ -112,7 +118,7 @@ def embed_all(
             for tau in opts.query_seconds:
                 length = round(tau * sr)
                 for u in draws[tau][i]:
-                    offset = int(u * (len(x) - length + 1)) if len(x) > length else 0
+                    offset = clip_start(u, len(x), length)
                     inputs.append(x[offset : offset + length])
                     slots.append((tau, i, offset / sr))
         zs = model.embed_many(inputs, hop=opts.hop, batch_size=opts.batch_size)

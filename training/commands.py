@@ -75,6 +75,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="processes scoring Qmax pairs (default: the CPUs available)",
     )
+    p.add_argument(
+        "--served",
+        action="store_true",
+        help="also run every track and clip through the service's own search (a temporary "
+        "index, the REFRAIN_* settings) and print its table beside this one",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--per-query", action="store_true", help="include per-query arrays in --json")
@@ -222,9 +228,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(_cost_line(ev.pairwise))
     if ev.verification is not None:
         print(_cost_line({"scorer": "verification", **ev.verification}))
-    print(f"wall time {wall:.1f} s")
+    served = None
+    if getattr(args, "served", False):
+        from refrain.model.embedder import Embedder
+        from refrain.training.served import evaluate_served, side_by_side
+
+        if not isinstance(model, Embedder):
+            raise ValueError("--served evaluates the model the service runs, not a baseline")
+        served = evaluate_served(model, items, options, progress=True)
+        print(format_table(served.results))
+        print(side_by_side(options, ev.results, served.results))
+        print(f"served search: {served.settings}; wall time {served.wall_s:.1f} s")
+        if served.refused:
+            print(f"queries the service refused (ranked in random order): {served.refused}")
+    print(f"wall time {time.perf_counter() - start:.1f} s")
     if args.json:
         out = ev.to_dict(per_query=args.per_query)
+        if served is not None:
+            out["served"] = served.to_dict()
         out["settings"].update(manifest=str(args.manifest), checkpoint=args.checkpoint)
         out["wall_s"] = wall
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ _BODY = {
     dependencies=[Depends(require_write)],
     openapi_extra={"requestBody": _BODY},
     response_model=JobCreated,
-    responses=responses(401, 403, 413, 415, 422, 503, 507),
+    responses=responses(400, 401, 403, 413, 415, 422, 503, 507),
 )
 async def ingest(request: Request, jobs: JobsDep, settings: SettingsDep) -> JSONResponse:
     """multipart/form-data: `files` (one or more) or one `archive` (zip, tar, tar.gz/bz2/xz),
@@ -153,8 +153,7 @@ async def _from_form(request: Request, jobs: JobManager, settings: Settings) -> 
         unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
         if unknown:
             raise InvalidInput(
-                "invalid_request",
-                f"unknown form fields {unknown}; expected {', '.join(FORM_FIELDS)}",
+                "unknown_field", f"unknown form fields {unknown}; expected {', '.join(FORM_FIELDS)}"
             )
         files = form.getlist("files")
         archives = form.getlist("archive")

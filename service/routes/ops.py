@@ -28,8 +28,8 @@ async def healthz() -> dict:
     responses={503: {"model": Readiness, "description": "loading, failed or degraded"}},
 )
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    failure = runtime.index_failure() if runtime.ready else None
-    if failure:  # loaded, but the index needs a catch-up or a reopen to serve everything
+    failure = runtime.failure() if runtime.ready else None
+    if failure:  # loaded, but the index or ingestion cannot serve everything
         return JSONResponse(
             {"status": "degraded", "error": failure}, status_code=503, headers={"Retry-After": "5"}
         )

@@ -22,12 +22,18 @@ router = APIRouter(route_class=StrictFormRoute)
     tags=["search"],
     dependencies=[Depends(require_read)],
     response_model=SearchResponse,
-    responses=responses(401, 403, 413, 415, 422, 502, 503),
+    responses=responses(400, 401, 403, 413, 415, 422, 502, 503),
 )
 async def search(
     engine: EngineDep,
-    audio: UploadFile = File(..., description="the query clip (5-60 s is typical)"),
-    top_k: int = Form(10, description=f"tracks to return, 1..{MAX_TOP_K}"),
+    audio: UploadFile = File(
+        ...,
+        description="the query clip: 10 s or more match best; under 5 s, a short_clip "
+        "warning; REFRAIN_MIN_QUERY_S..REFRAIN_MAX_QUERY_S (1-120 s by default), matched whole",
+    ),
+    top_k: int = Form(
+        10, description=f"tracks to return, 1..REFRAIN_MAX_TOP_K (default {MAX_TOP_K})"
+    ),
     reduction: str | None = Form(None, description="segment distance reduction, e.g. min, bpwr-10"),
     hop: float | None = Form(None, description="seconds between query segments"),
     transpositions: int | None = Form(
@@ -43,6 +49,6 @@ async def search(
     ),
 ) -> SearchResponse:
     request = SearchRequest(b"", top_k, reduction or None, hop, transpositions, verify)
-    request.check()  # before reading the upload
+    request.check(engine.settings.max_top_k)  # before reading the upload
     result = await run_in_threadpool(engine.search, replace(request, audio=await audio.read()))
     return schemas.search_response(result)

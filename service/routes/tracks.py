@@ -32,7 +32,7 @@ router = APIRouter(route_class=StrictFormRoute)
             "model": AddedTrack,
             "description": "this id already holds the same audio: nothing was written",
         },
-        **responses(401, 403, 409, 413, 415, 422, 502, 503, 507),
+        **responses(400, 401, 403, 409, 413, 415, 422, 502, 503, 507),
     },
 )
 async def add_track(

@@ -13,22 +13,45 @@ clique. The Bach chorales are reserved for evaluation and never enter the defaul
 Needs the `train` extra (music21, mido) and the fluidsynth program with soundfonts.
 """
 
-from refrain.training.corpus.catalog import (
-    BachGuard,
-    Catalog,
-    SelectOptions,
-    select_works,
-    split_of,
-)
-from refrain.training.corpus.commands import main
-from refrain.training.corpus.pipeline import (
-    MANIFEST_COLUMNS,
-    CorpusOptions,
-    build_corpus,
-    render_version,
-)
-from refrain.training.corpus.versions import VersionOptions, VersionParams, sample_version
-from refrain.training.corpus.works import Source, Work, list_sources, load_work
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from refrain.training.corpus.catalog import (
+        BachGuard,
+        Catalog,
+        SelectOptions,
+        select_works,
+        split_of,
+    )
+    from refrain.training.corpus.commands import main
+    from refrain.training.corpus.pipeline import (
+        MANIFEST_COLUMNS,
+        CorpusOptions,
+        build_corpus,
+        render_version,
+    )
+    from refrain.training.corpus.versions import VersionOptions, VersionParams, sample_version
+    from refrain.training.corpus.works import Source, Work, list_sources, load_work
+
+# the public names, imported on first use so that `refrain corpus -h` loads no corpus code
+_EXPORTS = {
+    **dict.fromkeys(
+        ("BachGuard", "Catalog", "SelectOptions", "select_works", "split_of"),
+        "refrain.training.corpus.catalog",
+    ),
+    "main": "refrain.training.corpus.commands",
+    **dict.fromkeys(
+        ("MANIFEST_COLUMNS", "CorpusOptions", "build_corpus", "render_version"),
+        "refrain.training.corpus.pipeline",
+    ),
+    **dict.fromkeys(
+        ("VersionOptions", "VersionParams", "sample_version"), "refrain.training.corpus.versions"
+    ),
+    **dict.fromkeys(
+        ("Source", "Work", "list_sources", "load_work"), "refrain.training.corpus.works"
+    ),
+}
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -49,3 +72,13 @@ __all__ = [
     "select_works",
     "split_of",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'refrain.training.corpus' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -11,23 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from tqdm import tqdm
-
-from refrain.training.corpus.catalog import (
-    BachGuard,
-    Catalog,
-    SelectOptions,
-    facts_of,
-    reader_version,
-    select_works,
-)
-from refrain.training.corpus.pipeline import CorpusOptions, build_corpus
-from refrain.training.corpus.render import RenderError
-from refrain.training.corpus.versions import VersionOptions
-from refrain.training.corpus.works import list_sources
-
 if TYPE_CHECKING:
     from refrain.training.corpus.works import Work
+
+# The corpus code (music21, tqdm) is imported inside each action, so that registering the
+# actions on `refrain`'s parser and answering -h load none of it.
 
 N = TypeVar("N", int, float)
 
@@ -238,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from refrain.training.corpus.pipeline import CorpusOptions, build_corpus
+    from refrain.training.corpus.render import RenderError
+    from refrain.training.corpus.versions import VersionOptions
+
     options = CorpusOptions(
         out=args.out,
         works=args.works or None,
@@ -282,6 +274,10 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _works(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from refrain.training.corpus.catalog import Catalog, SelectOptions, select_works
+
     catalog = Catalog(args.catalog)
     options = SelectOptions(args.collection, args.min_seconds, min_parts=args.min_parts)
     with tqdm(desc="reading works", unit="source", disable=args.list) as bar:
@@ -315,6 +311,9 @@ def _harmony(args: argparse.Namespace) -> int:
 def _families(args: argparse.Namespace) -> int:
     from multiprocessing import Pool
 
+    from tqdm import tqdm
+
+    from refrain.training.corpus.catalog import Catalog, SelectOptions, select_works
     from refrain.training.corpus.families import (
         cataloged_melodies,
         format_table,
@@ -348,6 +347,9 @@ def _families(args: argparse.Namespace) -> int:
 
 
 def _bach_melodies(args: argparse.Namespace) -> int:
+    from refrain.training.corpus.catalog import BachGuard, Catalog, facts_of, reader_version
+    from refrain.training.corpus.works import list_sources
+
     catalog = Catalog(args.catalog)
     sources = list_sources("bach-eval")
     catalog.add(facts_of(s) for s in sources if catalog.get(s.id) is None)
