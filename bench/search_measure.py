@@ -10,21 +10,21 @@ import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from refrain.index import IndexOptions, SegmentIndex, TrackRecord, open_index
-from refrain.model import align, shortlist
-from refrain.model.qmax import QmaxParams, _unit, cross_recurrence, delay_embed
+from refrain.model import align
 from refrain.search.ranking import (
     SearchOptions,
     rank_tracks,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from memory import (
     reset_peak_rss,
     rss,
@@ -41,6 +41,8 @@ from search_data import (
     track_id,
     verified_top,
 )
+
+from qmax_reference import reference_fill, reference_plots
 
 # -- build and measure ----------------------------------------------------------------------
 
@@ -210,68 +212,9 @@ def previous_alignment() -> Iterator[None]:
     shortlist (`refrain.model.shortlist`), for the "before" rows and for the expected
     verified ranking (today's, which the served one must keep)."""
     saved = align.plots, align._fill
-    align.plots = align._one_blas_thread_each_call(_previous_plots)  # type: ignore[assignment]
-    align._fill = _previous_fill
+    align.plots = align._one_blas_thread_each_call(reference_plots)  # type: ignore[assignment]
+    align._fill = reference_fill
     try:
         yield
     finally:
         align.plots, align._fill = saved
-
-
-def _previous_fill(
-    rec: np.ndarray, score: np.ndarray, sep: np.ndarray, gap_onset: float, gap_extend: float
-) -> np.ndarray:
-    """`align._fill` as it was before: the Qmax recursion of a padded plot, row by row, the
-    linked cells' extension added through a mask."""
-    pen = np.where(rec, np.float32(gap_onset), np.float32(gap_extend))
-    dec = np.empty(rec.shape, np.float32)
-    np.subtract(score[:2], pen[:2], out=dec[:2])
-    cut = np.flatnonzero(sep[2:]) + 2  # separator columns after the first two: zero in every row
-    best = np.empty(rec.shape[1] - 2, np.float32)
-    for i in range(2, rec.shape[0]):
-        row = score[i, 2:]
-        np.maximum(score[i - 1, 1:-1], score[i - 1, :-2], out=best)
-        np.maximum(best, score[i - 2, 1:-1], out=best)
-        np.maximum(dec[i - 1, 1:-1], dec[i - 1, :-2], out=row)
-        np.maximum(row, dec[i - 2, 1:-1], out=row)
-        np.maximum(row, 0, out=row)
-        np.add(best, 1, out=row, where=rec[i, 2:])
-        score[i, cut] = 0
-        np.subtract(score[i], pen[i], out=dec[i])
-    return score
-
-
-def _previous_plots(
-    query: np.ndarray,
-    refs: Sequence[np.ndarray],
-    params: QmaxParams | None = None,
-    shifts: np.ndarray | None = None,
-) -> align.Plots:
-    """`align.plots` as it was before the batched shortlist: key, states, plot and partitions
-    pair by pair."""
-    p = params or QmaxParams()
-    query = np.asarray(query, dtype=np.float32)
-    refs = [np.asarray(r, dtype=np.float32) for r in refs]
-    if len(refs) == 0:
-        empty = np.zeros((len(query) + 2, 0))
-        starts, widths, shifts = (np.zeros(0, np.int64) for _ in range(3))
-        return align.Plots(empty, empty.astype(bool), starts, widths, shifts, p, query)
-    if shifts is None:
-        profiles = shortlist.rolled_profiles(query)
-        shifts = np.array([np.argmax(align._key_fit(query, r, profiles)) for r in refs], np.int64)
-    rolled = {
-        int(k): _unit(delay_embed(np.roll(query, k, axis=1), p.m, p.tau)) for k in np.unique(shifts)
-    }
-    widths = np.array([len(r) for r in refs], dtype=np.int64)
-    starts = 2 + np.concatenate([[0], np.cumsum(widths + 2)[:-1]])
-    total = int(starts[-1] + widths[-1])
-    rec = np.zeros((len(query) + 2, total), dtype=bool)
-    sep = np.ones(total, dtype=bool)
-    ref_states: dict[int, np.ndarray] = {}
-    for c, r in enumerate(refs):
-        states = ref_states.setdefault(id(r), _unit(delay_embed(r, p.m, p.tau)))
-        a = starts[c]
-        rec[2:, a : a + len(r)] = cross_recurrence(rolled[int(shifts[c])], states, p.kappa)
-        sep[a : a + len(r)] = False
-    score = _previous_fill(rec, np.zeros(rec.shape, np.float32), sep, p.gap_onset, p.gap_extend)
-    return align.Plots(score, rec, starts, widths, shifts, p, query)

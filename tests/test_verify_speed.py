@@ -8,51 +8,10 @@ import numpy as np
 import pytest
 
 from refrain.model import align
-from refrain.model.qmax import QmaxParams, _unit, cross_recurrence, delay_embed
+from refrain.model.qmax import QmaxParams
 from refrain.model.sequence import UPPER
 
-
-def reference_fill(
-    rec: np.ndarray, score: np.ndarray, sep: np.ndarray, gap_onset: float, gap_extend: float
-) -> np.ndarray:
-    """The Qmax recursion of a padded plot row by row in numpy, as it was specified."""
-    pen = np.where(rec, np.float32(gap_onset), np.float32(gap_extend))
-    dec = np.empty(rec.shape, np.float32)
-    np.subtract(score[:2], pen[:2], out=dec[:2])
-    cut = np.flatnonzero(sep[2:]) + 2
-    best = np.empty(rec.shape[1] - 2, np.float32)
-    for i in range(2, rec.shape[0]):
-        row = score[i, 2:]
-        np.maximum(score[i - 1, 1:-1], score[i - 1, :-2], out=best)
-        np.maximum(best, score[i - 2, 1:-1], out=best)
-        np.maximum(dec[i - 1, 1:-1], dec[i - 1, :-2], out=row)
-        np.maximum(row, dec[i - 2, 1:-1], out=row)
-        np.maximum(row, 0, out=row)
-        np.add(best, 1, out=row, where=rec[i, 2:])
-        score[i, cut] = 0
-        np.subtract(score[i], pen[i], out=dec[i])
-    return score
-
-
-def reference_plots(
-    query: np.ndarray, refs: list[np.ndarray], p: QmaxParams
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pair by pair: each reference's local OTI, states and plot, then the recursion.
-    Returns (shifts, padded plot, scores) laid out as `align.Plots`."""
-    query = np.asarray(query, dtype=np.float32)
-    shifts = np.array([align.local_oti(query, r) for r in refs], np.int64)
-    widths = np.array([len(r) for r in refs], dtype=np.int64)
-    starts = 2 + np.concatenate([[0], np.cumsum(widths + 2)[:-1]])
-    rec = np.zeros((len(query) + 2, int(starts[-1] + widths[-1])), dtype=bool)
-    sep = np.ones(rec.shape[1], dtype=bool)
-    for c, r in enumerate(refs):
-        rolled = _unit(delay_embed(np.roll(query, int(shifts[c]), axis=1), p.m, p.tau))
-        states = _unit(delay_embed(r, p.m, p.tau))
-        a = starts[c]
-        rec[2:, a : a + len(r)] = cross_recurrence(rolled, states, p.kappa)
-        sep[a : a + len(r)] = False
-    score = reference_fill(rec, np.zeros(rec.shape, np.float32), sep, p.gap_onset, p.gap_extend)
-    return shifts, rec, score
+from qmax_reference import reference_fill, reference_plots
 
 
 def walk(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -76,7 +35,8 @@ def test_batched_plots_equal_the_pairwise_specification(seed: int, params: QmaxP
         )
     refs[7] = np.zeros((30, 12), np.float32)  # silence: ties everywhere
     refs[8] = np.repeat(refs[8][:1], 40, axis=0)  # one frame held: ties along each row
-    shifts, rec, score = reference_plots(query, refs, params)
+    spec = reference_plots(query, refs, params)
+    shifts, rec, score = spec.shifts, spec.recurrence, spec.score
     got = align.plots(query, refs, params)
     np.testing.assert_array_equal(got.shifts, shifts)
     np.testing.assert_array_equal(got.recurrence, rec)
@@ -107,7 +67,8 @@ def test_threads_split_the_shortlist_without_changing_a_cell(monkeypatch, thread
     rng = np.random.default_rng(9)
     query = walk(rng, 20)
     refs = [walk(rng, int(rng.integers(2, 120))) for _ in range(11)]
-    shifts, rec, score = reference_plots(query, refs, UPPER)
+    spec = reference_plots(query, refs, UPPER)
+    shifts, rec, score = spec.shifts, spec.recurrence, spec.score
     try:
         shortlist.set_threads(threads)
         got = align.plots(query, refs, UPPER)
@@ -123,7 +84,8 @@ def test_empty_and_one_reference():
     query = walk(rng, 12)
     assert len(align.plots(query, []).qmax()) == 0
     ref = walk(rng, 2)
-    shifts, _, score = reference_plots(query, [ref], QmaxParams())
+    spec = reference_plots(query, [ref], QmaxParams())
+    shifts, score = spec.shifts, spec.score
     got = align.plots(query, [ref])
     np.testing.assert_array_equal(got.score, score)
     np.testing.assert_array_equal(got.shifts, shifts)
@@ -137,7 +99,8 @@ def test_equal_key_fits_pick_the_same_key():
     query[::3] = walk(rng, 6)  # some frames move, the profile stays nearly flat
     refs = [walk(rng, int(rng.integers(8, 80))) for _ in range(12)]
     refs.append(np.full((20, 12), 0.5, np.float32))
-    shifts, _, score = reference_plots(query, refs, UPPER)
+    spec = reference_plots(query, refs, UPPER)
+    shifts, score = spec.shifts, spec.score
     got = align.plots(query, refs, UPPER)
     np.testing.assert_array_equal(got.shifts, shifts)
     np.testing.assert_array_equal(got.score, score)
