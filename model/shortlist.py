@@ -73,11 +73,14 @@ def threads() -> int:
     return max(1, min(cpus, 1 + math.floor(spare - 0.5)))
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
+def _executor() -> ThreadPoolExecutor:
+    """The shared pool, sized for the most threads `threads` can ask for (not for the load
+    of the moment, which changes from one shortlist to the next)."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="refrain-align")
+            most = _threads if _threads is not None else min(4, available_cpus())
+            _pool = ThreadPoolExecutor(max(1, most), thread_name_prefix="refrain-align")
         return _pool
 
 
@@ -99,7 +102,7 @@ def run_chunks(work: Callable[[int, int], None], widths: np.ndarray, rows: int) 
         with one_blas_thread():
             work(lo, hi)
 
-    pool = _executor(threads())
+    pool = _executor()
     futures = [pool.submit(limited, lo, hi) for lo, hi in ranges[1:]]
     work(*ranges[0])  # the calling thread takes the first range
     for f in futures:
