@@ -6,7 +6,8 @@ Starts `refrain serve` (the shipped model, open writes on loopback) on a free lo
 with a temporary data folder, adds five synthetic reference tracks (two versions of one
 tune, three other tunes in minor keys), searches a 20 s clip of a third version of the tune
 (faster and two semitones up) from the console in headless chromium, and saves the page as
-a PNG once the answer, with its aligned ranges, tempo ratios and key shifts, is shown.
+a PNG once the answer, with its aligned ranges, tempo ratios, key shifts and the tunes of
+clip and reference, is shown.
 Everything it started is stopped before it exits. Needs chromium and chromedriver (Debian:
 `chromium`, `chromium-driver`) and selenium (`pip install -e '.[dev]'`).
 """
@@ -184,6 +185,7 @@ def screenshot(url: str, clip: Path, out: Path) -> None:
         driver.find_element(By.CSS_SELECTOR, "#search-form button[type=submit]").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 4)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.timeline text.match-label"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.tune rect.note"))
         time.sleep(0.5)  # the last timeline's layout
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.execute_cdp_cmd(  # the whole answer in one picture, WIDTH pixels wide

@@ -76,6 +76,9 @@ class QmaxParams:
     # the chroma itself (`fold_chroma`): CQT bins from this one up (0: all, from C1) ...
     lowest_bin: int = 0
     power: float = 1.0  # ... with their magnitudes raised to this power before folding
+    # or the tune's chroma instead: the pitch probabilities of the tune-salience network
+    # (`refrain.model.salience`), folded to pitch classes (lowest_bin and power then unused)
+    tune: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.frame_rate) and self.frame_rate > 0):
@@ -92,7 +95,10 @@ class QmaxParams:
             raise ValueError(f"expected a positive power, got {self.power!r}")
 
     def to_dict(self) -> dict:
-        return {"name": NAME, **dataclasses.asdict(self), "distance": "1/(1+qmax)"}
+        d = dataclasses.asdict(self)
+        if not self.tune:  # as the settings read before the tune chroma existed
+            del d["tune"]
+        return {"name": NAME, **d, "distance": "1/(1+qmax)"}
 
 
 # -- features --------------------------------------------------------------------------------
@@ -124,6 +130,17 @@ def fold_chroma(
     pooled = np.add.reduceat(chroma, starts, axis=1) / counts
     pooled = pooled / np.maximum(pooled.max(0, keepdims=True), 1e-8)
     return np.ascontiguousarray(pooled.T, dtype=np.float32)
+
+
+def chroma_of(cqt: np.ndarray, per_frame: int, params: QmaxParams) -> np.ndarray:
+    """The chroma `params` ask for, from CQT magnitudes (bins, frames) at the CQT's rate,
+    `per_frame` CQT frames a chroma frame: `fold_chroma`, or with `params.tune` the tune's
+    chroma (`refrain.model.salience.tune_chroma`, from the shipped salience network)."""
+    if not params.tune:
+        return fold_chroma(cqt, per_frame, params.lowest_bin, params.power)
+    from .salience import frame_probabilities, tune_chroma
+
+    return tune_chroma(frame_probabilities(cqt), per_frame)
 
 
 def delay_embed(chroma: np.ndarray, m: int, tau: int) -> np.ndarray:
@@ -334,8 +351,7 @@ class QmaxScorer:
         if len(x) <= self._cqt.half_width:  # reflection padding needs more than half a kernel
             x = x.repeat(self._cqt.half_width // len(x) + 1)
         cqt = self._cqt(x.view(1, -1))[0].numpy()
-        p = self.params
-        chroma = fold_chroma(cqt, self._per_frame, p.lowest_bin, p.power)
+        chroma = chroma_of(cqt, self._per_frame, self.params)
         return chroma if len(chroma) >= 2 else np.repeat(chroma, 2, axis=0)
 
     def embed_many(

@@ -14,6 +14,10 @@
 5. Localisation of tracks not aligned: the best segment pairs (best pairs without
    replacement) give the matching time ranges, query seconds <-> reference seconds. Only
    the first `LOCATED` returned tracks are located; a longer list carries distances only.
+6. The aligned tune (`tune`, off by default): each returned track verification located
+   carries the tune's contour of the clip over its best match and the reference's over the
+   range it aligned with, point for point on the clip's time axis (`AlignedTune`), for a
+   person to see why they matched.
 
 A query may come embedded at several transpositions (its CQT rolled by a few semitones
 each way): every transposition's segments look for candidates, and a track's distance is
@@ -36,6 +40,7 @@ from refrain.model.align import Alignment
 from refrain.model.calibration import uncalibrated_score
 from refrain.model.reduce import Reduction, ReductionKind, best_pairs_batch, nsqeuc, reduce
 from refrain.search.fusion import Fusion
+from refrain.search.tune import AlignedTune, aligned_tunes
 from refrain.search.verification import Verification
 
 LONG_CLIP_S = 40.0  # clips at least this long are ranked with bpwr-10, shorter with min
@@ -60,6 +65,7 @@ class SearchOptions:
     verify: int = Fusion.candidates
     verify_weight: float = Fusion.weight  # of the alignment against the segment distance
     verify_expand: float = Fusion.expand  # of the expansion with the first verified track
+    tune: bool = False  # located tracks carry their aligned tune (`AlignedTune`)
 
     def __post_init__(self) -> None:
         for name in ("top_k", "k", "candidates", "max_matches"):
@@ -94,6 +100,7 @@ class TrackHit:
     matches: list[SegmentMatch] | list[Alignment] = field(default_factory=list)
     transposition: int = 0  # semitones the query was shifted by to match this track
     alignment: float | None = None  # Qmax of the verification; None: not aligned
+    tune: AlignedTune | None = None  # with `SearchOptions.tune`, of the first aligned match
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,8 @@ class QuerySegments:
     chroma: np.ndarray | None = None  # (n, 12) at SEQUENCE_RATE
     fine: np.ndarray | None = None  # (n', 12) at FINE_RATE
     upper: np.ndarray | None = None  # (n, 12) upper chroma at SEQUENCE_RATE (None: full only)
+    tune: np.ndarray | None = None  # (n, 12) tune chroma at SEQUENCE_RATE (None: not computed)
+    contour: np.ndarray | None = None  # the tune's MIDI pitch at CONTOUR_RATE, 0: a rest
 
     def __post_init__(self) -> None:
         if len(self.vectors) != len(self.shifts) * len(self.starts_s):
@@ -304,6 +313,7 @@ def rank_tracks(
             query.fine,
             options.fusion(),
             query.upper,
+            query.tune,
         )
         if verification.ran:
             expand_with_first(verification, found, ref_all, offsets)
@@ -329,6 +339,11 @@ def rank_tracks(
             query.duration_s,
         )
         timings["verify"] += time.perf_counter() - t2
+    tunes: dict[str, AlignedTune | None] = {}
+    if options.tune and located and query.contour is not None:
+        t2 = time.perf_counter()
+        tunes = aligned_tunes(index, located, query.contour)
+        timings["verify"] += time.perf_counter() - t2
     pairs = best_pairs_batch([r[3] for r in returned[:LOCATED]], options.max_matches)
     pairs += [[] for _ in returned[LOCATED:]]
     for (d, track, b, dist, ref_starts), track_pairs in zip(returned, pairs, strict=True):
@@ -348,6 +363,7 @@ def rank_tracks(
                     matches=aligned,
                     transposition=query.shifts[b],
                     alignment=qmax,
+                    tune=tunes.get(track.track_id),
                 )
             )
             continue

@@ -3,16 +3,17 @@ the Qmax alignment of chroma sequences, and where each returned track matches.
 
 The reducer (`search.rank_tracks`) hands over its candidates closest first. The first
 `candidates` of them that have a stored sequence (`TrackRecord.sequence`) are aligned with
-the query in one pass (`refrain.model.align.plots`) on the upper chroma
-(`refrain.model.sequence.UPPER`), their order becomes the fusion's
+the query in one pass (`refrain.model.align.plots`) on the tune chroma
+(`refrain.model.sequence.TUNE`, the tune-salience network's), their order becomes the fusion's
 (`refrain.search.fusion.Fusion`: minus the segment distance plus `weight` times Qmax per
 query frame, less `expand` times the first track's own distance to each: `Fusion.expanded`),
 and tracks further down keep their order after them. A candidate without a sequence (added
 by an older version) takes the median Qmax, so it neither rises nor sinks for lack of one;
-one whose sequence holds only the full chroma (stored by an older version) is aligned on
-that. For the tracks returned, `locate` reads the query and reference ranges, the tempo
-ratio and the key shift off alignment paths of the full chroma, starting from the blocks the
-scoring pass already aligned where it aligned the full chroma.
+one whose sequence holds no tune chroma (stored by an older version) is aligned on the upper
+chroma (`refrain.model.sequence.UPPER`), or on the full chroma when that is all it holds.
+For the tracks returned, `locate` reads the query and reference ranges, the tempo ratio and
+the key shift off alignment paths of the full chroma, starting from the blocks the scoring
+pass already aligned where it aligned the full chroma.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from refrain.index import SegmentStore
 from refrain.model import align
-from refrain.model.sequence import SEQUENCE_RATE, UPPER, decode_both
+from refrain.model.sequence import SEQUENCE_RATE, TUNE, UPPER, decode_all
 from refrain.search.fusion import Fusion
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Verification:
         fine: np.ndarray | None,
         fusion: Fusion,
         upper: np.ndarray | None = None,
+        tune: np.ndarray | None = None,
     ) -> None:
         self.fusion = fusion
         self.fine = fine
@@ -54,22 +56,30 @@ class Verification:
             _warn_missing(self.missing, len(ids))
         self.refs: dict[str, np.ndarray] = {}
         uppers: dict[str, np.ndarray] = {}
+        tunes: dict[str, np.ndarray] = {}
         for tid in ids:
             if tid in stored:
-                self.refs[tid], u = decode_both(stored[tid])
-                if u is not None and upper is not None:
+                self.refs[tid], u, t = decode_all(stored[tid])
+                if t is not None and tune is not None:
+                    tunes[tid] = t
+                elif u is not None and upper is not None:
                     uppers[tid] = u
         # candidates scored on the upper chroma, and those (stored by an older version, or a
         # query without it) on the full chroma, whose blocks `locate` then starts from
-        on_full = [tid for tid in self.refs if tid not in uppers]
+        on_full = [tid for tid in self.refs if tid not in uppers and tid not in tunes]
         if on_full and upper is not None:
             _warn_full(len(on_full), len(ids))
+        if uppers and tune is not None:
+            _warn_upper(len(uppers), len(ids))
         self.column = {tid: c for c, tid in enumerate(on_full)}
         self.plot = align.plots(chroma, [self.refs[tid] for tid in on_full])
         qmax = dict(zip(on_full, self.plot.qmax().tolist(), strict=True))
         if upper is not None and uppers:
             scores = align.plots(upper, list(uppers.values()), UPPER).qmax()
             qmax |= dict(zip(uppers, scores.tolist(), strict=True))
+        if tune is not None and tunes:
+            scores = align.plots(tune, list(tunes.values()), TUNE).qmax()
+            qmax |= dict(zip(tunes, scores.tolist(), strict=True))
         self.qmax = qmax
         q = np.array([self.qmax.get(tid, np.nan) for tid in ids])
         # each aligned candidate's standing among the others, for the fused calibration
@@ -141,6 +151,17 @@ def _warn_full(n: int, total: int) -> None:
         "%d of %d search candidates hold only the full chroma (stored by an older "
         "version): they are aligned on it, which follows a tune less well than the upper "
         "chroma; rebuild the index with `refrain index build` to align every track on both",
+        n,
+        total,
+    )
+
+
+def _warn_upper(n: int, total: int) -> None:
+    _warn_once(
+        "upper",
+        "%d of %d search candidates hold no tune chroma (stored by an older version): they "
+        "are aligned on the upper chroma; rebuild the index with `refrain index build` to "
+        "align every track on its tune",
         n,
         total,
     )

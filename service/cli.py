@@ -114,6 +114,7 @@ EXTRAS = {
     "music21": "train",
     "mido": "train",
     "librosa": "train",
+    "mir_eval": "train",
     "pymilvus": "milvus",
     "milvus_lite": "milvus",
 }

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import faiss
@@ -81,6 +81,7 @@ class SearchRequest:
     hop_s: float | None = None  # None: the configured query hop
     transpositions: int | None = None  # None: the configured default
     verify: bool = True  # alignment verification, where the settings enable it
+    tune: bool = False  # aligned hits carry the aligned tune of clip and reference
 
     def check(self, max_top_k: int = MAX_TOP_K) -> None:
         if not 1 <= self.top_k <= max_top_k:
@@ -342,15 +343,20 @@ class Engine:
         timings["embed"] = time.perf_counter() - t
         duration = len(wave) / self.model.sample_rate
         verify = s.verify_candidates if request.verify else 0
-        chroma = fine = upper = None
+        query = QuerySegments(z, starts, self.model.config.shingling.len, duration, shifts)
         if verify:
             t = time.perf_counter()
             with same_omp_threads():
-                chroma, fine, upper = self.chromagram.query(wave)
+                c = self.chromagram.query(wave)
+            query = replace(
+                query,
+                chroma=c.chroma,
+                fine=c.fine,
+                upper=c.upper,
+                tune=c.tune,
+                contour=c.contour,
+            )
             timings["chroma"] = time.perf_counter() - t
-        query = QuerySegments(
-            z, starts, self.model.config.shingling.len, duration, shifts, chroma, fine, upper
-        )
         opts = SearchOptions(
             top_k=request.top_k,
             k=s.knn_k,
@@ -359,6 +365,7 @@ class Engine:
             verify=verify,
             verify_weight=s.verify_weight,
             verify_expand=s.verify_expand,
+            tune=request.tune,
         )
         with omp_threads(s.search_threads):
             hits = rank_tracks(

@@ -10,7 +10,8 @@ JSON). So the rules of the format are written here alone:
 - a hit's score has 6 decimals, the clip's duration is in seconds to the millisecond and
   the timings are in milliseconds to 2 decimals;
 - every match has one shape: a segment match reports the alignment's fields (tempo ratio,
-  key shift, score) as null, an aligned match its segment distance.
+  key shift, score) as null, an aligned match its segment distance;
+- an aligned tune's pitches are integers, null for a rest (0 in the core).
 
 The job routes answer the job store's records, which FastAPI validates against these models.
 Every failure answers `ErrorBody` with the status `http_errors.STATUS` gives its kind;
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from refrain.index import AddResult, IndexStats, TrackRecord
     from refrain.model.align import Alignment
     from refrain.search.ranking import SegmentMatch, TrackHit
+    from refrain.search.tune import AlignedTune
     from refrain.service.engine import SearchResult
 
 SCORE_DECIMALS = 6
@@ -113,6 +115,38 @@ class Match(BaseModel):
     )
 
 
+class Tune(BaseModel):
+    """The tune of the clip over a hit's first match and the reference's over the range it
+    aligned with, point for point on the clip's time axis, for a person to see why they
+    matched."""
+
+    rate: float = Field(
+        description="points per second of the clip: 5, fewer for a match over 80 s (at most "
+        "400 points)"
+    )
+    query_start_s: float = Field(
+        description="the clip second where point 0 starts; point i covers "
+        "query_start_s + [i, i + 1) / rate"
+    )
+    query_end_s: float = Field(description="where the last point ends in the clip")
+    ref_start_s: float = Field(description="the reference second aligned with query_start_s")
+    tempo_ratio: float = Field(
+        description="reference seconds per clip second: the reference's point i is read at "
+        "ref_start_s + (t - query_start_s) * tempo_ratio, t the middle of the clip's point i"
+    )
+    key_shift: int = Field(
+        description="semitones the clip was shifted by to align (the match's): the reference's "
+        "pitches less key_shift are the clip's key, up to whole octaves"
+    )
+    query: list[int | None] = Field(
+        description="the clip's tune: MIDI pitch per point (60 is middle C), null for a rest"
+    )
+    reference: list[int | None] = Field(
+        description="the reference's tune on the clip's time axis, as long as `query`: MIDI "
+        "pitch per point as sung or played in the reference, null for a rest or past its end"
+    )
+
+
 class Hit(BaseModel):
     track_id: str
     title: str
@@ -125,6 +159,12 @@ class Hit(BaseModel):
     alignment: float | None = Field(
         description="Qmax of the alignment verification (on the upper chroma, or the full one "
         "for a track stored before it); null when the track was not aligned"
+    )
+    tune: Tune | None = Field(
+        None,
+        description="with tune=true, the aligned tune of the first match; null without it, "
+        "for a track not aligned, and for one whose stored sequence holds no tune (added by "
+        "an older version) or a clip whose tune was not computed",
     )
 
 
@@ -269,6 +309,22 @@ def hit(h: TrackHit) -> Hit:
         matches=[match(m) for m in h.matches],
         transposition=h.transposition,
         alignment=h.alignment,
+        tune=None if h.tune is None else tune(h.tune),
+    )
+
+
+def tune(t: AlignedTune) -> Tune:
+    """An aligned tune: seconds to the hundredth, pitches as integers, null for rests."""
+    n = len(t.query)
+    return Tune(
+        rate=t.rate,
+        query_start_s=round(t.query_start_s, 2),
+        query_end_s=round(t.query_start_s + n / t.rate, 2),
+        ref_start_s=round(t.ref_start_s, 2),
+        tempo_ratio=round(t.tempo_ratio, 4),
+        key_shift=t.key_shift,
+        query=[int(p) or None for p in t.query],
+        reference=[int(p) or None for p in t.reference],
     )
 
 

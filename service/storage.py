@@ -32,7 +32,7 @@ def index_write_bytes(n_segments: int, zdim: int, duration_s: float = 0.0) -> in
     """Disk bytes an index write of `n_segments` float32 vectors may take: its journal record
     and the catalog rows, with the chroma sequences of `duration_s` seconds in both (base64
     in the journal, raw bytes in the catalog)."""
-    sequence = sequence_bytes(math.ceil(duration_s * SEQUENCE_RATE + 1))
+    sequence = sequence_bytes(math.ceil(duration_s * SEQUENCE_RATE + 1), duration_s + 1)
     meta = META_ALLOWANCE + math.ceil(sequence * 4 / 3)
     return record_size(n_segments, zdim, 4, meta) + CATALOG_ALLOWANCE + sequence
 

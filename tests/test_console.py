@@ -1,7 +1,7 @@
 """The operator console at `/`, in a real headless browser (Debian's chromium and its driver):
-search with a clip and see its source track first with a match plot, ingest an archive and
-see its job reach `done`; nothing is loaded from another host and nothing is logged as an
-error."""
+search with a clip and see its source track first with a match plot and the tunes of clip and
+reference, ingest an archive and see its job reach `done`; nothing is loaded from another
+host and nothing is logged as an error."""
 
 from __future__ import annotations
 
@@ -103,6 +103,12 @@ def test_search_catalog_and_ingestion_in_the_browser(server, browser, tmp_path):
     # verified: the aligned range, its tempo ratio and the alignment score are shown
     label = first.find_element(By.CSS_SELECTOR, "svg.timeline text.match-label").text
     assert "tempo \u00d7" in label and "alignment" in first.text
+    # and the tunes of the clip and of the reference, one above the other, drawn as notes
+    (plot,) = first.find_elements(By.CSS_SELECTOR, "svg.tune")
+    assert plot.size["height"] > 100 and plot.size["width"] > 500
+    assert plot.find_elements(By.CSS_SELECTOR, "rect.tune-query")
+    assert plot.find_elements(By.CSS_SELECTOR, "rect.tune-ref")
+    assert "clip tune" in plot.text and "reference tune" in plot.text
 
     # catalog: the tracks are listed
     browser.find_element(By.CSS_SELECTOR, 'button.tab[data-tab="catalog"]').click()

@@ -90,7 +90,7 @@ def test_rank_tracks_verifies_by_default_given_the_chroma(model, audio, tmp_path
         segment_s=model.config.shingling.len,
         duration_s=len(wave) / model.sample_rate,
     )
-    chroma, fine, upper = chromagram.query(wave)
+    chroma, fine, upper, *_ = chromagram.query(wave)
     with_chroma = QuerySegments(
         plain.vectors,
         plain.starts_s,

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from refrain.training import salience_commands
 from refrain.training.corpus import commands as corpus_commands
 
 
@@ -36,10 +37,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="2dftm",
         default=None,
-        choices=("2dftm", "qmax", "qmax-upper"),
+        choices=("2dftm", "qmax", "qmax-upper", "qmax-tune"),
         help="evaluate a training-free baseline instead of a model: chroma 2DFTM "
         "segments (the default), Qmax chroma alignment (needs librosa), or Qmax on the "
-        "upper chroma that verification aligns (refrain.model.sequence.UPPER)",
+        "upper chroma (refrain.model.sequence.UPPER), or Qmax on the tune chroma that "
+        "verification aligns (refrain.model.sequence.TUNE: the tune-salience network's)",
     )
     p.add_argument(
         "--verify",
@@ -61,6 +63,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.5,
         help="weight of the expansion with the first verified track (refrain.search.fusion)",
+    )
+    p.add_argument(
+        "--verify-on",
+        choices=("tune", "upper"),
+        default="tune",
+        help="the chroma verification aligns: the tune's (refrain.model.sequence.TUNE, as the "
+        "service does) or the upper chroma (UPPER, as indexes built before the tune do)",
     )
     p.add_argument(
         "--verify-sweep",
@@ -89,6 +98,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_train(sub)
 
     corpus_commands.add_commands(sub)
+    salience_commands.add_commands(sub)
 
     p = sub.add_parser("calibrate", help="fit a model's score calibration on validation pairs")
     p.add_argument("model", help="Refrain model folder (its calibration is written into it)")
@@ -197,6 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         verify=args.verify,
         verify_weight=args.verify_weight,
         verify_expand=args.verify_expand,
+        verify_tune=getattr(args, "verify_on", "tune") == "tune",
         verify_sweep=getattr(args, "verify_sweep", False),
     )
     baseline = getattr(args, "baseline", None)
@@ -205,17 +216,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from refrain.training.baseline import ChromaBaseline
 
         model = ChromaBaseline()
-    elif baseline in ("qmax", "qmax-upper"):
+    elif baseline in ("qmax", "qmax-upper", "qmax-tune"):
         from refrain.model.qmax import QmaxParams, QmaxScorer
-        from refrain.model.sequence import UPPER
+        from refrain.model.sequence import TUNE, UPPER
 
-        params = UPPER if baseline == "qmax-upper" else QmaxParams()
+        params = {"qmax-upper": UPPER, "qmax-tune": TUNE}.get(baseline, QmaxParams())
         try:
             model = QmaxScorer(params, workers=getattr(args, "jobs", None))
         except ImportError as e:  # librosa is in the train extra
             raise ValueError(str(e)) from None
     elif baseline is not None:
-        raise ValueError(f"unknown baseline {baseline!r}; expected 2dftm, qmax or qmax-upper")
+        raise ValueError(
+            f"unknown baseline {baseline!r}; expected 2dftm, qmax, qmax-upper or qmax-tune"
+        )
     else:
         model = load_model(args.checkpoint, device=args.device)
     ev = evaluate_detailed(model, items, options, progress=True)

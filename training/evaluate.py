@@ -174,6 +174,7 @@ class EvalOptions:
     verify: int = 0
     verify_weight: float = 2.4  # refrain.search.fusion.Fusion's
     verify_expand: float = 0.5  # expansion with the first candidate (Fusion's)
+    verify_tune: bool = True  # align the tune chroma (model.sequence.TUNE), else the upper
     # also report every level re-ranked with each (candidates, weight) of `refrain.search.fusion`'s
     # sweep, candidates up to `verify` (the data to choose them on validation queries)
     verify_sweep: bool = False

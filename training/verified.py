@@ -56,7 +56,8 @@ def verified(
     progress: bool,
 ) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
     """Each level's distances with its shortlists re-ranked by `refrain.search.fusion.Fusion`: the
-    upper chroma (`model.sequence.UPPER`) of the same tracks and clips (same draws), Qmax of
+    tune chroma (`model.sequence.TUNE`; the upper chroma, `UPPER`, without `verify_tune`) of
+    the same tracks and clips (same draws), Qmax of
     the shortlisted pairs only;
     expansion reads the candidates' distances to each other off the whole-track level.
     With `verify_sweep`, also each (candidates, weight) of the sweep's re-ranking per level
@@ -64,10 +65,11 @@ def verified(
     and weight ("CxW+E"), from the same Qmax scores (a shortlist of fewer candidates is a
     prefix of the longest)."""
     from refrain.model.qmax import QmaxScorer, shortlist_qmax
-    from refrain.model.sequence import UPPER, decode, encode
+    from refrain.model.sequence import TUNE, UPPER, decode, encode
 
     fusion = Fusion(opts.verify, opts.verify_weight, opts.verify_expand)
-    qmax_scorer = QmaxScorer(UPPER, config=model.config)  # the chroma verification aligns
+    # the chroma verification aligns
+    qmax_scorer = QmaxScorer(TUNE if opts.verify_tune else UPPER, config=model.config)
     whole, queries, _ = embed_all(qmax_scorer, items, opts, None, waveforms, progress)
 
     def quantised(z: np.ndarray | None) -> np.ndarray:

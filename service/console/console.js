@@ -102,6 +102,7 @@ $("#search-form").addEventListener("submit", async (event) => {
   const form = new FormData();
   form.append("audio", file || recorded, file ? file.name : "recording.webm");
   form.append("top_k", $("#top-k").value);
+  form.append("tune", "true");  // each aligned hit carries the tunes of its first match
   note("#search-note", "searching…");
   $("#results").replaceChildren();
   try {
@@ -132,6 +133,7 @@ async function hitItem(hit, queryS) {
       (hit.transposition ? ` · ${hit.transposition > 0 ? "+" : ""}${hit.transposition} semitones` : "")));
   const item = el("li", { "data-track": hit.track_id }, head);
   item.append(timeline(hit.matches, queryS, duration));
+  if (hit.tune) item.append(tunePlot(hit.tune));
   return item;
 }
 
@@ -176,6 +178,79 @@ function timeline(matches, queryS, refS) {
     }
     add("text", { x: r0, y: 62, class: "match-label" }, label);
   });
+  return svg;
+}
+
+// The tunes of the first match, one above the other on the clip's seconds: the clip's, and
+// the reference's read along the alignment, moved by the match's key shift (and whole
+// octaves) onto the clip's key so that the same tune draws the same steps. Pitch lines at
+// each C and F, a tick per second or more.
+const NOTE_NAMES = ["C", "C♯", "D", "E♭", "E", "F", "F♯", "G", "A♭", "A", "B♭", "B"];
+const noteName = (midi) => `${NOTE_NAMES[((midi % 12) + 12) % 12]}${Math.floor(midi / 12) - 1}`;
+
+function tunePlot(tune) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "tune");
+  svg.setAttribute("viewBox", "0 0 1000 172");
+  svg.setAttribute("preserveAspectRatio", "none");
+  const add = (tag, attrs, text) => {
+    const n = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (text) n.textContent = text;
+    svg.append(n);
+    return n;
+  };
+  const n = tune.query.length;
+  const voiced = (ps) => ps.filter((p) => p != null).sort((a, b) => a - b);
+  const median = (ps) => (ps.length ? ps[Math.floor(ps.length / 2)] : null);
+  // the reference onto the clip's key: less the key shift, then the octave nearest the clip's
+  const q = voiced(tune.query), r = voiced(tune.reference).map((p) => p - tune.key_shift);
+  const octaves = q.length && r.length ? Math.round((median(q) - median(r)) / 12) : 0;
+  const moved = octaves * 12 - tune.key_shift;
+  const ref = tune.reference.map((p) => (p == null ? null : p + moved));
+  const all = [...q, ...r.map((p) => p + octaves * 12)];
+  let lo = all.length ? Math.min(...all) - 1 : 59, hi = all.length ? Math.max(...all) + 1 : 72;
+  if (hi - lo < 12) { lo -= Math.floor((12 - hi + lo) / 2); hi = lo + 12; }
+  const left = 150, width = 840, laneH = 62;  // the lane names on the left, ends as the timeline's
+  const x = (i) => left + (width * i) / n;
+  const lanes = [
+    { y: 6, pitches: tune.query, name: "clip tune", cls: "tune-query", color: "#2b6cb0" },
+    { y: 80, pitches: ref, name: "reference tune", cls: "tune-ref", color: "#dd6b20",
+      note: moved ? `shown ${moved > 0 ? "+" : "−"}${Math.abs(moved)} semitones` : "" },
+  ];
+  for (const lane of lanes) {
+    const y = (p) => lane.y + laneH - ((p - lo) * laneH) / (hi - lo);
+    const step = Math.max(laneH / (hi - lo), 2.5);
+    add("rect", { x: left, y: lane.y, width, height: laneH, fill: "#f7f8fa", stroke: "#e2e8f0" });
+    for (let p = Math.ceil(lo); p <= hi; p++) {
+      if (p % 12 !== 0 && p % 12 !== 5) continue;
+      add("line", { x1: left, x2: left + width, y1: y(p), y2: y(p), stroke: p % 12 ? "#edf0f4" : "#d8dce4" });
+      if (p % 12 === 0) add("text", { x: left - 4, y: y(p) + 4, "text-anchor": "end", class: "pitch" }, noteName(p));
+    }
+    add("text", { x: 0, y: lane.y + 14, class: "lane" }, lane.name);
+    if (lane.note) add("text", { x: 0, y: lane.y + 29 }, lane.note);
+    for (let i = 0; i < n; i++) {  // one step per run of the same pitch
+      const p = lane.pitches[i];
+      if (p == null) continue;
+      let j = i;
+      while (j + 1 < n && lane.pitches[j + 1] === p) j++;
+      add("rect", { x: x(i), y: y(p) - step / 2, width: Math.max(x(j + 1) - x(i) - 0.6, 1.5),
+        height: step, fill: lane.color, rx: 1, class: `note ${lane.cls}` }).append(
+        Object.assign(document.createElementNS(ns, "title"),
+          { textContent: `${noteName(lane.pitches === ref ? p - moved : p)} at ${seconds(tune.query_start_s + i / tune.rate)}` }));
+      i = j;
+    }
+  }
+  // the clip's seconds, under both lanes
+  const span = n / tune.rate;
+  const tick = [1, 2, 5, 10, 20, 30, 60].find((t) => span / t <= 12) || 120;
+  for (let t = Math.ceil(tune.query_start_s / tick) * tick; t <= tune.query_start_s + span + 1e-6; t += tick) {
+    const at = x((t - tune.query_start_s) * tune.rate);
+    add("line", { x1: at, x2: at, y1: 148, y2: 152, stroke: "#5b6475" });
+    add("text", { x: at, y: 166, "text-anchor": at > 970 ? "end" : "middle" }, seconds(t));
+  }
+  add("text", { x: 0, y: 166 }, "clip seconds");
   return svg;
 }
 

@@ -47,8 +47,14 @@ async def search(
         "tracks by aligning the clip with them, and report aligned ranges, tempo ratio and "
         "key; false: segment distance only",
     ),
+    tune: bool = Form(
+        False,
+        description="true: each hit verification located carries `tune`, the contour of the "
+        "clip's tune over its first match and the reference's over the range it aligned "
+        "with, on the clip's time axis (for display)",
+    ),
 ) -> SearchResponse:
-    request = SearchRequest(b"", top_k, reduction or None, hop, transpositions, verify)
+    request = SearchRequest(b"", top_k, reduction or None, hop, transpositions, verify, tune)
     request.check(engine.settings.max_top_k)  # before reading the upload
     result = await run_in_threadpool(engine.search, replace(request, audio=await audio.read()))
     return schemas.search_response(result)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from refrain.training.corpus.grooves import groove_notes
+from refrain.training.corpus.tune import tune_parts
 from refrain.training.corpus.versions import DRUM_CHANNEL, VersionParams, performed_work
 from refrain.training.corpus.works import Work
 
@@ -34,6 +35,7 @@ class Event:
     channel: int
     pitch: int
     velocity: int
+    tune: bool = False  # a note of the tune as written (`refrain.training.corpus.tune`)
 
 
 class Timeline:
@@ -89,8 +91,11 @@ def version_events(work: Work, params: VersionParams, max_seconds: float) -> lis
     work = performed_work(work, params)
     rng = np.random.default_rng(params.seed)
     timeline = Timeline(work, params)
-    raw = []  # (start quarter, end quarter, channel, pitch, velocity)
-    for part, plan, lines in zip(work.parts, params.parts, _lines(params), strict=False):
+    tune = tune_parts(work)
+    raw = []  # (start quarter, end quarter, channel, pitch, velocity, tune)
+    for k_part, (part, plan, lines) in enumerate(
+        zip(work.parts, params.parts, _lines(params), strict=False)
+    ):
         notes = np.array(part.notes, dtype=np.float64).reshape(-1, 4)
         for v0, w0, w1 in timeline.spans:
             inside = notes[(notes[:, 0] >= w0) & (notes[:, 0] < w1)]
@@ -99,12 +104,14 @@ def version_events(work: Work, params: VersionParams, max_seconds: float) -> lis
                     p = int(pitch) + params.transpose + shift
                     if 0 <= p < 128:
                         v = vel * plan.gain * (0.8 if shift else 1.0)
-                        raw.append((v0 + onset - w0, v0 + min(onset + dur, w1) - w0, channel, p, v))
+                        is_tune = k_part in tune and shift == 0
+                        end = v0 + min(onset + dur, w1) - w0
+                        raw.append((v0 + onset - w0, end, channel, p, v, is_tune))
     if params.drums is not None and params.arrangement is not None:
         gain = 100.0 * params.drums.gain
         for v0, w0, w1 in timeline.spans:
             for start, end, key, level in groove_notes(work, params.arrangement, w0, w1):
-                raw.append((v0 + start - w0, v0 + end - w0, DRUM_CHANNEL, key, gain * level))
+                raw.append((v0 + start - w0, v0 + end - w0, DRUM_CHANNEL, key, gain * level, False))
     elif params.drums is not None:
         raw.extend(_drum_notes(work, params, timeline))
     if not raw:
@@ -115,13 +122,13 @@ def version_events(work: Work, params: VersionParams, max_seconds: float) -> lis
     jitter = rng.normal(0.0, params.jitter_ms / 1000.0, len(raw))
     velocities = np.array([r[4] for r in raw]) + rng.normal(0.0, params.velocity_jitter, len(raw))
     events = []
-    for k, (_, _, channel, pitch, _) in enumerate(raw):
+    for k, (_, _, channel, pitch, _, is_tune) in enumerate(raw):
         start = max(0.0, starts[k] + jitter[k])
         end = max(ends[k] + jitter[k], start + _MIN_NOTE_S)
         if start >= max_seconds - _MIN_NOTE_S:
             continue
         velocity = int(np.clip(round(velocities[k]), 1, 127))
-        events.append(Event(start, min(end, max_seconds), channel, pitch, velocity))
+        events.append(Event(start, min(end, max_seconds), channel, pitch, velocity, is_tune))
     return _untangle(events)
 
 
@@ -153,12 +160,16 @@ def _drum_notes(work: Work, params: VersionParams, timeline: Timeline) -> list[t
                 if t >= bar_end - 1e-6:
                     break
                 if k in kick:
-                    notes.append((v0 + t - w0, v0 + t - w0 + 0.25, DRUM_CHANNEL, 36, gain))
+                    notes.append((v0 + t - w0, v0 + t - w0 + 0.25, DRUM_CHANNEL, 36, gain, False))
                 if k in snare:
-                    notes.append((v0 + t - w0, v0 + t - w0 + 0.25, DRUM_CHANNEL, 38, gain * 0.9))
+                    notes.append(
+                        (v0 + t - w0, v0 + t - w0 + 0.25, DRUM_CHANNEL, 38, gain * 0.9, False)
+                    )
             t = a
             while t < bar_end - 1e-6:
-                notes.append((v0 + t - w0, v0 + t - w0 + 0.1, DRUM_CHANNEL, drums.hat, gain * 0.6))
+                notes.append(
+                    (v0 + t - w0, v0 + t - w0 + 0.1, DRUM_CHANNEL, drums.hat, gain * 0.6, False)
+                )
                 t += fill
     return notes
 
@@ -173,7 +184,7 @@ def _untangle(events: list[Event]) -> list[Event]:
         if nxt is not None and (nxt.channel, nxt.pitch) == (e.channel, e.pitch):
             if nxt.start - e.start < _MIN_NOTE_S:
                 continue
-            e = Event(e.start, min(e.end, nxt.start), e.channel, e.pitch, e.velocity)
+            e = Event(e.start, min(e.end, nxt.start), e.channel, e.pitch, e.velocity, e.tune)
         out.append(e)
     return sorted(out, key=lambda e: (e.start, e.channel, e.pitch))
 

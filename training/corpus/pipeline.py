@@ -8,6 +8,7 @@ Layout of an output folder:
     catalog.jsonl         cached facts about every source looked at
     works/<clique>.json     each selected work as plain note lists
     audio/<clique>/vNN.flac (or .mp3) and vNN.json, the version's record
+    audio/<clique>/vNN.tune.npy  the tune's MIDI pitch at every CQT frame (corpus/tune.py)
     families.json           bach-eval only: the chorale tunes and their harmonisations
 
 In a bach-eval corpus a manifest clique is a tune (training/corpus/families.py): the versions of
@@ -45,8 +46,9 @@ from refrain.training.corpus.catalog import (
 )
 from refrain.training.corpus.degrade import apply_chain, describe, mp3_decode
 from refrain.training.corpus.families import cataloged_melodies, select_families, write_table
-from refrain.training.corpus.midi import Timeline, version_midi
+from refrain.training.corpus.midi import Timeline, version_events, version_midi
 from refrain.training.corpus.render import RenderError, find_soundfonts, render_midi
+from refrain.training.corpus.tune import encode_frames, frame_count, tune_frames
 from refrain.training.corpus.versions import (
     VersionOptions,
     VersionParams,
@@ -156,7 +158,7 @@ def build_corpus(options: CorpusOptions, progress: bool = True) -> Summary:
     for work in works:
         for k in range(options.versions):
             params = sample_version(work, k, options.seed, names, options.version_options)
-            record = _complete_record(out, work, params)
+            record = _complete_record(work, params, options)
             if record is not None:
                 done.append(record)
             else:
@@ -232,8 +234,10 @@ def _base(out: Path, clique: str, version: int) -> Path:
     return out / "audio" / clique / f"v{version:02d}"
 
 
-def _complete_record(out: Path, work: Work, params: VersionParams) -> dict | None:
-    """The record of a version already rendered with these parameters, or None."""
+def _complete_record(work: Work, params: VersionParams, options: CorpusOptions) -> dict | None:
+    """The record of a version already rendered with these parameters, or None. A version
+    rendered before tune labels gets its labels now: they need the notes, not the audio."""
+    out = Path(options.out)
     record_path = _base(out, work.clique, params.version).with_suffix(".json")
     try:
         record = json.loads(record_path.read_text())
@@ -241,7 +245,21 @@ def _complete_record(out: Path, work: Work, params: VersionParams) -> dict | Non
         return None
     if record.get("params") != json.loads(json.dumps(params.to_json())):
         return None
-    return record if (out / record["path"]).exists() else None
+    if not (out / record["path"]).exists():
+        return None
+    if "tune" not in record:
+        samples = round(record["duration_s"] * record["sample_rate"])
+        path = _base(out, work.clique, params.version).with_suffix(".tune.npy")
+        _write_atomic(path, tune_labels(work, params, samples, options))
+        record["tune"] = path.relative_to(out).as_posix()
+        _write_atomic(record_path, json.dumps(record).encode())
+    return record
+
+
+def tune_labels(work: Work, params: VersionParams, samples: int, options: CorpusOptions) -> bytes:
+    """The `.tune.npy` bytes of a version of `samples` samples."""
+    events = version_events(work, params, options.max_seconds)
+    return encode_frames(tune_frames(events, frame_count(samples, options.sample_rate)))
 
 
 def render_version(
@@ -298,6 +316,10 @@ def _render_task(task: _Task) -> tuple[dict | None, str]:
             path = base.with_suffix(".flac")
             _write_atomic(path, _flac_bytes(audio, options.sample_rate))
             duration = len(audio) / options.sample_rate
+        tune = base.with_suffix(".tune.npy")
+        _write_atomic(
+            tune, tune_labels(work, params, round(duration * options.sample_rate), options)
+        )
         for other in (base.with_suffix(".mp3"), base.with_suffix(".flac")):
             if other != path and other.exists():  # left by a run with other parameters
                 other.unlink()
@@ -315,6 +337,7 @@ def _render_task(task: _Task) -> tuple[dict | None, str]:
                 3,
             ),
             "params": task.params,
+            "tune": tune.relative_to(out).as_posix(),
         }
         _write_atomic(base.with_suffix(".json"), json.dumps(record).encode())
         return record, ""
