@@ -168,7 +168,7 @@ def test_baseline_option_values():
         QmaxParams(kappa=0)
 
 
-@pytest.mark.parametrize("baseline", ["qmax", "qmax-upper"])
+@pytest.mark.parametrize("baseline", ["qmax", "qmax-upper", "qmax-tune"])
 def test_cli_end_to_end_on_synthesised_versions(tmp_path, songs, capsys, baseline):
     # three works, three versions each: the original, transposed, slower and filtered
     rows = ["clique,path"]
@@ -212,9 +212,32 @@ def test_cli_end_to_end_on_synthesised_versions(tmp_path, songs, capsys, baselin
     assert report["pairwise"]["scorer"] == "qmax" and report["pairwise"]["wall_s"] > 0
     model = report["settings"]["model"]
     assert model["name"] == "qmax"
-    # the paper's chroma, or the upper chroma verification aligns
+    # the paper's chroma, the upper chroma, or the tune chroma verification aligns
     want = (36, 1.5) if baseline == "qmax-upper" else (0, 1.0)
     assert (model["lowest_bin"], model["power"]) == want
+    assert model.get("tune", False) == (baseline == "qmax-tune")
+
+
+def test_a_random_ranking_scores_chance(tmp_path, capsys):
+    """`--baseline random`: the floor, computed through the same evaluation."""
+    rows = ["clique,path"]
+    for w in range(4):
+        for v in range(2):
+            x = 0.1 * np.random.default_rng(10 * w + v).standard_normal(6 * SR)
+            sf.write(tmp_path / f"w{w}_{v}.wav", x.astype(np.float32), SR)
+            rows.append(f"w{w},w{w}_{v}.wav")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    argv = ["evaluate", "--manifest", str(tmp_path / "m.csv"), "--baseline", "random"]
+    maps = []
+    for seed in range(12):
+        out = tmp_path / f"random{seed}.json"
+        assert main([*argv, "--query-seconds", "", "--seed", str(seed), "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        maps.append(report["results"]["track (random)"]["map"]["mean"])
+        assert report["pairwise"]["pairs"] == 8 * 8
+    # one relevant among seven candidates: 1/rank averages H(7) / 7 = 0.370 over random orders
+    assert abs(np.mean(maps) - 0.370) < 0.1 and np.std(maps) > 0.01
+    assert "track (random)" in capsys.readouterr().out
 
 
 def test_missing_librosa_is_a_clear_error(tmp_path, monkeypatch, capsys):

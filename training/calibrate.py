@@ -205,10 +205,10 @@ def validation_pairs(
     cliques = np.array([item.clique for item in items])
     if alignment:
         from refrain.model.align import plots
-        from refrain.model.sequence import UPPER, Chromagram, decode_upper
+        from refrain.model.sequence import TUNE, Chromagram, decode_tune
 
-        chromagram = Chromagram(model.config)  # the upper chroma, as verification aligns it
-        sequences = [decode_upper(chromagram.reference(w)) for w in waves]
+        chromagram = Chromagram(model.config)  # the tune chroma, as verification aligns it
+        sequences = [decode_tune(chromagram.reference(w)) for w in waves]
     distances, labels, aligned, relative = [], [], [], []
     for tau in query_seconds:
         clips = []
@@ -224,8 +224,9 @@ def validation_pairs(
             if alignment:
                 (top,) = fusion.shortlist(d[others][None])
                 cols = np.nonzero(others)[0][top]
-                chroma = chromagram.query(clips[i]).upper
-                qmax = plots(chroma, [sequences[c] for c in cols], UPPER).qmax()
+                chroma = chromagram.query(clips[i]).tune
+                assert chroma is not None  # the chromagram reads the tune
+                qmax = plots(chroma, [sequences[c] for c in cols], TUNE).qmax()
                 v = np.full(int(others.sum()), np.nan)
                 z = v.copy()
                 v[top] = qmax / len(chroma)

@@ -37,11 +37,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="2dftm",
         default=None,
-        choices=("2dftm", "qmax", "qmax-upper", "qmax-tune"),
+        choices=("2dftm", "qmax", "qmax-upper", "qmax-tune", "random"),
         help="evaluate a training-free baseline instead of a model: chroma 2DFTM "
         "segments (the default), Qmax chroma alignment (needs librosa), or Qmax on the "
         "upper chroma (refrain.model.sequence.UPPER), or Qmax on the tune chroma that "
-        "verification aligns (refrain.model.sequence.TUNE: the tune-salience network's)",
+        "verification aligns (refrain.model.sequence.TUNE: the tune-salience network's), or a "
+        "random ranking (chance, for the floor)",
     )
     p.add_argument(
         "--verify",
@@ -216,6 +217,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from refrain.training.baseline import ChromaBaseline
 
         model = ChromaBaseline()
+    elif baseline == "random":
+        from refrain.training.baseline import RandomScorer
+
+        model = RandomScorer(options.seed)
     elif baseline in ("qmax", "qmax-upper", "qmax-tune"):
         from refrain.model.qmax import QmaxParams, QmaxScorer
         from refrain.model.sequence import TUNE, UPPER
@@ -227,7 +232,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(str(e)) from None
     elif baseline is not None:
         raise ValueError(
-            f"unknown baseline {baseline!r}; expected 2dftm, qmax, qmax-upper or qmax-tune"
+            f"unknown baseline {baseline!r}; expected 2dftm, qmax, qmax-upper, qmax-tune or random"
         )
     else:
         model = load_model(args.checkpoint, device=args.device)
