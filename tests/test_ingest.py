@@ -91,8 +91,15 @@ def n_tracks(client: httpx.Client) -> int:
     return client.get("/v1/stats").json()["index"]["tracks"]
 
 
-def jobs_leftovers(root: Path) -> list[str]:
-    return sorted(p.name for p in (root / "data" / "jobs").iterdir() if p.is_dir())
+def jobs_leftovers(root: Path, wait_s: float = 5.0) -> list[str]:
+    """The job folders left in the service's data folder. A job's folder goes just after its
+    final state is written (what `wait_job` sees first), so give it `wait_s` to go."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = sorted(p.name for p in (root / "data" / "jobs").iterdir() if p.is_dir())
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 # -- auth and errors ------------------------------------------------------------------------------
