@@ -204,8 +204,17 @@ def query_segments(
     vectors: np.ndarray, segment_s: float, chroma: QueryChroma | None = None
 ) -> QuerySegments:
     starts = np.arange(QUERY_SEGMENTS, dtype=np.float64) * HOP_S
-    coarse, fine, upper = chroma if chroma is not None else (None, None, None)
-    return QuerySegments(vectors, starts, segment_s, QUERY_S, chroma=coarse, fine=fine, upper=upper)
+    if chroma is None:
+        return QuerySegments(vectors, starts, segment_s, QUERY_S)
+    return QuerySegments(
+        vectors,
+        starts,
+        segment_s,
+        QUERY_S,
+        chroma=chroma.chroma,
+        fine=chroma.fine,
+        upper=chroma.upper,
+    )
 
 
 def verify_ground_truth(
