@@ -132,15 +132,18 @@ def fold_chroma(
     return np.ascontiguousarray(pooled.T, dtype=np.float32)
 
 
-def chroma_of(cqt: np.ndarray, per_frame: int, params: QmaxParams) -> np.ndarray:
+def chroma_of(
+    cqt: np.ndarray, per_frame: int, params: QmaxParams, probs: np.ndarray | None = None
+) -> np.ndarray:
     """The chroma `params` ask for, from CQT magnitudes (bins, frames) at the CQT's rate,
     `per_frame` CQT frames a chroma frame: `fold_chroma`, or with `params.tune` the tune's
-    chroma (`refrain.model.salience.tune_chroma`, from the shipped salience network)."""
+    chroma (`refrain.model.salience.tune_chroma`) of `probs`, the shipped salience network's
+    `frame_probabilities` of this CQT (computed here when None)."""
     if not params.tune:
         return fold_chroma(cqt, per_frame, params.lowest_bin, params.power)
     from .salience import frame_probabilities, tune_chroma
 
-    return tune_chroma(frame_probabilities(cqt), per_frame)
+    return tune_chroma(frame_probabilities(cqt) if probs is None else probs, per_frame)
 
 
 def delay_embed(chroma: np.ndarray, m: int, tau: int) -> np.ndarray:

@@ -125,7 +125,7 @@ class SalienceNet(nn.Module):
 class TuneSalience:
     """A trained `SalienceNet` on the CPU, and what is read from its output."""
 
-    def __init__(self, path: str | os.PathLike | None = None, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
         from safetensors.torch import load_file
 
         folder = Path(path) if path is not None else DEFAULT_SALIENCE
@@ -134,7 +134,6 @@ class TuneSalience:
         self.net.load_state_dict(load_file(str(folder / WEIGHTS)))
         self.net.eval()
         self.folder = folder
-        self.threads = threads
 
     @torch.inference_mode()
     def probabilities(self, cqt: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -143,16 +142,6 @@ class TuneSalience:
         feats = features(cqt)
         logits = self.net(feats.unsqueeze(0))[0]
         return torch.softmax(logits, dim=-1).numpy()
-
-    def contour(self, probs: np.ndarray) -> np.ndarray:
-        """`probabilities` -> (frames,) the tune's MIDI pitch per frame, 0 where it rests
-        (where no tune is likelier than every pitch together)."""
-        return melody_of(probs)
-
-    def chroma(self, probs: np.ndarray, per_frame: int) -> np.ndarray:
-        """`probabilities` -> (n, 12) the tune's chroma, `per_frame` salience frames averaged
-        a frame, each frame scaled to a maximum of 1 (silent frames stay zero)."""
-        return tune_chroma(probs, per_frame)
 
 
 @functools.lru_cache(maxsize=1)
@@ -187,6 +176,8 @@ def contour_of(probs: np.ndarray, per_frame: int) -> np.ndarray:
 
 
 def melody_of(probs: np.ndarray) -> np.ndarray:
+    """`TuneSalience.probabilities` -> (frames,) the tune's MIDI pitch per frame, 0 where it
+    rests (where no tune is likelier than every pitch together)."""
     pitch = probs[:, 1:]
     voiced = pitch.sum(1) > probs[:, 0]
     return np.where(voiced, pitch.argmax(1) + LOWEST_MIDI, 0).astype(np.float32)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .qmax import QmaxParams, fold_chroma
+from .qmax import QmaxParams, chroma_of
 
 SEQUENCE_RATE = 2.0  # frames per second stored per reference (the Qmax baseline's rate)
 FINE_RATE = 10.0  # frames per second of a query's fine sequence
@@ -222,20 +222,16 @@ class Chromagram:
     ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """`sequences` of a CQT, and the tune's contour at `CONTOUR_RATE` when asked; the
         salience network runs once, when a chroma or the contour needs it."""
-        from .salience import contour_of, frame_probabilities, tune_chroma
+        from .salience import contour_of, frame_probabilities
 
-        probs = None
+        params = params or (QmaxParams(),) * len(rates)
+        probs = frame_probabilities(cqt) if contour or any(p.tune for p in params) else None
         out = []
-        for rate, p in zip(rates, params or (QmaxParams(),) * len(rates), strict=True):
-            if p.tune:
-                probs = frame_probabilities(cqt) if probs is None else probs
-                chroma = tune_chroma(probs, self._per_frame(rate))
-            else:
-                chroma = fold_chroma(cqt, self._per_frame(rate), p.lowest_bin, p.power)
+        for rate, p in zip(rates, params, strict=True):
+            chroma = chroma_of(cqt, self._per_frame(rate), p, probs)
             out.append(chroma if len(chroma) >= 2 else np.repeat(chroma, 2, axis=0))
-        if not contour:
+        if probs is None or not contour:
             return out, None
-        probs = frame_probabilities(cqt) if probs is None else probs
         return out, contour_of(probs, self._per_frame(CONTOUR_RATE))
 
     def reference(self, wave: np.ndarray | torch.Tensor) -> bytes:

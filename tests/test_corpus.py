@@ -428,15 +428,22 @@ def _soundfonts() -> tuple[str, ...] | None:
     return tuple(quick[:2]) if quick else (tuple(str(p) for p in found[:1]) or None)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    pytest.importorskip("music21")
+def renderer_or_skip() -> tuple[str, ...]:
+    """The soundfonts a test renders with; skips the test without mido, FluidSynth or a
+    soundfont."""
     pytest.importorskip("mido")
     if shutil.which("fluidsynth") is None:
         pytest.skip("fluidsynth is not installed (Debian: apt-get install fluidsynth)")
     soundfonts = _soundfonts()
     if not soundfonts:
         pytest.skip("no soundfont installed (Debian: apt-get install fluid-soundfont-gm)")
+    return soundfonts
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    pytest.importorskip("music21")
+    soundfonts = renderer_or_skip()
     from refrain.training.corpus import main
     from refrain.training.corpus.pipeline import CorpusOptions
 

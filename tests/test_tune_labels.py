@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_corpus import _plain, _soundfonts
+from test_corpus import _plain, renderer_or_skip
 
 from refrain.training.corpus.midi import version_events
 from refrain.training.corpus.tune import (
@@ -111,12 +110,7 @@ def test_rendered_labels_start_where_the_audio_does():
     """Render a version of a tune (transposed, faster, jittered) and find an audio onset within
     30 ms of every labelled onset but a few."""
     librosa = pytest.importorskip("librosa")
-    pytest.importorskip("mido")
-    if shutil.which("fluidsynth") is None:
-        pytest.skip("fluidsynth is not installed (Debian: apt-get install fluidsynth)")
-    soundfonts = _soundfonts()
-    if not soundfonts:
-        pytest.skip("no soundfont installed")
+    soundfonts = renderer_or_skip()
     from refrain.training.corpus.pipeline import CorpusOptions, render_version
 
     work = _song()
@@ -139,12 +133,7 @@ def test_rendered_labels_start_where_the_audio_does():
 def labelled(tmp_path_factory):
     """A tiny rendered corpus with tune labels: 3 works, 2 versions each, 12 s."""
     pytest.importorskip("music21")
-    pytest.importorskip("mido")
-    if shutil.which("fluidsynth") is None:
-        pytest.skip("fluidsynth is not installed (Debian: apt-get install fluidsynth)")
-    soundfonts = _soundfonts()
-    if not soundfonts:
-        pytest.skip("no soundfont installed")
+    soundfonts = renderer_or_skip()
     from refrain.training.corpus import main
 
     out = tmp_path_factory.mktemp("labelled") / "c"
@@ -177,6 +166,9 @@ def test_a_rendered_corpus_writes_labels_beside_each_version(labelled):
     first.unlink()
     audio = out / records[0]["path"]
     before = audio.stat().st_mtime_ns
+    assert main(argv) == 0
+    assert first.read_bytes() == expected and audio.stat().st_mtime_ns == before
+    first.unlink()  # a deleted label file is written again, from the notes
     assert main(argv) == 0
     assert first.read_bytes() == expected and audio.stat().st_mtime_ns == before
 

@@ -24,9 +24,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from refrain.model.sequence import Chromagram
 
 TEXTURES = ("solo", "accompanied", "hymn")
 
@@ -119,16 +123,25 @@ class TuneCache:
         os.replace(tmp, path)
 
 
-def version_arrays(audio_path: Path, tune_path: Path, chromagram: object) -> tuple:
+def version_arrays(
+    audio_path: Path, tune_path: Path, chromagram: Chromagram
+) -> tuple[np.ndarray, np.ndarray]:
     """One version's (features uint8 (frames, 84), labels uint8 (frames,))."""
     from refrain.model.audio import load_audio
     from refrain.model.salience import POOL, features, quantise
     from refrain.training.corpus.tune import decode_frames, fit_frames
 
     wave = load_audio(audio_path, 16000)
-    cqt = chromagram.cqt(wave)  # type: ignore[attr-defined]
+    cqt = chromagram.cqt(wave)
     feats = quantise(features(cqt)).T
-    labels = fit_frames(decode_frames(tune_path.read_bytes()), cqt.shape[1])
+    try:
+        labels = decode_frames(tune_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{tune_path}: unreadable tune labels ({e}); delete it and run the corpus's "
+            "`refrain corpus render` again: it writes them from the notes"
+        ) from e
+    labels = fit_frames(labels, cqt.shape[1])
     labels = labels[: len(feats) * POOL : POOL]  # each salience frame's first CQT frame
     return np.ascontiguousarray(feats), fit_frames(labels, len(feats))
 

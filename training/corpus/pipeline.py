@@ -247,7 +247,7 @@ def _complete_record(work: Work, params: VersionParams, options: CorpusOptions) 
         return None
     if not (out / record["path"]).exists():
         return None
-    if "tune" not in record:
+    if "tune" not in record or not (out / record["tune"]).exists():  # none yet, or deleted
         samples = round(record["duration_s"] * record["sample_rate"])
         path = _base(out, work.clique, params.version).with_suffix(".tune.npy")
         _write_atomic(path, tune_labels(work, params, samples, options))
