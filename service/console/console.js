@@ -137,24 +137,31 @@ async function hitItem(hit, queryS) {
   return item;
 }
 
-// Where the clip matches: the clip's bar on top, the reference's below, each match a band
-// from its query range to its reference range.
-function timeline(matches, queryS, refS) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("class", "timeline");
-  svg.setAttribute("viewBox", "0 0 1000 92");
+// An SVG drawing of `height` units under 1000 wide, stretched to its box, and `add`, which
+// appends an element with these attributes (and text) to it.
+const SVG_NS = "http://www.w3.org/2000/svg";
+function drawing(className, height) {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("class", className);
+  svg.setAttribute("viewBox", `0 0 1000 ${height}`);
   svg.setAttribute("preserveAspectRatio", "none");
-  const refLen = Math.max(refS || 0, ...matches.map((m) => m.ref_end_s), 1);
-  const qLen = Math.max(queryS, 1);
-  const x = (s, len) => 60 + (930 * s) / len;
   const add = (tag, attrs, text) => {
-    const n = document.createElementNS(ns, tag);
+    const n = document.createElementNS(SVG_NS, tag);
     for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
     if (text) n.textContent = text;
     svg.append(n);
     return n;
   };
+  return { svg, add };
+}
+
+// Where the clip matches: the clip's bar on top, the reference's below, each match a band
+// from its query range to its reference range.
+function timeline(matches, queryS, refS) {
+  const { svg, add } = drawing("timeline", 92);
+  const refLen = Math.max(refS || 0, ...matches.map((m) => m.ref_end_s), 1);
+  const qLen = Math.max(queryS, 1);
+  const x = (s, len) => 60 + (930 * s) / len;
   add("text", { x: 0, y: 20 }, "clip");
   add("text", { x: 0, y: 80 }, "reference");
   add("rect", { x: 60, y: 10, width: 930, height: 14, fill: "#e2e8f0" });
@@ -189,18 +196,7 @@ const NOTE_NAMES = ["C", "C♯", "D", "E♭", "E", "F", "F♯", "G", "A♭", "A"
 const noteName = (midi) => `${NOTE_NAMES[((midi % 12) + 12) % 12]}${Math.floor(midi / 12) - 1}`;
 
 function tunePlot(tune) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("class", "tune");
-  svg.setAttribute("viewBox", "0 0 1000 172");
-  svg.setAttribute("preserveAspectRatio", "none");
-  const add = (tag, attrs, text) => {
-    const n = document.createElementNS(ns, tag);
-    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
-    if (text) n.textContent = text;
-    svg.append(n);
-    return n;
-  };
+  const { svg, add } = drawing("tune", 172);
   const n = tune.query.length;
   const voiced = (ps) => ps.filter((p) => p != null).sort((a, b) => a - b);
   const median = (ps) => (ps.length ? ps[Math.floor(ps.length / 2)] : null);
@@ -237,7 +233,7 @@ function tunePlot(tune) {
       while (j + 1 < n && lane.pitches[j + 1] === p) j++;
       add("rect", { x: x(i), y: y(p) - step / 2, width: Math.max(x(j + 1) - x(i) - 0.6, 1.5),
         height: step, fill: lane.color, rx: 1, class: `note ${lane.cls}` }).append(
-        Object.assign(document.createElementNS(ns, "title"),
+        Object.assign(document.createElementNS(SVG_NS, "title"),
           { textContent: `${noteName(lane.pitches === ref ? p - moved : p)} at ${seconds(tune.query_start_s + i / tune.rate)}` }));
       i = j;
     }
